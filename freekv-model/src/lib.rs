@@ -1,0 +1,6 @@
+//! GGUF loading, the byte-level BPE tokenizer, a Llama decoder (CPU and CUDA), FreeKV KV policies
+//! and generation.
+//! (Being written; see docs/ARCHITECTURE.md.)
+
+mod error;
+pub use error::ModelError;
