@@ -3,4 +3,7 @@
 //! (Being written; see docs/ARCHITECTURE.md.)
 
 mod error;
+pub mod ggml;
+
 pub use error::ModelError;
+pub use ggml::GgmlType;
