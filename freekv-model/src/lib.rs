@@ -2,8 +2,14 @@
 //! and generation.
 //! (Being written; see docs/ARCHITECTURE.md.)
 
+pub mod chat;
+pub mod config;
 mod error;
 pub mod ggml;
+pub mod gguf;
+pub mod qmatmul;
+pub mod quant;
+pub mod tokenizer;
 
 pub use error::ModelError;
 pub use ggml::GgmlType;
