@@ -97,7 +97,15 @@ impl GgmlType {
     pub fn is_supported(self) -> bool {
         matches!(
             self,
-            Self::F32 | Self::F16 | Self::BF16 | Self::Q4_0 | Self::Q4_1 | Self::Q8_0 | Self::Q4K | Self::Q5K | Self::Q6K
+            Self::F32
+                | Self::F16
+                | Self::BF16
+                | Self::Q4_0
+                | Self::Q4_1
+                | Self::Q8_0
+                | Self::Q4K
+                | Self::Q5K
+                | Self::Q6K
         )
     }
 
@@ -105,7 +113,7 @@ impl GgmlType {
     /// or the size overflows.
     pub fn bytes_for(self, elems: u64) -> Option<u64> {
         let be = self.block_elems() as u64;
-        if elems % be != 0 {
+        if !elems.is_multiple_of(be) {
             return None;
         }
         (elems / be).checked_mul(self.block_bytes() as u64)
