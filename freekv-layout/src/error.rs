@@ -28,4 +28,21 @@ pub enum LayoutError {
     /// A page id that is not allocated was used.
     #[error("page {0} is not allocated in this pool")]
     BadPage(u32),
+    /// A resident budget (sink / retrieved / window pages) that cannot work.
+    #[error("invalid KV budget: {0}")]
+    InvalidBudget(String),
+    /// A selection of logical pages that cannot be applied (not candidates, duplicates, too many).
+    #[error("invalid page selection: {0}")]
+    InvalidSelection(String),
+    /// A selection diff that does not match the current resident set (stale or malformed).
+    #[error("selection diff does not apply to the current resident set: {0}")]
+    InvalidDiff(String),
+    /// Selection and recall only exist once a layer holds more pages than its budget.
+    #[error(
+        "the layer is not sparse yet: {pages} pages fit in the budget of {budget_pages} pages, everything is resident"
+    )]
+    NotSparse { pages: usize, budget_pages: usize },
+    /// A page-table invariant does not hold (reported by `check_consistency`; a bug if it fires).
+    #[error("page table inconsistent: {0}")]
+    Inconsistent(String),
 }

@@ -1,4 +1,4 @@
-//! Page geometry, NHD/HND page layouts, page tables and host page pools for FreeKV.
+//! Page geometry, NHD/HND page layouts, resident page tables and host page pools for FreeKV.
 //!
 //! A KV *page* holds `page_size` consecutive tokens of one layer, for every KV head, keys and
 //! values. Two layouts of the same page exist:
@@ -7,12 +7,23 @@
 //! * **HND** (host): `[kv_heads][2][page_size][head_dim]` — one (page, KV head) unit is contiguous,
 //!   so a recall of one head's page is one large copy.
 //!
-//! This crate never touches CUDA; it holds the index math, the CPU transposes (the reference the
-//! GPU kernels are tested against), the growable host page pool and the paged KV cache of the
-//! CPU decoder.
+//! What lives here:
+//!
+//! * [`PageGeometry`], [`PageLayout`] and the CPU transposes ([`nhd_to_hnd`], [`hnd_to_nhd`],
+//!   [`hnd_unit_to_nhd_slice`], [`nhd_slice_to_hnd_unit`]) — the reference the GPU kernels are
+//!   tested against, generic over the element type (f32, `half::bf16`);
+//! * [`HostPagePool`] (growable, bounded, HND) and [`PagedKvCache`] (the CPU decoder's full
+//!   history: logical page → host page per layer);
+//! * [`Budget`] (sink / retrieved / window pages per layer), [`SlotTable`] (slot ↔ logical page per
+//!   (sequence, layer, KV head)), [`LayerResidency`] (all heads of one layer) and
+//!   [`SelectionDiff`] (kept / to-recall / victims of a selection);
+//! * [`SlotPool`], the NHD resident buffer of the CPU backend.
+//!
+//! This crate never touches CUDA and never moves KV bytes between host and device (that is
+//! `freekv-recall`'s job); it holds the index math, the tables and the buffers.
 //!
 //! ```
-//! use freekv_layout::{PageGeometry, PagedKvCache};
+//! use freekv_layout::{Budget, LayerResidency, PageGeometry, PagedKvCache};
 //! let geom = PageGeometry::new(4, 2, 8).unwrap(); // 4 tokens per page, 2 KV heads, head dim 8
 //! let mut cache = PagedKvCache::new(geom, 1, None).unwrap(); // one layer, unbounded pool
 //! let k = vec![1.0f32; 2 * 8];
@@ -21,14 +32,32 @@
 //! assert_eq!(cache.len(0), 5);
 //! assert_eq!(cache.num_pages(0), 2);
 //! assert_eq!(cache.keys(0, 1, 1).unwrap().len(), 4 * 8);
+//!
+//! // 24 resident tokens: 1 sink page + 3 retrieved + 2 window pages of 4 tokens.
+//! let budget = Budget::from_tokens(24, 4, 8, 4).unwrap();
+//! let mut res = LayerResidency::new(budget, 2).unwrap();
+//! res.append_tokens(40).unwrap();                  // 10 full pages: sparse
+//! let diff = res.head_mut(1).unwrap().select(&[1, 5, 7]).unwrap();
+//! assert_eq!(diff.recalls.len(), 2);               // 5 and 7 were not resident
+//! res.check_consistency().unwrap();
 //! ```
 
+mod budget;
 mod error;
 mod geometry;
 mod kv_cache;
+mod layout;
 mod pool;
+mod slot_pool;
+mod slots;
 
+pub use budget::Budget;
 pub use error::LayoutError;
 pub use geometry::PageGeometry;
 pub use kv_cache::PagedKvCache;
+pub use layout::{
+    PageLayout, hnd_to_nhd, hnd_unit_to_nhd_slice, nhd_slice_to_hnd_unit, nhd_to_hnd,
+};
 pub use pool::{HostPagePool, PageId};
+pub use slot_pool::SlotPool;
+pub use slots::{LayerResidency, SelectionDiff, SlotPage, SlotTable};
