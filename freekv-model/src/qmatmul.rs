@@ -1,1 +1,552 @@
-//! (being written)
+//! Quantized matrix-vector and matrix-matrix products on the CPU, with `f32` activations.
+//!
+//! A [`QMatrix`] borrows a row-major weight matrix `W[rows][cols]` in its GGUF encoding (usually
+//! straight from the memory-mapped model file) and computes `y = W·x` for one token
+//! ([`QMatrix::matvec`]) or for a batch of tokens ([`QMatrix::matmul`], the prefill path). Weights
+//! stay quantized in memory; each block is expanded to `f32` inside SIMD registers and multiplied
+//! by the unquantized `f32` activations, so the result is the exact product of the dequantized
+//! weights with `x` up to `f32` summation order, while memory traffic stays at the quantized size.
+//!
+//! * Q4_0, Q4_1, Q8_0, F32, F16, BF16: fused AVX2/FMA kernels (picked at run time) and a portable
+//!   scalar fallback that computes the same sums. For Q4_1 (`w = d·q + m`) a row·x product is
+//!   `Σ_blocks d·Σ q·x + m·Σ x`, with the block sums `Σ x` computed once per input vector.
+//! * Q4_K, Q5_K, Q6_K: each row is dequantized once (with [`crate::quant::dequantize`]) into a
+//!   scratch buffer and multiplied with the `f32` kernel.
+//!
+//! Rows are split over the threads of a [`ThreadPool`] ([`ThreadPool::global`] unless a pool is
+//! given). `matmul` processes tokens in tiles of up to 8, so every weight block is unpacked once
+//! per tile instead of once per token. Setting `FREEKV_NO_SIMD=1` forces the scalar kernels.
+//!
+//! ```
+//! use freekv_model::qmatmul::QMatrix;
+//! use freekv_model::{GgmlType, quant};
+//! let w: Vec<f32> = (0..3 * 64).map(|i| (i % 7) as f32 - 3.0).collect();
+//! let bytes = quant::quantize(GgmlType::Q8_0, &w).unwrap();
+//! let m = QMatrix::new(GgmlType::Q8_0, 3, 64, &bytes).unwrap();
+//! let x = vec![1.0f32; 64];
+//! let mut y = vec![0.0f32; 3];
+//! m.matvec(&x, &mut y).unwrap();
+//! for r in 0..3 {
+//!     let want: f32 = w[r * 64..(r + 1) * 64].iter().sum();
+//!     assert!((y[r] - want).abs() < 1e-3);
+//! }
+//! ```
+
+#[path = "parallel.rs"]
+pub mod parallel;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+mod scalar;
+
+use std::ops::Range;
+use std::sync::{Mutex, OnceLock};
+
+use crate::error::ModelError;
+use crate::ggml::GgmlType;
+use parallel::ThreadPool;
+
+/// The environment variable that, set to anything but `0` or empty, forces the scalar kernels.
+pub const NO_SIMD_ENV: &str = "FREEKV_NO_SIMD";
+
+/// Token-tile size of the prefill kernels: each weight block is unpacked once per tile.
+pub const TILE: usize = 8;
+
+/// Below this many multiply-adds a product runs on the calling thread only.
+const PARALLEL_MIN_MACS: usize = 32 * 1024;
+
+/// Elements per block of the 32-element formats (and the step of the float kernels).
+const QK: usize = 32;
+
+/// Which family of kernels computes the products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Isa {
+    /// Portable Rust; runs everywhere.
+    Scalar,
+    /// x86-64 AVX2 + FMA + F16C.
+    Avx2,
+}
+
+impl Isa {
+    /// Whether this CPU can run the kernels of `self`.
+    pub fn is_supported(self) -> bool {
+        match self {
+            Isa::Scalar => true,
+            Isa::Avx2 => avx2_detected(),
+        }
+    }
+
+    /// The best kernels this CPU supports, ignoring `FREEKV_NO_SIMD`.
+    pub fn best() -> Isa {
+        if avx2_detected() {
+            Isa::Avx2
+        } else {
+            Isa::Scalar
+        }
+    }
+
+    /// The kernels used by [`QMatrix::matvec`] and [`QMatrix::matmul`]: [`Isa::best`] unless
+    /// `FREEKV_NO_SIMD` asks for the scalar ones. Decided once per process.
+    pub fn active() -> Isa {
+        static ACTIVE: OnceLock<Isa> = OnceLock::new();
+        *ACTIVE.get_or_init(|| Isa::from_env(std::env::var(NO_SIMD_ENV).ok().as_deref()))
+    }
+
+    /// The kernels for a value of `FREEKV_NO_SIMD` (`None`, empty or `0`: [`Isa::best`]).
+    pub fn from_env(no_simd: Option<&str>) -> Isa {
+        match no_simd.map(str::trim) {
+            None | Some("") | Some("0") => Isa::best(),
+            Some(_) => Isa::Scalar,
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx2_detected() -> bool {
+    static DETECTED: OnceLock<bool> = OnceLock::new();
+    *DETECTED.get_or_init(|| {
+        is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+    })
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn avx2_detected() -> bool {
+    false
+}
+
+/// One row of `W` against a tile of `T` tokens: `out[j] = Σ_c W[row][c] · x[j·cols + c]`.
+///
+/// `row` holds exactly the row's bytes, `x` at least `T·cols` floats, and for Q4_1 `sx` at least
+/// `T·cols/32` block sums (`sx[j·cols/32 + b] = Σ_{i<32} x[j·cols + 32b + i]`); other types ignore
+/// `sx`. The SIMD kernels are `unsafe` because they need their CPU features.
+type RowFn<const T: usize> = unsafe fn(&[u8], &[f32], &[f32], usize, &mut [f32; T]);
+
+/// The fused kernel for `ty` on `isa`, or `None` for the types that go through a dequantized row.
+fn row_kernel<const T: usize>(ty: GgmlType, isa: Isa) -> Option<RowFn<T>> {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 {
+        return match ty {
+            GgmlType::F32 => Some(avx2::f32_row::<T>),
+            GgmlType::F16 => Some(avx2::f16_row::<T>),
+            GgmlType::BF16 => Some(avx2::bf16_row::<T>),
+            GgmlType::Q4_0 => Some(avx2::q4_0_row::<T>),
+            GgmlType::Q4_1 => Some(avx2::q4_1_row::<T>),
+            GgmlType::Q8_0 => Some(avx2::q8_0_row::<T>),
+            _ => None,
+        };
+    }
+    let _ = isa;
+    match ty {
+        GgmlType::F32 => Some(scalar::f32_row::<T>),
+        GgmlType::F16 => Some(scalar::f16_row::<T>),
+        GgmlType::BF16 => Some(scalar::bf16_row::<T>),
+        GgmlType::Q4_0 => Some(scalar::q4_0_row::<T>),
+        GgmlType::Q4_1 => Some(scalar::q4_1_row::<T>),
+        GgmlType::Q8_0 => Some(scalar::q8_0_row::<T>),
+        _ => None,
+    }
+}
+
+/// The types [`QMatrix`] accepts.
+pub fn is_supported(ty: GgmlType) -> bool {
+    matches!(
+        ty,
+        GgmlType::F32
+            | GgmlType::F16
+            | GgmlType::BF16
+            | GgmlType::Q4_0
+            | GgmlType::Q4_1
+            | GgmlType::Q8_0
+            | GgmlType::Q4K
+            | GgmlType::Q5K
+            | GgmlType::Q6K
+    )
+}
+
+/// A borrowed row-major weight matrix `W[rows][cols]` in one of the supported ggml encodings.
+#[derive(Debug, Clone, Copy)]
+pub struct QMatrix<'a> {
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    row_bytes: usize,
+    data: &'a [u8],
+}
+
+/// `y` as shared by the threads of one product; each thread writes only its own rows.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: threads write disjoint elements (distinct rows) and the owner waits for all of them.
+unsafe impl Send for OutPtr {}
+// SAFETY: as above.
+unsafe impl Sync for OutPtr {}
+impl OutPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+impl<'a> QMatrix<'a> {
+    /// Wraps `data`, the `rows × cols` matrix in `ty`'s encoding (row-major, `cols` contiguous).
+    ///
+    /// Errors when the type is not supported, a dimension is zero, `cols` is not a whole number of
+    /// blocks, or `data` is not exactly `rows` rows long.
+    pub fn new(ty: GgmlType, rows: usize, cols: usize, data: &'a [u8]) -> Result<Self, ModelError> {
+        if !is_supported(ty) {
+            return Err(ModelError::Shape(format!(
+                "matrix products over {ty} weights are not supported"
+            )));
+        }
+        if rows == 0 || cols == 0 {
+            return Err(ModelError::Shape(format!(
+                "a {rows}×{cols} {ty} matrix is empty"
+            )));
+        }
+        let row_bytes = ty.bytes_for(cols as u64).ok_or_else(|| {
+            ModelError::Shape(format!(
+                "a {ty} matrix needs a column count that is a multiple of {}, got {cols}",
+                ty.block_elems()
+            ))
+        })?;
+        let need = (row_bytes as u128) * (rows as u128);
+        if need != data.len() as u128 {
+            return Err(ModelError::Shape(format!(
+                "a {rows}×{cols} {ty} matrix needs {need} bytes, got {}",
+                data.len()
+            )));
+        }
+        // `need` fits in usize because it equals `data.len()`.
+        Ok(Self {
+            ty,
+            rows,
+            cols,
+            row_bytes: row_bytes as usize,
+            data,
+        })
+    }
+
+    /// The weight encoding.
+    pub fn ty(&self) -> GgmlType {
+        self.ty
+    }
+
+    /// Number of rows (outputs).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Number of columns (inputs).
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The encoded bytes of the whole matrix.
+    pub fn data(&self) -> &'a [u8] {
+        self.data
+    }
+
+    /// Encoded bytes per row.
+    pub fn row_bytes(&self) -> usize {
+        self.row_bytes
+    }
+
+    fn row(&self, r: usize) -> Option<&'a [u8]> {
+        self.data
+            .get(r.checked_mul(self.row_bytes)?..)?
+            .get(..self.row_bytes)
+    }
+
+    /// Dequantizes row `r` into `out` (`cols` floats): an embedding lookup.
+    pub fn row_to_f32(&self, r: usize, out: &mut [f32]) -> Result<(), ModelError> {
+        let row = self.row(r).ok_or_else(|| {
+            ModelError::Shape(format!(
+                "row {r} is out of range for a matrix of {} rows",
+                self.rows
+            ))
+        })?;
+        if out.len() != self.cols {
+            return Err(ModelError::Shape(format!(
+                "row output has {} floats, the matrix has {} columns",
+                out.len(),
+                self.cols
+            )));
+        }
+        crate::quant::dequantize(self.ty, row, out)
+    }
+
+    /// `y[r] = Σ_c W[r][c]·x[c]` (`x`: `cols` floats, `y`: `rows` floats), on the global pool with
+    /// the [`Isa::active`] kernels.
+    pub fn matvec(&self, x: &[f32], y: &mut [f32]) -> Result<(), ModelError> {
+        self.matmul_with(ThreadPool::global(), Isa::active(), x, 1, y)
+    }
+
+    /// [`QMatrix::matvec`] on a given pool with given kernels.
+    pub fn matvec_with(
+        &self,
+        pool: &ThreadPool,
+        isa: Isa,
+        x: &[f32],
+        y: &mut [f32],
+    ) -> Result<(), ModelError> {
+        self.matmul_with(pool, isa, x, 1, y)
+    }
+
+    /// `Y = X·Wᵀ` for `n` tokens: `X` is `n × cols` row-major, `Y` is `n × rows` row-major, i.e.
+    /// `y[t·rows + r] = Σ_c W[r][c]·x[t·cols + c]`. On the global pool with the [`Isa::active`]
+    /// kernels.
+    pub fn matmul(&self, x: &[f32], n: usize, y: &mut [f32]) -> Result<(), ModelError> {
+        self.matmul_with(ThreadPool::global(), Isa::active(), x, n, y)
+    }
+
+    /// [`QMatrix::matmul`] on a given pool with given kernels. Errors when `isa` is not supported
+    /// by this CPU or the slice lengths do not match.
+    pub fn matmul_with(
+        &self,
+        pool: &ThreadPool,
+        isa: Isa,
+        x: &[f32],
+        n: usize,
+        y: &mut [f32],
+    ) -> Result<(), ModelError> {
+        if !isa.is_supported() {
+            return Err(ModelError::Config(format!(
+                "{isa:?} kernels are not supported by this CPU"
+            )));
+        }
+        let (rows, cols) = (self.rows, self.cols);
+        if n.checked_mul(cols) != Some(x.len()) {
+            return Err(ModelError::Shape(format!(
+                "input has {} floats, expected {n} tokens × {cols} columns",
+                x.len()
+            )));
+        }
+        if n.checked_mul(rows) != Some(y.len()) {
+            return Err(ModelError::Shape(format!(
+                "output has {} floats, expected {n} tokens × {rows} rows",
+                y.len()
+            )));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let _span = if n == 1 {
+            tracing::trace_span!("matvec", ty = %self.ty, rows, cols).entered()
+        } else {
+            tracing::debug_span!("matmul", ty = %self.ty, rows, cols, n).entered()
+        };
+        let sx = if self.ty == GgmlType::Q4_1 {
+            block_sums(x, cols)
+        } else {
+            Vec::new()
+        };
+        let out = OutPtr(y.as_mut_ptr());
+        let err: Mutex<Option<ModelError>> = Mutex::new(None);
+        let job = |range: Range<usize>| {
+            // SAFETY: `y` has `n·rows` floats (checked above) and each row index is in exactly one
+            // range, so no two threads write the same element; `y` outlives the call.
+            if let Err(e) = unsafe { self.rows_job(isa, range, x, n, &sx, out) } {
+                let mut slot = err.lock().unwrap_or_else(|p| p.into_inner());
+                slot.get_or_insert(e);
+            }
+        };
+        if rows.saturating_mul(cols).saturating_mul(n) < PARALLEL_MIN_MACS {
+            job(0..rows);
+        } else {
+            pool.for_each_chunk(rows, &job);
+        }
+        match err.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Computes rows `range` of every token into `out`.
+    ///
+    /// # Safety
+    /// `x.len() == n·cols`, `out` points to `n·rows` writable floats of which no other thread
+    /// writes the rows in `range`, `range` lies in `0..rows`, and the kernels of `isa` are supported.
+    unsafe fn rows_job(
+        &self,
+        isa: Isa,
+        range: Range<usize>,
+        x: &[f32],
+        n: usize,
+        sx: &[f32],
+        out: OutPtr,
+    ) -> Result<(), ModelError> {
+        if row_kernel::<1>(self.ty, isa).is_none() {
+            // SAFETY: forwarded contract.
+            return unsafe { self.rows_job_dequant(isa, range, x, n, out) };
+        }
+        let nb = self.cols / QK;
+        let mut t0 = 0;
+        while t0 < n {
+            let t = match n - t0 {
+                r if r >= 8 => 8,
+                r if r >= 4 => 4,
+                r if r >= 2 => 2,
+                _ => 1,
+            };
+            let xt = x
+                .get(t0 * self.cols..(t0 + t) * self.cols)
+                .unwrap_or_default();
+            let st = sx.get(t0 * nb..(t0 + t) * nb).unwrap_or_default();
+            // SAFETY: forwarded contract; `xt` holds the tile's `t` tokens.
+            unsafe {
+                match t {
+                    8 => self.tile::<8>(isa, range.clone(), xt, st, t0, out),
+                    4 => self.tile::<4>(isa, range.clone(), xt, st, t0, out),
+                    2 => self.tile::<2>(isa, range.clone(), xt, st, t0, out),
+                    _ => self.tile::<1>(isa, range.clone(), xt, st, t0, out),
+                }
+            }
+            t0 += t;
+        }
+        Ok(())
+    }
+
+    /// One tile of `T` tokens starting at token `t0`, rows `range`.
+    ///
+    /// # Safety
+    /// As [`QMatrix::rows_job`]; `xt` holds `T·cols` floats and `st` the tile's block sums (Q4_1).
+    unsafe fn tile<const T: usize>(
+        &self,
+        isa: Isa,
+        range: Range<usize>,
+        xt: &[f32],
+        st: &[f32],
+        t0: usize,
+        out: OutPtr,
+    ) {
+        let Some(kernel) = row_kernel::<T>(self.ty, isa) else {
+            return;
+        };
+        if xt.len() != T * self.cols
+            || (self.ty == GgmlType::Q4_1 && st.len() != T * (self.cols / QK))
+        {
+            return;
+        }
+        let y = out.get();
+        for r in range {
+            let Some(row) = self.row(r) else { return };
+            let mut acc = [0.0f32; T];
+            // SAFETY: sizes checked above; `isa` is supported (contract).
+            unsafe { kernel(row, xt, st, self.cols, &mut acc) };
+            for (j, v) in acc.into_iter().enumerate() {
+                // SAFETY: t0 + j < n and r < rows, so the index is below n·rows (contract).
+                unsafe { *y.add((t0 + j) * self.rows + r) = v };
+            }
+        }
+    }
+
+    /// The path for types without a fused kernel: dequantize each row once, then run the `f32`
+    /// kernel over all tokens.
+    ///
+    /// # Safety
+    /// As [`QMatrix::rows_job`].
+    unsafe fn rows_job_dequant(
+        &self,
+        isa: Isa,
+        range: Range<usize>,
+        x: &[f32],
+        n: usize,
+        out: OutPtr,
+    ) -> Result<(), ModelError> {
+        let cols = self.cols;
+        let mut w = vec![0.0f32; cols];
+        let y = out.get();
+        let (f8, f1) = match (
+            row_kernel::<8>(GgmlType::F32, isa),
+            row_kernel::<1>(GgmlType::F32, isa),
+        ) {
+            (Some(a), Some(b)) => (a, b),
+            _ => return Err(ModelError::Config("no f32 kernel".into())),
+        };
+        for r in range {
+            let row = self
+                .row(r)
+                .ok_or_else(|| ModelError::Shape(format!("row {r} out of range")))?;
+            crate::quant::dequantize(self.ty, row, &mut w)?;
+            let wb: &[u8] = bytemuck::cast_slice(&w);
+            let mut t0 = 0;
+            while t0 < n {
+                let t = if n - t0 >= 8 { 8 } else { 1 };
+                let xt = x
+                    .get(t0 * cols..(t0 + t) * cols)
+                    .ok_or_else(|| ModelError::Shape("input too short".into()))?;
+                let mut acc = [0.0f32; 8];
+                // SAFETY: `wb` is one f32 row of `cols` elements, `xt` holds `t` tokens.
+                unsafe {
+                    if t == 8 {
+                        f8(wb, xt, &[], cols, &mut acc);
+                    } else if let Some(a) = acc.first_chunk_mut::<1>() {
+                        f1(wb, xt, &[], cols, a);
+                    }
+                }
+                for (j, v) in acc.into_iter().take(t).enumerate() {
+                    // SAFETY: t0 + j < n and r < rows (contract).
+                    unsafe { *y.add((t0 + j) * self.rows + r) = v };
+                }
+                t0 += t;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Per-token sums of each 32-element block of `x` (`x.len() / cols` tokens, token-major).
+fn block_sums(x: &[f32], cols: usize) -> Vec<f32> {
+    let mut sx = Vec::with_capacity(x.len() / QK);
+    for tok in x.chunks_exact(cols) {
+        for blk in tok.chunks_exact(QK) {
+            // 8 interleaved partial sums: vectorizes, and is as accurate as a sequential sum.
+            let mut p = [0.0f32; 8];
+            for c in blk.chunks_exact(8) {
+                for (a, v) in p.iter_mut().zip(c) {
+                    *a += v;
+                }
+            }
+            sx.push(((p[0] + p[4]) + (p[1] + p[5])) + ((p[2] + p[6]) + (p[3] + p[7])));
+        }
+    }
+    sx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_validates_sizes() {
+        let data = vec![0u8; 2 * 20];
+        assert!(QMatrix::new(GgmlType::Q4_1, 2, 32, &data).is_ok());
+        assert!(QMatrix::new(GgmlType::Q4_1, 2, 33, &data).is_err());
+        assert!(QMatrix::new(GgmlType::Q4_1, 3, 32, &data).is_err());
+        assert!(QMatrix::new(GgmlType::Q4_1, 0, 32, &[]).is_err());
+        assert!(QMatrix::new(GgmlType::Q4_1, 1, 0, &[]).is_err());
+        assert!(QMatrix::new(GgmlType::Q5_0, 1, 32, &[0u8; 22]).is_err());
+        assert!(QMatrix::new(GgmlType::F32, usize::MAX, 2, &data).is_err());
+    }
+
+    #[test]
+    fn env_parsing() {
+        assert_eq!(Isa::from_env(Some("1")), Isa::Scalar);
+        assert_eq!(Isa::from_env(Some("yes")), Isa::Scalar);
+        assert_eq!(Isa::from_env(Some("0")), Isa::best());
+        assert_eq!(Isa::from_env(Some("")), Isa::best());
+        assert_eq!(Isa::from_env(None), Isa::best());
+    }
+
+    #[test]
+    fn block_sums_per_token() {
+        let x: Vec<f32> = (0..128).map(|i| i as f32).collect();
+        let s = block_sums(&x, 64);
+        assert_eq!(s.len(), 4);
+        for (b, v) in s.iter().enumerate() {
+            let want: f32 = x[b * 32..(b + 1) * 32].iter().sum();
+            assert_eq!(*v, want);
+        }
+    }
+}
