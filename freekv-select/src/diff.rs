@@ -1,7 +1,7 @@
 //! Turning a selection into kept / to-recall / victims against the resident middle pages.
 
 use crate::SelectError;
-use crate::topk::{rank_key, rank_keys};
+use crate::topk::{check_page_span, page_of_key, rank_key};
 
 /// What changes in the resident middle ("retrieved") slots when a new selection takes effect.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -60,9 +60,8 @@ pub fn diff_selection(
     scores: &[f32],
     first_page: usize,
 ) -> Result<SelectionDiff, SelectError> {
-    let range = first_page..first_page.saturating_add(scores.len());
-    // Validates that page indices fit the rank key.
-    rank_keys(&[], range.end)?;
+    check_page_span(first_page, scores.len())?;
+    let range = first_page..first_page + scores.len();
     for (what, set) in [("selection", selected), ("resident set", resident)] {
         if set.len() > capacity {
             return Err(SelectError::InvalidPageSet {
@@ -116,10 +115,7 @@ pub fn diff_selection(
         }
         let worst = &mut keys[..needed];
         worst.sort_unstable();
-        diff.victims = worst
-            .iter()
-            .map(|&k| crate::topk::page_of_key(k) as usize)
-            .collect();
+        diff.victims = worst.iter().map(|&k| page_of_key(k) as usize).collect();
     }
     Ok(diff)
 }

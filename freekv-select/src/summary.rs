@@ -442,6 +442,18 @@ mod tests {
     }
 
     #[test]
+    fn arkvale_box_is_not_a_bound() {
+        // keys 0, 5, 10 (d = 1): c = 5, r = (5 + 0 + 5) / 3 → box [1.67, 8.33]; min/max [0, 10]
+        let keys = [0.0, 5.0, 10.0];
+        let (mut u, mut l) = ([0.0; 1], [0.0; 1]);
+        summarize_block(SummaryKind::ArkVale, &keys, 1, &mut u, &mut l).unwrap();
+        let score = crate::page_score(&[1.0], &u, &l).unwrap();
+        assert!(score < 10.0, "q·k = 10 exceeds the ArkVale score {score}");
+        summarize_block(SummaryKind::MinMax, &keys, 1, &mut u, &mut l).unwrap();
+        assert_eq!(crate::page_score(&[1.0], &u, &l).unwrap(), 10.0);
+    }
+
+    #[test]
     fn summarize_rejects_bad_sizes() {
         let (mut u, mut l) = ([0.0; 2], [0.0; 2]);
         assert!(summarize_block(SummaryKind::MinMax, &[], 2, &mut u, &mut l).is_err());

@@ -65,18 +65,23 @@ pub fn top_k(scores: &[f32], first_page: usize, k: usize) -> Result<Vec<usize>, 
     Ok(top_k_keys(&mut keys, k))
 }
 
-/// Rank keys of `scores[i]` for page `first_page + i`.
-pub(crate) fn rank_keys(scores: &[f32], first_page: usize) -> Result<Vec<u64>, SelectError> {
-    let end = first_page.checked_add(scores.len());
+/// Check that pages `first_page .. first_page + count` fit the `u32` page index of a rank key.
+pub(crate) fn check_page_span(first_page: usize, count: usize) -> Result<(), SelectError> {
+    let end = first_page.checked_add(count);
     if end.is_none_or(|e| e > u32::MAX as usize) {
         return Err(SelectError::InvalidPageSet {
             what: "candidate pages",
             reason: format!(
-                "pages {first_page}.. (+{}) exceed the supported page index range",
-                scores.len()
+                "pages {first_page}.. (+{count}) exceed the supported page index range"
             ),
         });
     }
+    Ok(())
+}
+
+/// Rank keys of `scores[i]` for page `first_page + i`.
+pub(crate) fn rank_keys(scores: &[f32], first_page: usize) -> Result<Vec<u64>, SelectError> {
+    check_page_span(first_page, scores.len())?;
     Ok(scores
         .iter()
         .enumerate()
