@@ -2,11 +2,13 @@
 //! and generation.
 //! (Being written; see docs/ARCHITECTURE.md.)
 
+pub mod attention;
 pub mod chat;
 pub mod config;
 mod error;
 pub mod ggml;
 pub mod gguf;
+pub mod llama;
 pub mod qmatmul;
 pub mod quant;
 pub mod tokenizer;
