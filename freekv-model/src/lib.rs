@@ -11,6 +11,7 @@ pub mod gguf;
 pub mod llama;
 pub mod qmatmul;
 pub mod quant;
+pub mod sampling;
 pub mod tokenizer;
 
 pub use error::ModelError;
