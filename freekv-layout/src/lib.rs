@@ -16,7 +16,7 @@
 //!   history: logical page → host page per layer);
 //! * [`Budget`] (sink / retrieved / window pages per layer), [`SlotTable`] (slot ↔ logical page per
 //!   (sequence, layer, KV head)), [`LayerResidency`] (all heads of one layer) and
-//!   [`SelectionDiff`] (kept / to-recall / victims of a selection);
+//!   [`SlotDiff`] (kept / to-recall / victims of a selection);
 //! * [`SlotPool`], the NHD resident buffer of the CPU backend.
 //!
 //! This crate never touches CUDA and never moves KV bytes between host and device (that is
@@ -60,4 +60,4 @@ pub use layout::{
 };
 pub use pool::{HostPagePool, PageId};
 pub use slot_pool::SlotPool;
-pub use slots::{LayerResidency, SelectionDiff, SlotPage, SlotTable};
+pub use slots::{LayerResidency, SlotDiff, SlotPage, SlotTable};

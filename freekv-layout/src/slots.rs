@@ -27,14 +27,21 @@
 //! * in the sparse phase, middle slots hold only middle pages (never sink or window pages), so at
 //!   most `k` of them.
 //!
-//! # Canonical diff
+//! # Diffs
 //!
-//! [`SlotTable::diff`] turns a selection (a set of candidate pages, at most `k`) into a
-//! [`SelectionDiff`]: `kept` = selected pages already resident; `victims` = every resident middle
-//! page that is not selected (so the attended set is exactly sinks + selection + window); `recalls`
-//! = the missing selected pages in ascending page order, assigned to the free middle slots (empty
-//! or vacated by a victim) in ascending slot order. GPU kernels that mirror this table must use the
-//! same rule to produce identical slot assignments.
+//! A [`SlotDiff`] is a selection's effect on the middle slots, with slots attached. Two ways to
+//! get one:
+//!
+//! * [`SlotTable::diff`] (canonical): `kept` = selected pages already resident; `victims` = every
+//!   resident middle page that is not selected (so the attended set is exactly sinks + selection +
+//!   window); `recalls` = the missing selected pages in ascending page order, assigned to the free
+//!   middle slots (empty or vacated by a victim) in ascending slot order.
+//! * [`SlotTable::place`]: slots for a page-level diff computed elsewhere (e.g.
+//!   `freekv_select::diff_selection`, whose victims are the lowest-scoring unselected residents,
+//!   only as many as needed): `to_recall[i]` goes into the slot of `victims[i]`, the remaining
+//!   recalls into empty middle slots in ascending slot order.
+//!
+//! GPU kernels that mirror this table must use the same rules to produce identical slots.
 
 use crate::{Budget, LayoutError};
 use std::ops::Range;
@@ -60,7 +67,7 @@ pub struct SlotPage {
 /// the data of `recalls` (host page → slot). Between `apply` and the end of that recall, the
 /// table already describes the future state and the slots in `recalls` hold stale data.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct SelectionDiff {
+pub struct SlotDiff {
     /// Selected pages that are already resident, with their slots (no data movement).
     pub kept: Vec<SlotPage>,
     /// Selected pages to fetch from the host, with their destination slots.
@@ -69,7 +76,7 @@ pub struct SelectionDiff {
     pub victims: Vec<SlotPage>,
 }
 
-impl SelectionDiff {
+impl SlotDiff {
     /// True when the selection changes nothing (no recall, no eviction).
     pub fn is_noop(&self) -> bool {
         self.recalls.is_empty() && self.victims.is_empty()
@@ -302,7 +309,7 @@ impl SlotTable {
     ///
     /// `selected` must hold distinct candidate pages (`ns ..  N − nw`), at most `k`, in any order;
     /// the layer must be sparse.
-    pub fn diff(&self, selected: &[usize]) -> Result<SelectionDiff, LayoutError> {
+    pub fn diff(&self, selected: &[usize]) -> Result<SlotDiff, LayoutError> {
         let _span = tracing::trace_span!("slot_diff", n = selected.len()).entered();
         self.require_sparse()?;
         let k = self.budget.retrieved_pages();
@@ -327,7 +334,7 @@ impl SlotTable {
                 cands.start, cands.end
             )));
         }
-        let mut diff = SelectionDiff::default();
+        let mut diff = SlotDiff::default();
         let mut free = Vec::new();
         for slot in self.budget.middle_slots() {
             match self.page_in(slot) {
@@ -369,10 +376,11 @@ impl SlotTable {
     }
 
     /// Apply a diff atomically: it is validated against the current table first (kept and victim
-    /// pages resident in the named middle slots and covering every resident middle page; recalled
-    /// pages distinct, non-resident candidates; destination slots empty or vacated by a victim,
-    /// each used once) and on any error nothing changes.
-    pub fn apply(&mut self, diff: &SelectionDiff) -> Result<(), LayoutError> {
+    /// pages resident in the named middle slots, each slot named once; recalled pages distinct,
+    /// non-resident candidates; destination slots empty or vacated by a victim, each used once)
+    /// and on any error nothing changes. Resident middle pages the diff does not name stay
+    /// resident (the canonical [`diff`](Self::diff) names all of them).
+    pub fn apply(&mut self, diff: &SlotDiff) -> Result<(), LayoutError> {
         let _span = tracing::trace_span!("slot_apply", recalls = diff.recalls.len()).entered();
         self.require_sparse()?;
         let k = self.budget.retrieved_pages();
@@ -409,14 +417,6 @@ impl SlotTable {
                     return bad(format!("slot {} listed twice", sp.slot));
                 }
                 *m = tag;
-            }
-        }
-        for slot in middle.clone() {
-            if mark[slot - middle.start] == 0 && self.page_in(slot).is_some() {
-                return bad(format!(
-                    "resident page {:?} in slot {slot} is neither kept nor a victim (stale diff?)",
-                    self.page_in(slot)
-                ));
             }
         }
         let mut recall_pages: Vec<usize> = diff.recalls.iter().map(|sp| sp.page).collect();
@@ -461,9 +461,58 @@ impl SlotTable {
         Ok(())
     }
 
+    /// Slots for a page-level diff computed elsewhere (see the module docs): `victims` are resident
+    /// middle pages to evict, `to_recall` non-resident candidates to fetch; `to_recall[i]` goes
+    /// into the slot of `victims[i]`, the rest into empty middle slots in ascending order; `kept`
+    /// (selected pages already resident) is only checked and recorded. The table is not changed;
+    /// pass the result to [`apply`](Self::apply).
+    pub fn place(
+        &self,
+        kept: &[usize],
+        to_recall: &[usize],
+        victims: &[usize],
+    ) -> Result<SlotDiff, LayoutError> {
+        self.require_sparse()?;
+        let resident_middle = |page: usize, what: &str| -> Result<SlotPage, LayoutError> {
+            match self.slot_of(page) {
+                Some(slot) if self.budget.middle_slots().contains(&slot) => {
+                    Ok(SlotPage { page, slot })
+                }
+                _ => Err(LayoutError::InvalidDiff(format!(
+                    "{what} page {page} is not a resident middle page"
+                ))),
+            }
+        };
+        let mut diff = SlotDiff::default();
+        for &p in kept {
+            diff.kept.push(resident_middle(p, "kept")?);
+        }
+        for &p in victims {
+            diff.victims.push(resident_middle(p, "victim")?);
+        }
+        let mut empty = self
+            .budget
+            .middle_slots()
+            .filter(|&s| self.page_in(s).is_none());
+        for (i, &page) in to_recall.iter().enumerate() {
+            let slot = match diff.victims.get(i) {
+                Some(v) => v.slot,
+                None => empty.next().ok_or_else(|| {
+                    LayoutError::InvalidDiff(format!(
+                        "{} pages to recall but only {} victims and not enough empty middle slots",
+                        to_recall.len(),
+                        victims.len()
+                    ))
+                })?,
+            };
+            diff.recalls.push(SlotPage { page, slot });
+        }
+        Ok(diff)
+    }
+
     /// [`diff`](Self::diff) then [`apply`](Self::apply): the middle slots end up holding exactly
     /// `selected`. Returns the diff (its `recalls` are what the recall engine must move).
-    pub fn select(&mut self, selected: &[usize]) -> Result<SelectionDiff, LayoutError> {
+    pub fn select(&mut self, selected: &[usize]) -> Result<SlotDiff, LayoutError> {
         let diff = self.diff(selected)?;
         self.apply(&diff)?;
         Ok(diff)
@@ -800,7 +849,7 @@ mod tests {
         let mut cases = Vec::new();
         let mut d = good.clone();
         d.victims.pop();
-        cases.push((d, "neither kept nor a victim"));
+        cases.push((d, "neither empty nor vacated"));
         let mut d = good.clone();
         d.recalls[0].slot = 3;
         cases.push((d, "not a middle slot"));
@@ -834,6 +883,35 @@ mod tests {
         t.apply(&good).unwrap();
         // The same diff again is stale now.
         assert!(t.apply(&good).is_err());
+        t.check_consistency().unwrap();
+    }
+
+    #[test]
+    fn place_follows_page_level_diffs() {
+        let mut t = table();
+        t.append_tokens(8 * 4).unwrap(); // middle {1, 2}
+        let d = t.place(&[2], &[5], &[1]).unwrap();
+        assert_eq!(d, t.diff(&[2, 5]).unwrap());
+        // to_recall[i] goes to victims[i]'s slot, whatever the page order.
+        let d = t.place(&[], &[5, 3], &[2, 1]).unwrap();
+        assert_eq!(d.recalls, vec![sp(5, 2), sp(3, 1)]);
+        t.apply(&d).unwrap();
+        t.check_consistency().unwrap();
+        assert!(t.place(&[4], &[], &[]).is_err()); // 4 is not resident
+        assert!(t.place(&[], &[4], &[]).is_err()); // no room
+        assert!(t.place(&[], &[], &[6]).is_err()); // window page, not middle
+        // Free slots first, and unselected residents that are not victims stay resident.
+        let mut t = SlotTable::new(Budget::new(1, 3, 2, 4).unwrap());
+        t.append_tokens(10 * 4).unwrap();
+        t.select(&[1]).unwrap(); // middle {1}, slots 2 and 3 empty
+        let d = t.place(&[], &[4, 5], &[]).unwrap();
+        assert_eq!(d.recalls, vec![sp(4, 2), sp(5, 3)]);
+        t.apply(&d).unwrap();
+        assert_eq!(t.middle().count(), 3);
+        t.check_consistency().unwrap();
+        let d = t.place(&[], &[6], &[4]).unwrap();
+        t.apply(&d).unwrap();
+        assert_eq!(t.slot_of(6), Some(2));
         t.check_consistency().unwrap();
     }
 
