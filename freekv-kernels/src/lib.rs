@@ -1,5 +1,51 @@
-//! Raw CUDA kernels of FreeKV (`.cu` sources compiled at run time by NVRTC) and typed launchers.
-//! (Being written; see docs/ARCHITECTURE.md.)
+//! CUDA kernels of FreeKV and their typed launchers.
+//!
+//! * [`probe`]: checks the driver, device, NVRTC and cuBLAS **without panicking** (cudarc loads the
+//!   libraries lazily and panics when one is missing), so callers can fall back to the CPU.
+//! * [`compile`]: the `.cu` sources are embedded with `include_str!` and compiled at run time by
+//!   NVRTC straight to CUBIN for the device's architecture (`sm_90` on an H200), once per process,
+//!   and cached on disk under `$FREEKV_HOME/kernels` keyed by a hash of (source, options, NVRTC
+//!   version, architecture).
+//! * [`Gpu`]: context (cudarc event tracking disabled: synchronisation is explicit), compute
+//!   stream, [`Kernels`] (every function resolved once into a field) and a cuBLAS [`Gemm`].
+//! * Kernels (bf16 storage, fp32 math): embedding gather, fused residual add + RMSNorm, RoPE (both
+//!   pairings), SwiGLU, KV append into NHD pages, paged decode attention (split-K, GQA-aware, head
+//!   dims 64 and 128), causal paged prefill attention on tensor cores, argmax and sampling.
+//!
+//! Page layout (NHD, device): `pages[num_pages][2][page_size][kv_heads][head_dim]`, K then V, as
+//! [`freekv_layout::PageGeometry::nhd_index`].
+//!
+//! ```
+//! use freekv_kernels::{probe, KernelError};
+//!
+//! // Never panics: on a machine without CUDA this is an error to fall back on.
+//! match probe::check_device(0) {
+//!     Ok(version) => println!("CUDA driver {version}"),
+//!     Err(e @ (KernelError::NoDriver | KernelError::NoDevice(_) | KernelError::DriverTooOld { .. })) => {
+//!         println!("falling back to the CPU: {e}")
+//!     }
+//!     Err(e) => println!("CUDA problem: {e}"),
+//! }
+//! ```
 
+pub mod compile;
 mod error;
+pub mod gemm;
+mod gpu;
+pub mod kernels;
+pub mod ops;
+pub mod probe;
+pub mod testing;
+
 pub use error::KernelError;
+pub use gemm::{Gemm, LinearDims};
+pub use gpu::Gpu;
+pub use kernels::{Kernels, Strided};
+pub use ops::attention::{AttentionShape, DecodePlan, PrefillPlan};
+pub use ops::elementwise::{KvSource, PageTableLayout, RopeConfig, RopeLayout, RopeStyle};
+pub use ops::sampling::SamplingInputs;
+pub use probe::DeviceInfo;
+
+/// Re-exported so callers name the same cudarc and half types.
+pub use cudarc;
+pub use half;

@@ -1,0 +1,7 @@
+//! Typed launchers, as methods of [`crate::Kernels`]. Each validates sizes, strides and
+//! alignment on the host and returns [`crate::KernelError`] naming the kernel on failure; launches
+//! are asynchronous on the given stream.
+
+pub mod attention;
+pub mod elementwise;
+pub mod sampling;
