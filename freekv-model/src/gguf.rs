@@ -38,7 +38,7 @@ use crate::ggml::GgmlType;
 
 #[path = "gguf_writer.rs"]
 pub mod writer;
-pub use writer::GgufWriter;
+pub use writer::{GgufWriter, TinyLlamaSpec};
 
 /// The four magic bytes at the start of every GGUF file.
 pub const GGUF_MAGIC: [u8; 4] = *b"GGUF";

@@ -237,3 +237,239 @@ fn write_value(out: &mut Vec<u8>, v: &MetaValue, key: &str) -> Result<(), ModelE
     }
     Ok(())
 }
+
+/// Shape and seed of a tiny random Llama model, for tests that need a complete model file.
+///
+/// [`TinyLlamaSpec::writer`] produces a [`GgufWriter`] with llama.cpp's `llama.*` metadata, a
+/// minimal GPT-2 byte-level vocabulary (`<|endoftext|>` 0, `<|im_start|>` 1, `<|im_end|>` 2, the
+/// 256 byte tokens, then `<extra_N>` fillers; no merges; `tokenizer.ggml.pre = "smollm"`) and
+/// every tensor llama.cpp names (`token_embd`, `blk.N.{attn_norm, attn_q, attn_k, attn_v,
+/// attn_output, ffn_norm, ffn_gate, ffn_up, ffn_down}`, `output_norm`, and `output` unless tied),
+/// filled with seeded pseudo-random values. Callers may add more metadata or tensors before
+/// serializing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TinyLlamaSpec {
+    /// Transformer blocks.
+    pub n_layers: usize,
+    /// Embedding width (a multiple of 32 for the 32-element block types).
+    pub hidden: usize,
+    /// Query heads.
+    pub n_heads: usize,
+    /// KV heads.
+    pub n_kv_heads: usize,
+    /// SwiGLU hidden width (a multiple of 32 for block types).
+    pub ffn_hidden: usize,
+    /// Vocabulary size (at least 259: 3 specials and 256 byte tokens).
+    pub vocab_size: usize,
+    /// `llama.context_length`.
+    pub context_length: usize,
+    /// `llama.rope.freq_base`.
+    pub rope_theta: f32,
+    /// `llama.attention.layer_norm_rms_epsilon`.
+    pub rms_eps: f32,
+    /// Type of the projection matrices.
+    pub weight_type: GgmlType,
+    /// Type of `token_embd.weight` (and `output.weight` when untied).
+    pub embd_type: GgmlType,
+    /// No `output.weight` when true.
+    pub tied: bool,
+    /// Seed of the weight generator.
+    pub seed: u64,
+}
+
+impl Default for TinyLlamaSpec {
+    /// 2 layers, width 64, 4 query heads over 2 KV heads (head dim 16), FFN 128, vocabulary 320,
+    /// context 256, Q4_1 matrices, Q8_0 tied embeddings (the default model's mix).
+    fn default() -> Self {
+        Self {
+            n_layers: 2,
+            hidden: 64,
+            n_heads: 4,
+            n_kv_heads: 2,
+            ffn_hidden: 128,
+            vocab_size: 320,
+            context_length: 256,
+            rope_theta: 10000.0,
+            rms_eps: 1e-5,
+            weight_type: GgmlType::Q4_1,
+            embd_type: GgmlType::Q8_0,
+            tied: true,
+            seed: 0,
+        }
+    }
+}
+
+/// SplitMix64: a tiny deterministic generator (no dependency on `rand` in the library).
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [-1, 1).
+    fn next_f32(&mut self) -> f32 {
+        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    fn vec(&mut self, n: usize, scale: f32, offset: f32) -> Vec<f32> {
+        (0..n).map(|_| offset + scale * self.next_f32()).collect()
+    }
+}
+
+/// GPT-2's byte-to-unicode mapping: printable bytes map to themselves, the rest to U+0100.. in order.
+fn gpt2_byte_char(b: u8) -> char {
+    let printable = |x: u8| (b'!'..=b'~').contains(&x) || (0xA1..=0xAC).contains(&x) || x >= 0xAE;
+    if printable(b) {
+        char::from(b)
+    } else {
+        let rank = (0..b).filter(|&x| !printable(x)).count() as u32;
+        char::from_u32(256 + rank).unwrap_or('?')
+    }
+}
+
+impl TinyLlamaSpec {
+    /// Head dimension (`hidden / n_heads`).
+    pub fn head_dim(&self) -> usize {
+        self.hidden / self.n_heads.max(1)
+    }
+
+    /// Builds the writer (see the type's documentation).
+    pub fn writer(&self) -> Result<GgufWriter, ModelError> {
+        let s = self;
+        if s.n_heads == 0
+            || s.n_kv_heads == 0
+            || s.hidden % s.n_heads != 0
+            || s.n_heads % s.n_kv_heads != 0
+        {
+            return Err(err(format!(
+                "tiny llama: {} heads / {} KV heads do not fit width {}",
+                s.n_heads, s.n_kv_heads, s.hidden
+            )));
+        }
+        if s.vocab_size < 259 {
+            return Err(err(format!(
+                "tiny llama: vocabulary {} is below 259",
+                s.vocab_size
+            )));
+        }
+        let hd = s.head_dim();
+        let u32v = |x: usize| MetaValue::U32(x as u32);
+        let mut w = GgufWriter::new();
+        w.add_meta("general.architecture", MetaValue::String("llama".into()))
+            .add_meta(
+                "general.name",
+                MetaValue::String("tiny-random-llama".into()),
+            )
+            .add_meta("llama.block_count", u32v(s.n_layers))
+            .add_meta("llama.context_length", u32v(s.context_length))
+            .add_meta("llama.embedding_length", u32v(s.hidden))
+            .add_meta("llama.feed_forward_length", u32v(s.ffn_hidden))
+            .add_meta("llama.attention.head_count", u32v(s.n_heads))
+            .add_meta("llama.attention.head_count_kv", u32v(s.n_kv_heads))
+            .add_meta("llama.rope.freq_base", MetaValue::F32(s.rope_theta))
+            .add_meta("llama.rope.dimension_count", u32v(hd))
+            .add_meta(
+                "llama.attention.layer_norm_rms_epsilon",
+                MetaValue::F32(s.rms_eps),
+            )
+            .add_meta("llama.vocab_size", u32v(s.vocab_size));
+        let mut tokens: Vec<MetaValue> = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+            .iter()
+            .map(|t| MetaValue::String((*t).into()))
+            .collect();
+        tokens.extend((0..=255u8).map(|b| MetaValue::String(gpt2_byte_char(b).to_string())));
+        let n_fill = s.vocab_size - tokens.len();
+        tokens.extend((0..n_fill).map(|i| MetaValue::String(format!("<extra_{i}>"))));
+        let mut types = vec![MetaValue::I32(3); 3];
+        types.extend(std::iter::repeat_n(MetaValue::I32(1), 256));
+        types.extend(std::iter::repeat_n(MetaValue::I32(4), n_fill));
+        w.add_meta("tokenizer.ggml.model", MetaValue::String("gpt2".into()))
+            .add_meta("tokenizer.ggml.pre", MetaValue::String("smollm".into()))
+            .add_meta("tokenizer.ggml.tokens", MetaValue::Array(tokens))
+            .add_meta("tokenizer.ggml.token_type", MetaValue::Array(types))
+            .add_meta("tokenizer.ggml.merges", MetaValue::Array(Vec::new()))
+            .add_meta("tokenizer.ggml.bos_token_id", MetaValue::U32(1))
+            .add_meta("tokenizer.ggml.eos_token_id", MetaValue::U32(2))
+            .add_meta("tokenizer.ggml.add_bos_token", MetaValue::Bool(false));
+
+        let mut rng = SplitMix64(s.seed ^ 0x5EED_0F_71A1_11A);
+        let (h, q, kv, f) = (
+            s.hidden as u64,
+            (s.n_heads * hd) as u64,
+            (s.n_kv_heads * hd) as u64,
+            s.ffn_hidden as u64,
+        );
+        let mat =
+            |rng: &mut SplitMix64, w: &mut GgufWriter, name: String, fan_in: u64, out: u64, ty| {
+                let scale = 1.0 / (fan_in as f32).sqrt();
+                let v = rng.vec((fan_in * out) as usize, scale, 0.0);
+                w.add_tensor_f32(name, &[fan_in, out], ty, &v).map(|_| ())
+            };
+        let norm = |rng: &mut SplitMix64, w: &mut GgufWriter, name: String| {
+            let v = rng.vec(s.hidden, 0.1, 1.0);
+            w.add_tensor_f32(name, &[h], GgmlType::F32, &v).map(|_| ())
+        };
+        mat(
+            &mut rng,
+            &mut w,
+            "token_embd.weight".into(),
+            h,
+            s.vocab_size as u64,
+            s.embd_type,
+        )?;
+        for l in 0..s.n_layers {
+            let n = |t: &str| format!("blk.{l}.{t}.weight");
+            norm(&mut rng, &mut w, n("attn_norm"))?;
+            mat(&mut rng, &mut w, n("attn_q"), h, q, s.weight_type)?;
+            mat(&mut rng, &mut w, n("attn_k"), h, kv, s.weight_type)?;
+            mat(&mut rng, &mut w, n("attn_v"), h, kv, s.weight_type)?;
+            mat(&mut rng, &mut w, n("attn_output"), q, h, s.weight_type)?;
+            norm(&mut rng, &mut w, n("ffn_norm"))?;
+            mat(&mut rng, &mut w, n("ffn_gate"), h, f, s.weight_type)?;
+            mat(&mut rng, &mut w, n("ffn_up"), h, f, s.weight_type)?;
+            mat(&mut rng, &mut w, n("ffn_down"), f, h, s.weight_type)?;
+        }
+        norm(&mut rng, &mut w, "output_norm.weight".into())?;
+        if !s.tied {
+            mat(
+                &mut rng,
+                &mut w,
+                "output.weight".into(),
+                h,
+                s.vocab_size as u64,
+                s.embd_type,
+            )?;
+        }
+        Ok(w)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gpt2_byte_mapping_matches_known_points() {
+        assert_eq!(gpt2_byte_char(b'A'), 'A');
+        assert_eq!(gpt2_byte_char(b' '), 'Ġ'); // U+0120
+        assert_eq!(gpt2_byte_char(b'\n'), 'Ċ'); // U+010A
+        assert_eq!(gpt2_byte_char(0), '\u{100}');
+        assert_eq!(gpt2_byte_char(0xAD), '\u{143}');
+        let all: std::collections::HashSet<char> = (0..=255u8).map(gpt2_byte_char).collect();
+        assert_eq!(all.len(), 256);
+    }
+
+    #[test]
+    fn splitmix_is_deterministic_and_in_range() {
+        let a: Vec<f32> = SplitMix64(5).vec(1000, 1.0, 0.0);
+        assert_eq!(a, SplitMix64(5).vec(1000, 1.0, 0.0));
+        assert!(a.iter().all(|x| (-1.0..1.0).contains(x)));
+        let mean = a.iter().sum::<f32>() / 1000.0;
+        assert!(mean.abs() < 0.1, "{mean}");
+    }
+}
