@@ -37,7 +37,7 @@ impl<T: Copy + Default> SlotPool<T> {
     }
 }
 
-impl<T: Copy> SlotPool<T> {
+impl<T> SlotPool<T> {
     /// Page geometry.
     pub fn geometry(&self) -> PageGeometry {
         self.geom
@@ -52,7 +52,9 @@ impl<T: Copy> SlotPool<T> {
     pub fn as_slice(&self) -> &[T] {
         &self.data
     }
+}
 
+impl<T: Copy> SlotPool<T> {
     fn range(&self, slot: usize) -> Result<std::ops::Range<usize>, LayoutError> {
         if slot >= self.slots {
             return Err(LayoutError::OutOfRange {
