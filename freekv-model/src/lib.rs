@@ -6,12 +6,14 @@ pub mod attention;
 pub mod chat;
 pub mod config;
 mod error;
+pub mod generate;
 pub mod ggml;
 pub mod gguf;
 pub mod llama;
 pub mod qmatmul;
 pub mod quant;
 pub mod sampling;
+pub mod testing;
 pub mod tokenizer;
 
 pub use error::ModelError;
