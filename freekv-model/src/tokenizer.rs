@@ -160,11 +160,21 @@ pub fn token_text_to_bytes(text: &str, out: &mut Vec<u8>) {
 // Pre-tokenizers
 // ---------------------------------------------------------------------------------------------
 
-/// GPT-2 split regex with HF ByteLevel's trailing `|\s+` alternative.
-const GPT2_PATTERN: &str =
+/// GPT-2 split regex with HF ByteLevel's trailing `|\s+` alternative (the specification).
+pub const GPT2_PATTERN: &str =
     r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
-/// Llama 3 split regex.
-const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Llama 3 split regex (the specification).
+pub const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+// What runs: the same regexes without the `\s+(?!\S)` alternative. They need no backtracking
+// (fancy-regex hands them to the linear-time `regex` engine; the look-ahead versions overflow
+// the backtracking stack on long whitespace runs), and `split_regex` restores the look-ahead:
+// a match of the final `\s+` alternative that is followed by more text gives its last
+// whitespace character back to the next piece. That is exactly what `\s+(?!\S)|\s+` does:
+// the look-ahead alternative matches the whole run at the end of the text, the run minus its
+// last character before a non-space, and `\s+` takes over only for a single character.
+const GPT2_LINEAR: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+";
+const LLAMA3_LINEAR: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+";
 
 /// The pre-tokenizer families that are implemented.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -205,8 +215,8 @@ impl PreTokenizer {
     pub fn new(name: &str) -> Result<Self, ModelError> {
         let kind = PreTokenizerKind::from_name(name)?;
         let pattern = match kind {
-            PreTokenizerKind::Gpt2 | PreTokenizerKind::DigitsGpt2 => GPT2_PATTERN,
-            PreTokenizerKind::Llama3 => LLAMA3_PATTERN,
+            PreTokenizerKind::Gpt2 | PreTokenizerKind::DigitsGpt2 => GPT2_LINEAR,
+            PreTokenizerKind::Llama3 => LLAMA3_LINEAR,
         };
         let regex = fancy_regex::Regex::new(pattern)
             .map_err(|e| ModelError::Tokenizer(format!("pre-tokenizer regex: {e}")))?;
@@ -241,21 +251,40 @@ impl PreTokenizer {
     }
 
     fn regex_split<'a>(&self, text: &'a str, out: &mut Vec<&'a str>) -> Result<(), ModelError> {
-        let mut last = 0;
-        for m in self.regex.find_iter(text) {
-            let m = m.map_err(|e| ModelError::Tokenizer(format!("pre-tokenizer regex: {e}")))?;
-            if m.start() > last {
-                out.push(slice(text, last, m.start())?);
+        let mut pos = 0;
+        while pos < text.len() {
+            let found = self
+                .regex
+                .find_from_pos(text, pos)
+                .map_err(|e| ModelError::Tokenizer(format!("pre-tokenizer regex: {e}")))?;
+            let Some(m) = found.filter(|m| m.end() > m.start()) else {
+                break;
+            };
+            if m.start() > pos {
+                out.push(slice(text, pos, m.start())?);
             }
-            if m.end() > m.start() {
-                out.push(m.as_str());
+            let mut end = m.end();
+            if end < text.len() && self.is_plain_whitespace_match(m.as_str()) {
+                // Emulate `\s+(?!\S)`: leave the last whitespace character to the next piece.
+                let mut chars = m.as_str().char_indices();
+                if let (Some(_), Some((last, _))) = (chars.next(), chars.next_back()) {
+                    end = m.start() + last;
+                }
             }
-            last = m.end();
+            out.push(slice(text, m.start(), end)?);
+            pos = end;
         }
-        if last < text.len() {
-            out.push(slice(text, last, text.len())?);
+        if pos < text.len() {
+            out.push(slice(text, pos, text.len())?);
         }
         Ok(())
+    }
+
+    /// Whether a match came from the final `\s+` alternative: all whitespace, and for Llama 3
+    /// without line breaks (a run with one is taken by `\s*[\r\n]+` first).
+    fn is_plain_whitespace_match(&self, m: &str) -> bool {
+        m.chars().all(char::is_whitespace)
+            && (self.kind != PreTokenizerKind::Llama3 || !m.contains(['\r', '\n']))
     }
 }
 
@@ -1037,6 +1066,80 @@ mod tests {
             ["I", "'LL", " go", " ", " now"]
         );
         assert_eq!(split("llama-bpe", "a \n\n b"), ["a", " \n\n", " b"]);
+    }
+
+    /// The specification: the look-ahead regex run by fancy-regex's backtracking engine.
+    fn oracle_split(kind: PreTokenizerKind, re: &fancy_regex::Regex, text: &str) -> Vec<String> {
+        let regex_split = |t: &str, out: &mut Vec<String>| {
+            let mut last = 0;
+            for m in re.find_iter(t) {
+                let m = m.unwrap();
+                if m.start() > last {
+                    out.push(t[last..m.start()].to_string());
+                }
+                out.push(m.as_str().to_string());
+                last = m.end();
+            }
+            if last < t.len() {
+                out.push(t[last..].to_string());
+            }
+        };
+        let mut out = Vec::new();
+        if kind != PreTokenizerKind::DigitsGpt2 {
+            regex_split(text, &mut out);
+            return out;
+        }
+        let mut start = 0;
+        for (i, c) in text.char_indices() {
+            if c.is_numeric() {
+                regex_split(&text[start..i], &mut out);
+                out.push(c.to_string());
+                start = i + c.len_utf8();
+            }
+        }
+        regex_split(&text[start..], &mut out);
+        out
+    }
+
+    #[test]
+    fn linear_split_equals_lookahead_regex() {
+        use rand::rngs::StdRng;
+        use rand::{Rng, SeedableRng};
+        let alphabet: Vec<char> = " \t\n\r\u{a0}\u{2028}\u{3000}aZéS'tTLl1٣Ⅻ.,!-_東🦀"
+            .chars()
+            .collect();
+        let mut rng = StdRng::seed_from_u64(5);
+        for pre in ["gpt2", "smollm", "llama-bpe"] {
+            let p = PreTokenizer::new(pre).unwrap();
+            let pattern = if p.kind() == PreTokenizerKind::Llama3 {
+                LLAMA3_PATTERN
+            } else {
+                GPT2_PATTERN
+            };
+            let oracle = fancy_regex::Regex::new(pattern).unwrap();
+            for _ in 0..5000 {
+                let len = rng.random_range(0..24);
+                let text: String = (0..len)
+                    .map(|_| alphabet[rng.random_range(0..alphabet.len())])
+                    .collect();
+                let mut got = Vec::new();
+                p.split(&text, &mut got).unwrap();
+                assert_eq!(
+                    got,
+                    oracle_split(p.kind(), &oracle, &text),
+                    "{pre} {text:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn long_whitespace_runs_do_not_overflow() {
+        let text = format!("{}x{}", " \t".repeat(600_000), "\n ".repeat(600_000));
+        for pre in ["gpt2", "smollm", "llama-bpe"] {
+            let pieces = split(pre, &text);
+            assert!(pieces.len() <= 4, "{pre}: {} pieces", pieces.len());
+        }
     }
 
     #[test]
