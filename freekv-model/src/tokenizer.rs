@@ -367,7 +367,7 @@ fn meta_id(g: &GgufFile, key: &str) -> Result<Option<u32>, ModelError> {
         Some(v) => {
             let id = v
                 .as_u64()
-                .ok_or_else(|| bad(key, format!("expected a token id, found {v}")))?;
+                .ok_or_else(|| bad(key, format!("expected a token id, found {}", v.type_name())))?;
             u32::try_from(id)
                 .map(Some)
                 .map_err(|_| bad(key, format!("token id {id} too large")))
@@ -425,7 +425,7 @@ impl TokenizerSpec {
         let add_bos = match g.get(ADD_BOS) {
             Some(v) => v
                 .as_bool()
-                .ok_or_else(|| bad(ADD_BOS, format!("expected a bool, found {v}")))?,
+                .ok_or_else(|| bad(ADD_BOS, format!("expected a bool, found {}", v.type_name())))?,
             None => {
                 matches!(
                     PreTokenizerKind::from_name(&pre),
@@ -508,7 +508,6 @@ struct BpeWork {
 }
 
 /// A GPT-2 byte-level BPE tokenizer. Immutable after construction, so `Send + Sync`.
-#[derive(Debug)]
 pub struct Tokenizer {
     tokens: Vec<String>,
     types: Vec<i32>,
@@ -531,6 +530,28 @@ pub struct Tokenizer {
     add_bos: bool,
     /// Sorted end-of-generation ids.
     eog: Vec<u32>,
+}
+
+// Compile-time check: a tokenizer can be shared across threads.
+const _: fn() = || {
+    fn check<T: Send + Sync>() {}
+    check::<Tokenizer>();
+    check::<StreamDecoder>();
+};
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("pre", &self.pre.kind())
+            .field("vocab_size", &self.tokens.len())
+            .field("merges", &self.merges.len())
+            .field("specials", &self.specials.len())
+            .field("bos", &self.bos)
+            .field("eos", &self.eos)
+            .field("add_bos", &self.add_bos)
+            .field("eog", &self.eog)
+            .finish()
+    }
 }
 
 impl Tokenizer {
