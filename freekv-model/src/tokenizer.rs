@@ -514,7 +514,7 @@ pub struct Tokenizer {
     /// Decoded bytes of every token, `bytes[offsets[id]..offsets[id + 1]]`.
     bytes: Vec<u8>,
     offsets: Vec<usize>,
-    /// Token text (as stored) → id, first occurrence wins.
+    /// Token text (as stored) → id; byte-level tokens first, then the first occurrence wins.
     token_to_id: HashMap<String, u32>,
     /// The single-byte token of each byte, if the vocabulary has one.
     byte_token: [Option<u32>; 256],
@@ -612,13 +612,15 @@ impl Tokenizer {
         offsets.push(0);
         for (id, (text, &ty)) in (0..n_u32).zip(spec.tokens.iter().zip(&types)) {
             let literal = matches!(ty, token_type::CONTROL | token_type::USER_DEFINED);
-            if literal || matches!(ty, token_type::UNKNOWN | token_type::UNUSED) {
-                bytes.extend_from_slice(text.as_bytes());
-            } else {
+            // Tokens in the byte-level alphabet, which BPE produces and merges refer to.
+            let bpe = !literal && !matches!(ty, token_type::UNKNOWN | token_type::UNUSED);
+            if bpe {
                 token_text_to_bytes(text, &mut bytes);
+                token_to_id.entry(text.clone()).or_insert(id);
+            } else {
+                bytes.extend_from_slice(text.as_bytes());
             }
             offsets.push(bytes.len());
-            token_to_id.entry(text.clone()).or_insert(id);
             if literal && !text.is_empty() {
                 specials.push(Special {
                     id,
@@ -626,7 +628,7 @@ impl Tokenizer {
                     always: ty == token_type::USER_DEFINED,
                 });
             }
-            if !literal {
+            if bpe {
                 let mut chars = text.chars();
                 if let (Some(c), None) = (chars.next(), chars.next())
                     && let Some(b) = char_to_byte(c)
@@ -636,6 +638,13 @@ impl Tokenizer {
                         *slot = Some(id);
                     }
                 }
+            }
+        }
+
+        // Other tokens are found by text too, unless a byte-level token has the same text.
+        for (id, text) in (0..n_u32).zip(&spec.tokens) {
+            if !token_to_id.contains_key(text.as_str()) {
+                token_to_id.insert(text.clone(), id);
             }
         }
 

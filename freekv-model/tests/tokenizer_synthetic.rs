@@ -479,3 +479,15 @@ fn spec_from_gguf_reports_missing_and_mistyped_keys() {
         "{e:?}"
     );
 }
+
+#[test]
+fn merges_resolve_to_byte_level_tokens_not_specials_of_the_same_text() {
+    let mut s = spec("gpt2", &[("ab", token_type::CONTROL)], &merges(&["a b"]));
+    s.tokens.push("ab".into());
+    s.token_types.push(token_type::NORMAL);
+    let normal_ab = u32::try_from(s.tokens.len() - 1).unwrap();
+    let tok = Tokenizer::new(s).unwrap();
+    assert_eq!(tok.encode("ab", false).unwrap(), [normal_ab]);
+    assert_eq!(tok.encode("ab", true).unwrap(), [0]);
+    assert_eq!(tok.token_id("ab"), Some(normal_ab));
+}
