@@ -491,3 +491,30 @@ fn merges_resolve_to_byte_level_tokens_not_specials_of_the_same_text() {
     assert_eq!(tok.encode("ab", true).unwrap(), [0]);
     assert_eq!(tok.token_id("ab"), Some(normal_ab));
 }
+
+/// The SmolLM2-135M-Instruct chat template, as stored in its GGUF (`tokenizer.chat_template`).
+const SMOLLM2_TEMPLATE: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+#[test]
+fn chatml_render_equals_reference_prompt() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/reference/chat_short.json"
+    );
+    let Ok(text) = std::fs::read_to_string(path) else {
+        println!("skipped: reference dir not found");
+        return;
+    };
+    let r: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let msgs: Vec<ChatMessage> = r["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| ChatMessage::new(m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
+        .collect();
+    let tpl = ChatTemplate::detect(SMOLLM2_TEMPLATE).unwrap();
+    assert_eq!(
+        tpl.render(&msgs, true).unwrap(),
+        r["prompt_text"].as_str().unwrap()
+    );
+}
