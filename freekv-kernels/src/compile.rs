@@ -49,7 +49,8 @@ pub const SAMPLING: KernelModule = KernelModule {
 };
 
 /// Every module, in load order.
-pub const ALL_MODULES: [KernelModule; 4] = [ELEMENTWISE, DECODE_ATTENTION, PREFILL_ATTENTION, SAMPLING];
+pub const ALL_MODULES: [KernelModule; 4] =
+    [ELEMENTWISE, DECODE_ATTENTION, PREFILL_ATTENTION, SAMPLING];
 
 impl KernelModule {
     /// The full text handed to NVRTC.
@@ -148,7 +149,11 @@ pub fn cache_key(source: &str, options: &[String], nvrtc_version: (i32, i32), ar
 
 /// `$FREEKV_HOME/kernels`, else `$XDG_CACHE_HOME/freekv/kernels`, else `$HOME/.cache/freekv/kernels`.
 pub fn default_cache_dir() -> Option<PathBuf> {
-    let nonempty = |v: &str| std::env::var_os(v).filter(|s| !s.is_empty()).map(PathBuf::from);
+    let nonempty = |v: &str| {
+        std::env::var_os(v)
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from)
+    };
     if let Some(h) = nonempty("FREEKV_HOME") {
         return Some(h.join("kernels"));
     }
@@ -207,13 +212,21 @@ impl Drop for Program {
 }
 
 fn c_log(bytes: &[std::ffi::c_char]) -> String {
-    let b: Vec<u8> = bytes.iter().map(|&c| c as u8).take_while(|&c| c != 0).collect();
+    let b: Vec<u8> = bytes
+        .iter()
+        .map(|&c| c as u8)
+        .take_while(|&c| c != 0)
+        .collect();
     String::from_utf8_lossy(&b).into_owned()
 }
 
 /// Compiles `source` with NVRTC to a CUBIN. The caller must have checked that NVRTC is loadable
 /// ([`crate::probe::nvrtc_version`]).
-pub fn compile_cubin(module: &'static str, source: &str, options: &[String]) -> Result<Vec<u8>, KernelError> {
+pub fn compile_cubin(
+    module: &'static str,
+    source: &str,
+    options: &[String],
+) -> Result<Vec<u8>, KernelError> {
     let _span = tracing::debug_span!("nvrtc_compile", module).entered();
     let opts_text = options.join(" ");
     let err = |log: String| KernelError::Compile {
@@ -246,7 +259,11 @@ pub fn compile_cubin(module: &'static str, source: &str, options: &[String]) -> 
     // SAFETY: prog is live and compiled.
     unsafe { nvrtc_sys::nvrtcGetCUBINSize(prog.0, &mut size) }
         .result()
-        .map_err(|e| err(format!("nvrtcGetCUBINSize: {e} (was a real sm_XX architecture given?)")))?;
+        .map_err(|e| {
+            err(format!(
+                "nvrtcGetCUBINSize: {e} (was a real sm_XX architecture given?)"
+            ))
+        })?;
     if size == 0 {
         return Err(err("NVRTC produced no CUBIN (virtual architecture?)".into()));
     }
@@ -286,12 +303,16 @@ pub fn module_cubin(
     let source = module.full_source();
     let options = nvrtc_options(arch, include_dirs);
     // Include paths differ between machines but do not change the output: keep them out of the key.
-    let key_opts: Vec<String> = options.iter().filter(|o| !o.starts_with("-I")).cloned().collect();
+    let key_opts: Vec<String> = options
+        .iter()
+        .filter(|o| !o.starts_with("-I"))
+        .cloned()
+        .collect();
     let key = cache_key(&source, &key_opts, nvrtc_version, arch);
-    if let Ok(map) = process_cache().lock() {
-        if let Some(b) = map.get(&key) {
-            return Ok((b.clone(), CubinSource::Process));
-        }
+    if let Ok(map) = process_cache().lock()
+        && let Some(b) = map.get(&key)
+    {
+        return Ok((b.clone(), CubinSource::Process));
     }
     let path = cache_dir.map(|d| d.join(cache_file_name(module.name, key, arch)));
     let (bytes, src) = match path.as_deref().and_then(read_cached) {
@@ -340,9 +361,12 @@ mod tests {
         let b = dir.join("b");
         std::fs::create_dir_all(&a).unwrap();
         std::fs::create_dir_all(b.join("cccl")).unwrap();
-        let err = resolve_include_dirs_from(&[a.clone()]).unwrap_err();
+        let err = resolve_include_dirs_from(std::slice::from_ref(&a)).unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("cuda_bf16.h") && msg.contains(&a.display().to_string()), "{msg}");
+        assert!(
+            msg.contains("cuda_bf16.h") && msg.contains(&a.display().to_string()),
+            "{msg}"
+        );
         std::fs::write(b.join("cuda_bf16.h"), "// test").unwrap();
         let dirs = resolve_include_dirs_from(&[a.clone(), b.clone()]).unwrap();
         assert_eq!(dirs, vec![b.clone(), b.join("cccl")]);
@@ -369,7 +393,11 @@ mod tests {
     fn every_module_has_source() {
         for m in ALL_MODULES {
             let s = m.full_source();
-            assert!(s.contains("cuda_bf16.h") && s.contains("extern \"C\" __global__"), "{}", m.name);
+            assert!(
+                s.contains("cuda_bf16.h") && s.contains("extern \"C\" __global__"),
+                "{}",
+                m.name
+            );
         }
     }
 }

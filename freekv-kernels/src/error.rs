@@ -92,7 +92,9 @@ impl KernelError {
         }
     }
 
-    pub(crate) fn driver(what: impl Into<String>) -> impl FnOnce(cudarc::driver::DriverError) -> Self {
+    pub(crate) fn driver(
+        what: impl Into<String>,
+    ) -> impl FnOnce(cudarc::driver::DriverError) -> Self {
         let what = what.into();
         move |source| KernelError::Driver { what, source }
     }

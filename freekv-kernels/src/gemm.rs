@@ -2,12 +2,12 @@
 
 use std::sync::Arc;
 
-use cudarc::cublas::{result as blas_result, sys as blas_sys, CudaBlas};
+use cudarc::cublas::{CudaBlas, result as blas_result, sys as blas_sys};
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 use half::bf16;
 
 use crate::kernels::{check_len, mul};
-use crate::{probe, KernelError};
+use crate::{KernelError, probe};
 
 /// Sizes of a linear layer `y[t, o] = Σ_i x[t, i] · w[o, i]` (row-major; `w` as stored by GGUF and
 /// PyTorch, `[out_features, in_features]`).
@@ -64,20 +64,38 @@ impl Gemm {
         d: LinearDims,
         accumulate: bool,
     ) -> Result<(), KernelError> {
-        let _s = tracing::debug_span!("gemm", t = d.tokens, i = d.in_features, o = d.out_features).entered();
+        let _s = tracing::debug_span!("gemm", t = d.tokens, i = d.in_features, o = d.out_features)
+            .entered();
         if d.in_features == 0 || d.out_features == 0 {
-            return Err(KernelError::arg(what, "in_features and out_features must be non-zero"));
+            return Err(KernelError::arg(
+                what,
+                "in_features and out_features must be non-zero",
+            ));
         }
         check_len(what, "x", x.len(), mul(what, "x", d.tokens, d.in_features)?)?;
-        check_len(what, "w", w.len(), mul(what, "w", d.out_features, d.in_features)?)?;
-        check_len(what, "y", y.len(), mul(what, "y", d.tokens, d.out_features)?)?;
+        check_len(
+            what,
+            "w",
+            w.len(),
+            mul(what, "w", d.out_features, d.in_features)?,
+        )?;
+        check_len(
+            what,
+            "y",
+            y.len(),
+            mul(what, "y", d.tokens, d.out_features)?,
+        )?;
         if d.tokens == 0 {
             return Ok(());
         }
         let int = |v: usize, n: &str| {
             i32::try_from(v).map_err(|_| KernelError::arg(what, format!("{n} = {v} exceeds i32")))
         };
-        let (m, n, k) = (int(d.out_features, "out_features")?, int(d.tokens, "tokens")?, int(d.in_features, "in_features")?);
+        let (m, n, k) = (
+            int(d.out_features, "out_features")?,
+            int(d.tokens, "tokens")?,
+            int(d.in_features, "in_features")?,
+        );
         let alpha = 1.0f32;
         let beta = if accumulate { 1.0f32 } else { 0.0f32 };
         let s = &self.stream;

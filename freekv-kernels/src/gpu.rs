@@ -5,11 +5,11 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaStream};
 
+use crate::KernelError;
 use crate::compile::{self, CubinSource};
 use crate::gemm::Gemm;
 use crate::kernels::Kernels;
 use crate::probe::{self, DeviceInfo};
-use crate::KernelError;
 
 /// One CUDA device ready for work: its primary context (event tracking disabled), a compute
 /// stream, the compiled kernels and a cuBLAS handle bound to that stream.
@@ -34,7 +34,9 @@ impl Gpu {
     pub fn with_cache_dir(ordinal: usize, cache_dir: Option<PathBuf>) -> Result<Self, KernelError> {
         let (info, ctx) = probe::probe(ordinal)?;
         let include_dirs = compile::resolve_include_dirs()?;
-        let stream = ctx.new_stream().map_err(KernelError::driver("creating the compute stream"))?;
+        let stream = ctx
+            .new_stream()
+            .map_err(KernelError::driver("creating the compute stream"))?;
         let kernels = Kernels::load(&ctx, &info, &include_dirs, cache_dir.as_deref())?;
         let gemm = Gemm::new(stream.clone())?;
         tracing::debug!(device = %info, "CUDA device ready");

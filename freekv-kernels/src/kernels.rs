@@ -8,9 +8,9 @@ use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
 use cudarc::nvrtc::Ptx;
 
+use crate::KernelError;
 use crate::compile::{self, CubinSource, KernelModule};
 use crate::probe::DeviceInfo;
-use crate::KernelError;
 
 /// Head dimensions the attention kernels are compiled for.
 pub const ATTENTION_HEAD_DIMS: [usize; 2] = [64, 128];
@@ -44,10 +44,19 @@ fn load_module(
     cache_dir: Option<&Path>,
     sources: &mut Vec<(&'static str, CubinSource)>,
 ) -> Result<Arc<CudaModule>, KernelError> {
-    let (cubin, src) = compile::module_cubin(module, &info.arch(), info.nvrtc_version, include_dirs, cache_dir)?;
+    let (cubin, src) = compile::module_cubin(
+        module,
+        &info.arch(),
+        info.nvrtc_version,
+        include_dirs,
+        cache_dir,
+    )?;
     sources.push((module.name, src));
     ctx.load_module(Ptx::from_binary(cubin.as_ref().clone()))
-        .map_err(KernelError::driver(format!("loading module {}", module.name)))
+        .map_err(KernelError::driver(format!(
+            "loading module {}",
+            module.name
+        )))
 }
 
 fn func(m: &Arc<CudaModule>, name: &str) -> Result<CudaFunction, KernelError> {
@@ -66,10 +75,38 @@ impl Kernels {
         cache_dir: Option<&Path>,
     ) -> Result<Self, KernelError> {
         let mut sources = Vec::new();
-        let ew = load_module(ctx, &compile::ELEMENTWISE, info, include_dirs, cache_dir, &mut sources)?;
-        let dec = load_module(ctx, &compile::DECODE_ATTENTION, info, include_dirs, cache_dir, &mut sources)?;
-        let pre = load_module(ctx, &compile::PREFILL_ATTENTION, info, include_dirs, cache_dir, &mut sources)?;
-        let smp = load_module(ctx, &compile::SAMPLING, info, include_dirs, cache_dir, &mut sources)?;
+        let ew = load_module(
+            ctx,
+            &compile::ELEMENTWISE,
+            info,
+            include_dirs,
+            cache_dir,
+            &mut sources,
+        )?;
+        let dec = load_module(
+            ctx,
+            &compile::DECODE_ATTENTION,
+            info,
+            include_dirs,
+            cache_dir,
+            &mut sources,
+        )?;
+        let pre = load_module(
+            ctx,
+            &compile::PREFILL_ATTENTION,
+            info,
+            include_dirs,
+            cache_dir,
+            &mut sources,
+        )?;
+        let smp = load_module(
+            ctx,
+            &compile::SAMPLING,
+            info,
+            include_dirs,
+            cache_dir,
+            &mut sources,
+        )?;
         let mut decode_rows = Vec::with_capacity(2);
         for d in ATTENTION_HEAD_DIMS {
             let mut row = Vec::with_capacity(MAX_DECODE_GROUP_TILE);
@@ -84,7 +121,10 @@ impl Kernels {
         let decode: [[CudaFunction; MAX_DECODE_GROUP_TILE]; 2] = decode_rows
             .try_into()
             .map_err(|_| KernelError::arg("load", "decode kernel table size"))?;
-        let prefill = [func(&pre, "prefill_attn_d64")?, func(&pre, "prefill_attn_d128")?];
+        let prefill = [
+            func(&pre, "prefill_attn_d64")?,
+            func(&pre, "prefill_attn_d128")?,
+        ];
         for f in &prefill {
             // Favour shared memory: each block holds a Q/K tile and a V tile.
             f.set_attribute(
@@ -154,7 +194,10 @@ impl Strided {
         if width > self.stride {
             return Err(KernelError::arg(
                 kernel,
-                format!("{what}: row width {width} exceeds the row stride {}", self.stride),
+                format!(
+                    "{what}: row width {width} exceeds the row stride {}",
+                    self.stride
+                ),
             ));
         }
         if rows == 0 {
@@ -178,7 +221,12 @@ impl Strided {
     }
 }
 
-pub(crate) fn check_len(kernel: &'static str, what: &str, len: usize, need: usize) -> Result<(), KernelError> {
+pub(crate) fn check_len(
+    kernel: &'static str,
+    what: &str,
+    len: usize,
+    need: usize,
+) -> Result<(), KernelError> {
     if len < need {
         return Err(KernelError::arg(
             kernel,
@@ -188,7 +236,12 @@ pub(crate) fn check_len(kernel: &'static str, what: &str, len: usize, need: usiz
     Ok(())
 }
 
-pub(crate) fn mul(kernel: &'static str, what: &str, a: usize, b: usize) -> Result<usize, KernelError> {
+pub(crate) fn mul(
+    kernel: &'static str,
+    what: &str,
+    a: usize,
+    b: usize,
+) -> Result<usize, KernelError> {
     a.checked_mul(b)
         .ok_or_else(|| KernelError::arg(kernel, format!("{what}: size overflows")))
 }
@@ -197,7 +250,12 @@ pub(crate) fn u32_arg(kernel: &'static str, what: &str, v: usize) -> Result<u32,
     u32::try_from(v).map_err(|_| KernelError::arg(kernel, format!("{what} = {v} exceeds u32")))
 }
 
-pub(crate) fn grid_dim(kernel: &'static str, what: &str, v: usize, max: u32) -> Result<u32, KernelError> {
+pub(crate) fn grid_dim(
+    kernel: &'static str,
+    what: &str,
+    v: usize,
+    max: u32,
+) -> Result<u32, KernelError> {
     match u32::try_from(v) {
         Ok(x) if x >= 1 && x <= max => Ok(x),
         _ => Err(KernelError::arg(
@@ -207,8 +265,13 @@ pub(crate) fn grid_dim(kernel: &'static str, what: &str, v: usize, max: u32) -> 
     }
 }
 
-pub(crate) fn check_align(kernel: &'static str, what: &str, addr: u64, align: u64) -> Result<(), KernelError> {
-    if addr % align != 0 {
+pub(crate) fn check_align(
+    kernel: &'static str,
+    what: &str,
+    addr: u64,
+    align: u64,
+) -> Result<(), KernelError> {
+    if !addr.is_multiple_of(align) {
         return Err(KernelError::arg(
             kernel,
             format!("{what}: device address {addr:#x} is not {align}-byte aligned"),

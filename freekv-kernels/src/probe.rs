@@ -36,7 +36,10 @@ pub struct DeviceInfo {
 impl DeviceInfo {
     /// The NVRTC architecture name for this device, e.g. `sm_90`.
     pub fn arch(&self) -> String {
-        format!("sm_{}{}", self.compute_capability.0, self.compute_capability.1)
+        format!(
+            "sm_{}{}",
+            self.compute_capability.0, self.compute_capability.1
+        )
     }
 }
 
@@ -175,8 +178,9 @@ pub fn probe(ordinal: usize) -> Result<(DeviceInfo, std::sync::Arc<CudaContext>)
     let driver_version = check_device(ordinal)?;
     let nvrtc_version = nvrtc_version()?;
     let cublas_version = cublas_version()?;
-    let ctx = CudaContext::new(ordinal)
-        .map_err(|e| KernelError::NoDevice(format!("creating a context on device {ordinal}: {e}")))?;
+    let ctx = CudaContext::new(ordinal).map_err(|e| {
+        KernelError::NoDevice(format!("creating a context on device {ordinal}: {e}"))
+    })?;
     // Explicit synchronisation only (events on our streams); see the crate docs.
     // SAFETY: no CudaSlice exists in this context yet from this handle; callers synchronise
     // explicitly with streams and events.
@@ -188,7 +192,9 @@ pub fn probe(ordinal: usize) -> Result<(DeviceInfo, std::sync::Arc<CudaContext>)
     let sm_count = ctx
         .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
         .map_err(KernelError::driver("multiprocessor count"))?;
-    let total_mem = ctx.total_mem().map_err(KernelError::driver("total memory"))?;
+    let total_mem = ctx
+        .total_mem()
+        .map_err(KernelError::driver("total memory"))?;
     Ok((
         DeviceInfo {
             ordinal,

@@ -26,7 +26,11 @@ fn shared() -> &'static Result<Arc<Gpu>, KernelError> {
 pub fn gpu() -> Option<Arc<Gpu>> {
     match shared() {
         Ok(g) => Some(g.clone()),
-        Err(e @ (KernelError::NoDriver | KernelError::NoDevice(_) | KernelError::DriverTooOld { .. })) => {
+        Err(
+            e @ (KernelError::NoDriver
+            | KernelError::NoDevice(_)
+            | KernelError::DriverTooOld { .. }),
+        ) => {
             if std::env::var(REQUIRE_GPU_ENV).is_ok_and(|v| v == "1") {
                 panic!("{REQUIRE_GPU_ENV}=1 but no usable CUDA device: {e}");
             }

@@ -18,7 +18,11 @@ fn all_modules_compile_for_sm90() {
     for m in ALL_MODULES {
         let (cubin, src) = compile::module_cubin(&m, "sm_90", ver, &includes, Some(&dir))
             .unwrap_or_else(|e| panic!("{e}"));
-        assert!(cubin.starts_with(b"\x7fELF"), "{}: not an ELF image", m.name);
+        assert!(
+            cubin.starts_with(b"\x7fELF"),
+            "{}: not an ELF image",
+            m.name
+        );
         assert_eq!(src, CubinSource::Compiled, "{}", m.name);
         // Second request: served from the process cache, identical bytes.
         let (again, src2) = compile::module_cubin(&m, "sm_90", ver, &includes, Some(&dir)).unwrap();
@@ -28,7 +32,11 @@ fn all_modules_compile_for_sm90() {
         let files: Vec<_> = std::fs::read_dir(&dir)
             .unwrap()
             .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().starts_with(&format!("{}-sm_90-", m.name)))
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(&format!("{}-sm_90-", m.name))
+            })
             .collect();
         assert_eq!(files.len(), 1, "{}", m.name);
         assert_eq!(std::fs::read(files[0].path()).unwrap(), *cubin);
@@ -40,6 +48,9 @@ fn all_modules_compile_for_sm90() {
     };
     let err = compile::module_cubin(&bad, "sm_90", ver, &includes, None).unwrap_err();
     let msg = err.to_string();
-    assert!(msg.contains("broken") && msg.contains("this_is_not_defined"), "{msg}");
+    assert!(
+        msg.contains("broken") && msg.contains("this_is_not_defined"),
+        "{msg}"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -4,10 +4,11 @@ use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKern
 use freekv_layout::PageGeometry;
 use half::bf16;
 
-use crate::kernels::{
-    check_align, check_len, grid_dim, mul, u32_arg, Kernels, Strided, ATTENTION_HEAD_DIMS, MAX_DECODE_GROUP_TILE,
-};
 use crate::KernelError;
+use crate::kernels::{
+    ATTENTION_HEAD_DIMS, Kernels, MAX_DECODE_GROUP_TILE, Strided, check_align, check_len, grid_dim,
+    mul, u32_arg,
+};
 
 const DECODE_TILE: usize = 64;
 const DECODE_THREADS: u32 = 128;
@@ -37,21 +38,35 @@ impl AttentionShape {
         let di = ATTENTION_HEAD_DIMS
             .iter()
             .position(|&d| d == g.head_dim)
-            .ok_or_else(|| KernelError::arg(kernel, format!("head_dim {} unsupported (64 or 128)", g.head_dim)))?;
-        if g.kv_heads == 0 || self.q_heads == 0 || self.q_heads % g.kv_heads != 0 {
+            .ok_or_else(|| {
+                KernelError::arg(
+                    kernel,
+                    format!("head_dim {} unsupported (64 or 128)", g.head_dim),
+                )
+            })?;
+        if g.kv_heads == 0 || self.q_heads == 0 || !self.q_heads.is_multiple_of(g.kv_heads) {
             return Err(KernelError::arg(
                 kernel,
-                format!("q_heads {} must be a non-zero multiple of kv_heads {}", self.q_heads, g.kv_heads),
+                format!(
+                    "q_heads {} must be a non-zero multiple of kv_heads {}",
+                    self.q_heads, g.kv_heads
+                ),
             ));
         }
         if g.page_size == 0 || self.table_stride == 0 {
-            return Err(KernelError::arg(kernel, "page_size and table_stride must be non-zero"));
+            return Err(KernelError::arg(
+                kernel,
+                "page_size and table_stride must be non-zero",
+            ));
         }
         let cap = mul(kernel, "table capacity", self.table_stride, g.page_size)?;
         if cap > i32::MAX as usize {
-            return Err(KernelError::arg(kernel, "table_stride * page_size exceeds i32"));
+            return Err(KernelError::arg(
+                kernel,
+                "table_stride * page_size exceeds i32",
+            ));
         }
-        if self.q_rows.stride % 8 != 0 || self.q_rows.offset % 8 != 0 {
+        if !self.q_rows.stride.is_multiple_of(8) || !self.q_rows.offset.is_multiple_of(8) {
             return Err(KernelError::arg(
                 kernel,
                 format!(
@@ -60,16 +75,21 @@ impl AttentionShape {
                 ),
             ));
         }
-        if let Some(s) = self.scale {
-            if !s.is_finite() {
-                return Err(KernelError::arg(kernel, format!("scale {s} must be finite")));
-            }
+        if let Some(s) = self.scale
+            && !s.is_finite()
+        {
+            return Err(KernelError::arg(
+                kernel,
+                format!("scale {s} must be finite"),
+            ));
         }
         Ok((di, self.q_heads / g.kv_heads))
     }
 
     fn scale_log2(&self) -> f32 {
-        self.scale.unwrap_or(1.0 / (self.geom.head_dim as f32).sqrt()) * LOG2_E
+        self.scale
+            .unwrap_or(1.0 / (self.geom.head_dim as f32).sqrt())
+            * LOG2_E
     }
 }
 
@@ -129,7 +149,7 @@ pub struct PrefillPlan {
 fn group_tile(group: usize) -> usize {
     (1..=MAX_DECODE_GROUP_TILE.min(group))
         .rev()
-        .find(|g| group % g == 0)
+        .find(|g| group.is_multiple_of(*g))
         .unwrap_or(1)
 }
 
@@ -184,10 +204,16 @@ impl Kernels {
         let g = &shape.geom;
         let gt = plan.group_tile;
         if gt == 0 || gt > MAX_DECODE_GROUP_TILE || group % gt != 0 {
-            return Err(KernelError::arg(K, format!("group tile {gt} does not divide the group {group}")));
+            return Err(KernelError::arg(
+                K,
+                format!("group tile {gt} does not divide the group {group}"),
+            ));
         }
-        if plan.splits == 0 || plan.chunk == 0 || plan.chunk % DECODE_TILE != 0 {
-            return Err(KernelError::arg(K, "plan has no splits or a chunk not a multiple of 64"));
+        if plan.splits == 0 || plan.chunk == 0 || !plan.chunk.is_multiple_of(DECODE_TILE) {
+            return Err(KernelError::arg(
+                K,
+                "plan has no splits or a chunk not a multiple of 64",
+            ));
         }
         let page_elems = g.page_elems();
         let num_pages = pages.len() / page_elems;
@@ -196,7 +222,12 @@ impl Kernels {
         }
         let width = mul(K, "q width", shape.q_heads, g.head_dim)?;
         shape.q_rows.check(K, "q", plan.batch, width, q.len())?;
-        check_len(K, "page_table", page_table.len(), mul(K, "page_table", plan.batch, shape.table_stride)?)?;
+        check_len(
+            K,
+            "page_table",
+            page_table.len(),
+            mul(K, "page_table", plan.batch, shape.table_stride)?,
+        )?;
         check_len(K, "seq_lens", seq_lens.len(), plan.batch)?;
         check_len(K, "out", out.len(), mul(K, "out", plan.batch, width)?)?;
         let ws_need = plan.workspace_len();
@@ -205,7 +236,12 @@ impl Kernels {
             return Ok(());
         }
         let gz = grid_dim(K, "batch", plan.batch, 65_535)?;
-        let gy = grid_dim(K, "kv_heads * group / tile", g.kv_heads * (group / gt), 65_535)?;
+        let gy = grid_dim(
+            K,
+            "kv_heads * group / tile",
+            g.kv_heads * (group / gt),
+            65_535,
+        )?;
         let gx = grid_dim(K, "splits", plan.splits, i32::MAX as u32)?;
         let q_stride = shape.q_rows.stride as u64;
         let table_stride = u32_arg(K, "table_stride", shape.table_stride)?;
@@ -237,8 +273,22 @@ impl Kernels {
             shared_mem_bytes: 0,
         };
         let mut b = stream.launch_builder(f);
-        b.arg(&qp).arg(&q_stride).arg(&pp).arg(&tp).arg(&table_stride).arg(&lp).arg(&op).arg(&ws_acc).arg(&ws_ml);
-        b.arg(&q_heads).arg(&kv_heads).arg(&group_u).arg(&page_size).arg(&num_pages_u).arg(&chunk).arg(&splits);
+        b.arg(&qp)
+            .arg(&q_stride)
+            .arg(&pp)
+            .arg(&tp)
+            .arg(&table_stride)
+            .arg(&lp)
+            .arg(&op)
+            .arg(&ws_acc)
+            .arg(&ws_ml);
+        b.arg(&q_heads)
+            .arg(&kv_heads)
+            .arg(&group_u)
+            .arg(&page_size)
+            .arg(&num_pages_u)
+            .arg(&chunk)
+            .arg(&splits);
         b.arg(&scale_log2);
         // SAFETY: argument types match the kernel; sizes and alignment checked above; device-side
         // page ids and lengths are bounds-checked by the kernel.
@@ -251,7 +301,12 @@ impl Kernels {
                 shared_mem_bytes: 0,
             };
             let mut r = stream.launch_builder(&self.decode_reduce);
-            r.arg(&op).arg(&ws_acc).arg(&ws_ml).arg(&q_heads).arg(&splits).arg(&hd);
+            r.arg(&op)
+                .arg(&ws_acc)
+                .arg(&ws_ml)
+                .arg(&q_heads)
+                .arg(&splits)
+                .arg(&hd);
             // SAFETY: as above; the workspace was sized by workspace_len.
             unsafe { r.launch(rcfg) }.map_err(KernelError::driver("decode_reduce"))?;
         }
@@ -290,7 +345,12 @@ impl Kernels {
         let width = mul(K, "q width", shape.q_heads, g.head_dim)?;
         shape.q_rows.check(K, "q", plan.total_q, width, q.len())?;
         check_len(K, "q_start", q_start.len(), plan.batch + 1)?;
-        check_len(K, "page_table", page_table.len(), mul(K, "page_table", plan.batch, shape.table_stride)?)?;
+        check_len(
+            K,
+            "page_table",
+            page_table.len(),
+            mul(K, "page_table", plan.batch, shape.table_stride)?,
+        )?;
         check_len(K, "seq_lens", seq_lens.len(), plan.batch)?;
         check_len(K, "out", out.len(), mul(K, "out", plan.total_q, width)?)?;
         if plan.batch == 0 || plan.max_q == 0 {
@@ -325,8 +385,20 @@ impl Kernels {
             shared_mem_bytes: 0,
         };
         let mut b = stream.launch_builder(&self.prefill[di]);
-        b.arg(&qp).arg(&q_stride).arg(&sp).arg(&pp).arg(&tp).arg(&table_stride).arg(&lp).arg(&op);
-        b.arg(&q_heads).arg(&kv_heads).arg(&page_size).arg(&num_pages_u).arg(&total_q).arg(&scale_log2);
+        b.arg(&qp)
+            .arg(&q_stride)
+            .arg(&sp)
+            .arg(&pp)
+            .arg(&tp)
+            .arg(&table_stride)
+            .arg(&lp)
+            .arg(&op);
+        b.arg(&q_heads)
+            .arg(&kv_heads)
+            .arg(&page_size)
+            .arg(&num_pages_u)
+            .arg(&total_q)
+            .arg(&scale_log2);
         // SAFETY: argument types match the kernel; sizes and alignment checked above; device-side
         // offsets, page ids and lengths are bounds-checked by the kernel.
         unsafe { b.launch(cfg) }.map_err(KernelError::driver(K))?;
@@ -342,7 +414,7 @@ mod tests {
     fn group_tile_divides() {
         for g in 1..=64 {
             let t = group_tile(g);
-            assert!(t >= 1 && t <= 8 && g % t == 0, "group {g} -> {t}");
+            assert!((1..=8).contains(&t) && g % t == 0, "group {g} -> {t}");
         }
         assert_eq!(group_tile(4), 4);
         assert_eq!(group_tile(3), 3);

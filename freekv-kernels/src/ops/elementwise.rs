@@ -4,8 +4,8 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfi
 use freekv_layout::PageGeometry;
 use half::bf16;
 
-use crate::kernels::{check_len, grid_dim, mul, row_threads, u32_arg, Kernels, Strided};
 use crate::KernelError;
+use crate::kernels::{Kernels, Strided, check_len, grid_dim, mul, row_threads, u32_arg};
 
 const MAX_GRID_X: u32 = i32::MAX as u32;
 const MAX_GRID_YZ: u32 = 65_535;
@@ -82,13 +82,22 @@ impl Kernels {
         if dim == 0 || vocab == 0 {
             return Err(KernelError::arg(kernel, "vocab and dim must be non-zero"));
         }
-        check_len(kernel, "table", table.len(), mul(kernel, "table", vocab, dim)?)?;
+        check_len(
+            kernel,
+            "table",
+            table.len(),
+            mul(kernel, "table", vocab, dim)?,
+        )?;
         check_len(kernel, "out", out.len(), mul(kernel, "out", rows, dim)?)?;
         if rows == 0 {
             return Ok(());
         }
         let grid = grid_dim(kernel, "rows", rows, MAX_GRID_X)?;
-        let (rows_u, dim_u, vocab_u) = (grid, u32_arg(kernel, "dim", dim)?, u32_arg(kernel, "vocab", vocab)?);
+        let (rows_u, dim_u, vocab_u) = (
+            grid,
+            u32_arg(kernel, "dim", dim)?,
+            u32_arg(kernel, "vocab", vocab)?,
+        );
         let (o, _go) = out.device_ptr_mut(stream);
         let (t, _gt) = table.device_ptr(stream);
         let (i, _gi) = ids.device_ptr(stream);
@@ -98,7 +107,12 @@ impl Kernels {
             shared_mem_bytes: 0,
         };
         let mut b = stream.launch_builder(f);
-        b.arg(&o).arg(&t).arg(&i).arg(&rows_u).arg(&dim_u).arg(&vocab_u);
+        b.arg(&o)
+            .arg(&t)
+            .arg(&i)
+            .arg(&rows_u)
+            .arg(&dim_u)
+            .arg(&vocab_u);
         // SAFETY: argument types match the kernel signature; sizes checked above.
         unsafe { b.launch(cfg) }.map_err(KernelError::driver(kernel))?;
         Ok(())
@@ -115,7 +129,16 @@ impl Kernels {
         ids: &impl DevicePtr<u32>,
         out: &mut impl DevicePtrMut<bf16>,
     ) -> Result<(), KernelError> {
-        self.embedding_impl("embedding_bf16", &self.embedding_bf16, stream, table, vocab, dim, ids, out)
+        self.embedding_impl(
+            "embedding_bf16",
+            &self.embedding_bf16,
+            stream,
+            table,
+            vocab,
+            dim,
+            ids,
+            out,
+        )
     }
 
     /// [`Kernels::embedding`] with f32 output rows.
@@ -128,7 +151,16 @@ impl Kernels {
         ids: &impl DevicePtr<u32>,
         out: &mut impl DevicePtrMut<f32>,
     ) -> Result<(), KernelError> {
-        self.embedding_impl("embedding_f32", &self.embedding_f32, stream, table, vocab, dim, ids, out)
+        self.embedding_impl(
+            "embedding_f32",
+            &self.embedding_f32,
+            stream,
+            table,
+            vocab,
+            dim,
+            ids,
+            out,
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -148,7 +180,10 @@ impl Kernels {
         check_len(K, "weight", weight.len(), dim)?;
         check_len(K, "out", out.len(), mul(K, "out", rows, dim)?)?;
         if !(eps.is_finite() && eps >= 0.0) {
-            return Err(KernelError::arg(K, format!("eps = {eps} must be finite and >= 0")));
+            return Err(KernelError::arg(
+                K,
+                format!("eps = {eps} must be finite and >= 0"),
+            ));
         }
         if rows == 0 {
             return Ok(());
@@ -163,7 +198,13 @@ impl Kernels {
             shared_mem_bytes: 0,
         };
         let mut b = stream.launch_builder(&self.add_rmsnorm);
-        b.arg(&x).arg(&residual).arg(&w).arg(&o).arg(&grid).arg(&dim_u).arg(&eps);
+        b.arg(&x)
+            .arg(&residual)
+            .arg(&w)
+            .arg(&o)
+            .arg(&grid)
+            .arg(&dim_u)
+            .arg(&eps);
         // SAFETY: argument types match the kernel; sizes checked by the callers and above.
         unsafe { b.launch(cfg) }.map_err(KernelError::driver(K))?;
         Ok(())
@@ -226,14 +267,20 @@ impl Kernels {
         const K: &str = "rope_bf16";
         let _s = tracing::debug_span!("rope").entered();
         let d = layout.head_dim;
-        if d == 0 || d % 2 != 0 || d > 8192 {
-            return Err(KernelError::arg(K, format!("head_dim = {d} must be even, in 2..=8192")));
+        if d == 0 || !d.is_multiple_of(2) || d > 8192 {
+            return Err(KernelError::arg(
+                K,
+                format!("head_dim = {d} must be even, in 2..=8192"),
+            ));
         }
         if layout.heads == 0 {
             return Err(KernelError::arg(K, "heads must be non-zero"));
         }
         if !(cfg.theta.is_finite() && cfg.theta > 0.0) {
-            return Err(KernelError::arg(K, format!("theta = {} must be finite and > 0", cfg.theta)));
+            return Err(KernelError::arg(
+                K,
+                format!("theta = {} must be finite and > 0", cfg.theta),
+            ));
         }
         let width = mul(K, "heads * head_dim", layout.heads, d)?;
         layout.rows.check(K, "x", layout.tokens, width, x.len())?;
@@ -266,7 +313,15 @@ impl Kernels {
             shared_mem_bytes: (d * 4) as u32,
         };
         let mut b = stream.launch_builder(&self.rope);
-        b.arg(&xp).arg(&pp).arg(&fp).arg(&grid).arg(&heads).arg(&hd).arg(&stride).arg(&theta).arg(&neox);
+        b.arg(&xp)
+            .arg(&pp)
+            .arg(&fp)
+            .arg(&grid)
+            .arg(&heads)
+            .arg(&hd)
+            .arg(&stride)
+            .arg(&theta)
+            .arg(&neox);
         // SAFETY: argument types match the kernel; sizes checked above.
         unsafe { b.launch(launch) }.map_err(KernelError::driver(K))?;
         Ok(())
@@ -300,7 +355,13 @@ impl Kernels {
             shared_mem_bytes: 0,
         };
         let mut b = stream.launch_builder(&self.swiglu);
-        b.arg(&o).arg(&gate).arg(&up).arg(&gy).arg(&cols_u).arg(&gate_stride).arg(&up_stride);
+        b.arg(&o)
+            .arg(&gate)
+            .arg(&up)
+            .arg(&gy)
+            .arg(&cols_u)
+            .arg(&gate_stride)
+            .arg(&up_stride);
         // SAFETY: argument types match the kernel; sizes checked by the callers.
         unsafe { b.launch(cfg) }.map_err(KernelError::driver(K))?;
         Ok(())
@@ -339,7 +400,16 @@ impl Kernels {
         let w = mul(K, "gate_up", cols, 2)?;
         check_len(K, "gate_up", gate_up.len(), mul(K, "gate_up", rows, w)?)?;
         let (g, _gg) = gate_up.device_ptr(stream);
-        self.swiglu_impl(stream, g, g + 2 * cols as u64, out, rows, cols, w as u64, w as u64)
+        self.swiglu_impl(
+            stream,
+            g,
+            g + 2 * cols as u64,
+            out,
+            rows,
+            cols,
+            w as u64,
+            w as u64,
+        )
     }
 
     /// Appends `src.tokens` K/V rows into the NHD page pool `pages`
@@ -369,16 +439,30 @@ impl Kernels {
         }
         let num_pages = pages.len() / page_elems;
         if num_pages == 0 {
-            return Err(KernelError::arg(K, format!("pages buffer ({} elements) holds no whole page", pages.len())));
+            return Err(KernelError::arg(
+                K,
+                format!(
+                    "pages buffer ({} elements) holds no whole page",
+                    pages.len()
+                ),
+            ));
         }
         let row = mul(K, "kv_heads * head_dim", geom.kv_heads, geom.head_dim)?;
         src.k.check(K, "k", src.tokens, row, k.len())?;
         src.v.check(K, "v", src.tokens, row, v.len())?;
-        check_len(K, "page_table", page_table.len(), mul(K, "page_table", table.num_seqs, table.stride)?)?;
+        check_len(
+            K,
+            "page_table",
+            page_table.len(),
+            mul(K, "page_table", table.num_seqs, table.stride)?,
+        )?;
         check_len(K, "token_seq", token_seq.len(), src.tokens)?;
         check_len(K, "positions", positions.len(), src.tokens)?;
         if table.stride == 0 || table.num_seqs == 0 {
-            return Err(KernelError::arg(K, "page table must have at least one row and column"));
+            return Err(KernelError::arg(
+                K,
+                "page table must have at least one row and column",
+            ));
         }
         if src.tokens == 0 {
             return Ok(());
@@ -406,7 +490,15 @@ impl Kernels {
         };
         let mut b = stream.launch_builder(&self.kv_append);
         b.arg(&pp).arg(&kp).arg(&vp).arg(&tp).arg(&sp).arg(&pos);
-        b.arg(&grid).arg(&kvh).arg(&hd).arg(&ps).arg(&np).arg(&ts).arg(&ns).arg(&ks).arg(&vs);
+        b.arg(&grid)
+            .arg(&kvh)
+            .arg(&hd)
+            .arg(&ps)
+            .arg(&np)
+            .arg(&ts)
+            .arg(&ns)
+            .arg(&ks)
+            .arg(&vs);
         // SAFETY: argument types match the kernel; sizes checked above, device-side indices are
         // bounds-checked by the kernel.
         unsafe { b.launch(cfg) }.map_err(KernelError::driver(K))?;

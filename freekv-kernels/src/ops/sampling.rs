@@ -2,8 +2,8 @@
 
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
-use crate::kernels::{check_len, grid_dim, mul, u32_arg, Kernels};
 use crate::KernelError;
+use crate::kernels::{Kernels, check_len, grid_dim, mul, u32_arg};
 
 const THREADS: u32 = 1024;
 
@@ -34,7 +34,12 @@ where
     pub uniform: &'a U,
 }
 
-fn check_logits(kernel: &'static str, len: usize, rows: usize, vocab: usize) -> Result<(), KernelError> {
+fn check_logits(
+    kernel: &'static str,
+    len: usize,
+    rows: usize,
+    vocab: usize,
+) -> Result<(), KernelError> {
     if vocab == 0 {
         return Err(KernelError::arg(kernel, "vocab must be non-zero"));
     }
@@ -122,7 +127,15 @@ impl Kernels {
             shared_mem_bytes: 0,
         };
         let mut b = stream.launch_builder(&self.sample);
-        b.arg(&op).arg(&lp).arg(&vocab_u).arg(&stride).arg(&tp).arg(&kp).arg(&pp).arg(&up).arg(&grid);
+        b.arg(&op)
+            .arg(&lp)
+            .arg(&vocab_u)
+            .arg(&stride)
+            .arg(&tp)
+            .arg(&kp)
+            .arg(&pp)
+            .arg(&up)
+            .arg(&grid);
         // SAFETY: argument types match the kernel; sizes checked above.
         unsafe { b.launch(cfg) }.map_err(KernelError::driver(K))?;
         Ok(())
