@@ -246,10 +246,11 @@ impl SlotTable {
 
     /// Pages after appending `n` tokens, or an error when the count would overflow the table.
     fn pages_after(&self, n: usize) -> Result<(usize, usize), LayoutError> {
-        let new_len = self
-            .len
-            .checked_add(n)
-            .ok_or_else(|| LayoutError::InvalidSelection("sequence length overflows".into()))?;
+        let new_len = self.len.checked_add(n).ok_or(LayoutError::OutOfRange {
+            what: "sequence length",
+            index: usize::MAX,
+            limit: MAX_PAGES,
+        })?;
         let pages = new_len.div_ceil(self.budget.page_size());
         if pages > MAX_PAGES {
             return Err(LayoutError::OutOfRange {

@@ -476,17 +476,25 @@ fn failures_during_execution_are_reported_and_the_executor_recovers() {
     }
 }
 
-/// Run `f` on a thread and fail (instead of hanging the test run) if it takes longer than 30 s.
+/// Run `f` on a thread and fail (instead of hanging the test run) if it takes longer than 30 s;
+/// a panic inside `f` is propagated as is.
 fn within_deadline(what: &str, f: impl FnOnce() + Send + 'static) {
     let (tx, rx) = crossbeam_channel::bounded(1);
-    std::thread::spawn(move || {
+    let handle = std::thread::spawn(move || {
         f();
         let _ = tx.send(());
     });
-    assert!(
-        rx.recv_timeout(Duration::from_secs(30)).is_ok(),
-        "{what}: did not finish within 30 s (hang)"
-    );
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(()) => handle.join().unwrap(),
+        Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+            if let Err(panic) = handle.join() {
+                std::panic::resume_unwind(panic);
+            }
+        }
+        Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+            panic!("{what}: did not finish within 30 s (hang)")
+        }
+    }
 }
 
 #[test]
