@@ -121,6 +121,35 @@ const _: () = {
     assert!(std::mem::align_of::<BlockQ6K>() == 2);
 };
 
+/// Converts IEEE half bits to `f32`, exactly (subnormals, infinities and NaN included).
+///
+/// Branch-free so that loops over it vectorize; `half::f16::to_f32` checks for F16C at run time
+/// and calls out of line on every element, which is an order of magnitude slower here.
+#[inline(always)]
+pub fn f16_to_f32(h: u16) -> f32 {
+    let h = h as u32;
+    let sign = (h & 0x8000) << 16;
+    let o = ((h & 0x7FFF) << 13) + ((127 - 15) << 23);
+    let exp = h & 0x7C00;
+    // Infinity / NaN: push the exponent to all ones. Subnormal (and zero): renormalize by
+    // subtracting the implicit bit through a float subtraction, which is exact.
+    let inf_nan = o + ((128 - 16) << 23);
+    let subnormal = (f32::from_bits(o + (1 << 23)) - f32::from_bits(113 << 23)).to_bits();
+    let r = if exp == 0x7C00 {
+        inf_nan
+    } else if exp == 0 {
+        subnormal
+    } else {
+        o
+    };
+    f32::from_bits(r | sign)
+}
+
+#[inline(always)]
+fn h2f(h: f16) -> f32 {
+    f16_to_f32(h.to_bits())
+}
+
 /// Unpacks the 6-bit scale and min of sub-block `j` (0..8) of a Q4_K/Q5_K block.
 #[inline]
 pub fn get_scale_min_k4(j: usize, s: &[u8; 12]) -> (u8, u8) {
@@ -139,7 +168,7 @@ impl BlockQ4_0 {
     /// Dequantizes the block into `out`.
     #[inline]
     pub fn dequantize(&self, out: &mut [f32; QK]) {
-        let d = self.d.to_f32();
+        let d = h2f(self.d);
         let (lo, hi) = out.split_at_mut(16);
         for ((q, l), h) in self.qs.iter().zip(lo).zip(hi) {
             *l = ((q & 0xF) as i32 - 8) as f32 * d;
@@ -152,8 +181,8 @@ impl BlockQ4_1 {
     /// Dequantizes the block into `out`.
     #[inline]
     pub fn dequantize(&self, out: &mut [f32; QK]) {
-        let d = self.d.to_f32();
-        let m = self.m.to_f32();
+        let d = h2f(self.d);
+        let m = h2f(self.m);
         let (lo, hi) = out.split_at_mut(16);
         for ((q, l), h) in self.qs.iter().zip(lo).zip(hi) {
             *l = (q & 0xF) as f32 * d + m;
@@ -166,7 +195,7 @@ impl BlockQ8_0 {
     /// Dequantizes the block into `out`.
     #[inline]
     pub fn dequantize(&self, out: &mut [f32; QK]) {
-        let d = self.d.to_f32();
+        let d = h2f(self.d);
         for (o, &q) in out.iter_mut().zip(&self.qs) {
             *o = q as f32 * d;
         }
@@ -177,8 +206,8 @@ impl BlockQ4K {
     /// Dequantizes the block into `out`.
     #[inline]
     pub fn dequantize(&self, out: &mut [f32; QK_K]) {
-        let d = self.d.to_f32();
-        let min = self.dmin.to_f32();
+        let d = h2f(self.d);
+        let min = h2f(self.dmin);
         for (c, (y, q)) in out
             .chunks_exact_mut(64)
             .zip(self.qs.chunks_exact(32))
@@ -201,8 +230,8 @@ impl BlockQ5K {
     /// Dequantizes the block into `out`.
     #[inline]
     pub fn dequantize(&self, out: &mut [f32; QK_K]) {
-        let d = self.d.to_f32();
-        let min = self.dmin.to_f32();
+        let d = h2f(self.d);
+        let min = h2f(self.dmin);
         for (c, (y, q)) in out
             .chunks_exact_mut(64)
             .zip(self.qs.chunks_exact(32))
@@ -229,37 +258,31 @@ impl BlockQ6K {
     /// Dequantizes the block into `out`.
     #[inline]
     pub fn dequantize(&self, out: &mut [f32; QK_K]) {
-        let d = self.d.to_f32();
-        for (h, y) in out.chunks_exact_mut(128).enumerate() {
-            let ql = self.ql.get(64 * h..64 * h + 64).unwrap_or(&[]);
-            let qh = self.qh.get(32 * h..32 * h + 32).unwrap_or(&[]);
-            let sc = self.scales.get(8 * h..8 * h + 8).unwrap_or(&[]);
-            let (ql_a, ql_b) = ql.split_at(ql.len().min(32));
-            let (y01, y23) = y.split_at_mut(64);
-            let (y0, y1) = y01.split_at_mut(32);
-            let (y2, y3) = y23.split_at_mut(32);
-            for (l, (((&a, &b), &hb), (((o0, o1), o2), o3))) in ql_a
-                .iter()
-                .zip(ql_b)
-                .zip(qh)
-                .zip(
-                    y0.iter_mut()
-                        .zip(y1.iter_mut())
-                        .zip(y2.iter_mut())
-                        .zip(y3.iter_mut()),
-                )
-                .enumerate()
-            {
-                let is = l / 16;
-                let s = |k: usize| sc.get(is + k).copied().unwrap_or(0) as f32;
-                let q1 = ((a & 0xF) | ((hb & 3) << 4)) as i32 - 32;
-                let q2 = ((b & 0xF) | (((hb >> 2) & 3) << 4)) as i32 - 32;
-                let q3 = ((a >> 4) | (((hb >> 4) & 3) << 4)) as i32 - 32;
-                let q4 = ((b >> 4) | (((hb >> 6) & 3) << 4)) as i32 - 32;
-                *o0 = d * s(0) * q1 as f32;
-                *o1 = d * s(2) * q2 as f32;
-                *o2 = d * s(4) * q3 as f32;
-                *o3 = d * s(6) * q4 as f32;
+        let d = h2f(self.d);
+        let (ql, _) = self.ql.as_chunks::<64>();
+        let (qh, _) = self.qh.as_chunks::<32>();
+        let (sc, _) = self.scales.as_chunks::<8>();
+        let (ys, _) = out.as_chunks_mut::<128>();
+        // Two halves of 128 weights; within each, 4 rows of 32 share the bytes of ql/qh.
+        for (((y, ql), qh), sc) in ys.iter_mut().zip(ql).zip(qh).zip(sc) {
+            for is in 0..2 {
+                let s = [
+                    d * sc[is] as f32,
+                    d * sc[is + 2] as f32,
+                    d * sc[is + 4] as f32,
+                    d * sc[is + 6] as f32,
+                ];
+                for l in 16 * is..16 * is + 16 {
+                    let (a, b, hb) = (ql[l], ql[l + 32], qh[l]);
+                    let q1 = ((a & 0xF) | ((hb & 3) << 4)) as i32 - 32;
+                    let q2 = ((b & 0xF) | (((hb >> 2) & 3) << 4)) as i32 - 32;
+                    let q3 = ((a >> 4) | (((hb >> 4) & 3) << 4)) as i32 - 32;
+                    let q4 = ((b >> 4) | (((hb >> 6) & 3) << 4)) as i32 - 32;
+                    y[l] = s[0] * q1 as f32;
+                    y[l + 32] = s[1] * q2 as f32;
+                    y[l + 64] = s[2] * q3 as f32;
+                    y[l + 96] = s[3] * q4 as f32;
+                }
             }
         }
     }
@@ -335,7 +358,7 @@ fn dequantize_serial(ty: GgmlType, data: &[u8], out: &mut [f32]) {
         GgmlType::F16 => {
             let (inp, _) = data.as_chunks::<2>();
             for (o, i) in out.iter_mut().zip(inp) {
-                *o = f16::from_le_bytes(*i).to_f32();
+                *o = f16_to_f32(u16::from_le_bytes(*i));
             }
         }
         GgmlType::BF16 => {
@@ -481,6 +504,23 @@ mod tests {
         assert!(dequantize_to_vec(GgmlType::Q5_0, &[0u8; 22], 32).is_err());
         assert!(quantize(GgmlType::Q4_0, &[0.0; 31]).is_err());
         assert!(quantize(GgmlType::Q6K, &[0.0; 256]).is_err());
+    }
+
+    #[test]
+    fn f16_conversion_is_exact_for_every_bit_pattern() {
+        for bits in 0..=u16::MAX {
+            let want = f16::from_bits(bits).to_f32();
+            let got = f16_to_f32(bits);
+            if want.is_nan() {
+                assert!(got.is_nan(), "{bits:#06x}");
+            } else {
+                assert_eq!(
+                    got.to_bits(),
+                    want.to_bits(),
+                    "{bits:#06x}: {got} vs {want}"
+                );
+            }
+        }
     }
 
     #[test]
