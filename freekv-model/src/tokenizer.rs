@@ -499,9 +499,14 @@ struct Sym {
     prev: usize,
 }
 
+/// Pieces up to this many bytes are merged by rescanning ([`Tokenizer::bpe_short`]); longer
+/// ones with a heap, in O(n log n).
+const SHORT_PIECE: usize = 16;
+
 /// Scratch space reused across the pieces of one `encode` call.
 #[derive(Default)]
 struct BpeWork {
+    ids: Vec<u32>,
     syms: Vec<Sym>,
     heap: BinaryHeap<Reverse<(u32, usize, u32, u32)>>,
     text: String,
@@ -887,6 +892,45 @@ impl Tokenizer {
         Ok(())
     }
 
+    /// BPE over a short piece: rescan all adjacent pairs after each merge (quadratic, but
+    /// cheaper than the heap for the few symbols of a typical word).
+    fn bpe_short(
+        &self,
+        piece: &[u8],
+        work: &mut BpeWork,
+        out: &mut Vec<u32>,
+    ) -> Result<(), ModelError> {
+        let ids = &mut work.ids;
+        ids.clear();
+        for &b in piece {
+            ids.push(self.byte_id(b)?);
+        }
+        loop {
+            let mut best: Option<(u32, usize, u32)> = None;
+            for (i, w) in ids.windows(2).enumerate() {
+                if let [l, r] = *w
+                    && let Some(&(rank, merged)) = self.merges.get(&pair_key(l, r))
+                    && best.is_none_or(|(b, _, _)| rank < b)
+                {
+                    best = Some((rank, i, merged));
+                }
+            }
+            let Some((_, i, merged)) = best else { break };
+            if let Some(slot) = ids.get_mut(i) {
+                *slot = merged;
+            }
+            ids.remove(i + 1);
+        }
+        out.extend_from_slice(ids);
+        Ok(())
+    }
+
+    fn byte_id(&self, b: u8) -> Result<u32, ModelError> {
+        self.byte_token[usize::from(b)].ok_or_else(|| {
+            ModelError::Tokenizer(format!("the vocabulary has no token for byte 0x{b:02x}"))
+        })
+    }
+
     /// BPE over one pre-tokenized piece: lowest merge rank first, leftmost on ties.
     fn bpe_piece(
         &self,
@@ -902,12 +946,13 @@ impl Tokenizer {
                 return Ok(());
             }
         }
+        if piece.len() <= SHORT_PIECE {
+            return self.bpe_short(piece, work, out);
+        }
         let syms = &mut work.syms;
         syms.clear();
         for (i, &b) in piece.iter().enumerate() {
-            let id = self.byte_token[usize::from(b)].ok_or_else(|| {
-                ModelError::Tokenizer(format!("the vocabulary has no token for byte 0x{b:02x}"))
-            })?;
+            let id = self.byte_id(b)?;
             syms.push(Sym {
                 id,
                 prev: if i == 0 { NONE } else { i - 1 },
