@@ -60,4 +60,4 @@ pub use layout::{
 };
 pub use pool::{HostPagePool, PageId};
 pub use slot_pool::SlotPool;
-pub use slots::{LayerResidency, SlotDiff, SlotPage, SlotTable};
+pub use slots::{LayerResidency, NO_ENTRY, SlotDiff, SlotPage, SlotTable};

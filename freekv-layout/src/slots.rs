@@ -46,8 +46,10 @@
 use crate::{Budget, LayoutError};
 use std::ops::Range;
 
-/// Marker for "no page" / "no slot" in the compact tables.
-const EMPTY: u32 = u32::MAX;
+/// Marker for "no page" / "no slot" in the compact tables ([`SlotTable::slot_to_page`],
+/// [`SlotTable::page_to_slot`]).
+pub const NO_ENTRY: u32 = u32::MAX;
+const EMPTY: u32 = NO_ENTRY;
 
 /// Largest number of logical pages one table may track (ids must stay below [`EMPTY`]).
 const MAX_PAGES: usize = (u32::MAX - 1) as usize;
@@ -221,6 +223,23 @@ impl SlotTable {
         let ns = self.budget.sink_pages();
         self.resident()
             .filter(move |sp| sp.page >= ns && sp.page < window_start)
+    }
+
+    /// The logical pages of [`middle`](Self::middle), in slot order (the `resident` argument of a
+    /// page-level diff such as `freekv_select::diff_selection`).
+    pub fn middle_pages(&self) -> Vec<usize> {
+        self.middle().map(|sp| sp.page).collect()
+    }
+
+    /// The compact slot → logical page table (`nb` entries, [`NO_ENTRY`] when empty), e.g. to
+    /// upload to a device.
+    pub fn slot_to_page(&self) -> &[u32] {
+        &self.slot_page
+    }
+
+    /// The compact logical page → slot table (`N` entries, [`NO_ENTRY`] when not resident).
+    pub fn page_to_slot(&self) -> &[u32] {
+        &self.page_slot
     }
 
     /// True when `page` is a sink page of the current sequence.
@@ -795,6 +814,9 @@ mod tests {
         t.check_consistency().unwrap();
         let mid: Vec<_> = t.middle().collect();
         assert_eq!(mid, vec![sp(1, 1), sp(2, 2)]);
+        assert_eq!(t.middle_pages(), vec![1, 2]);
+        assert_eq!(t.slot_to_page(), &[0, 1, 2, 5, 4]);
+        assert_eq!(t.page_to_slot(), &[0, 1, 2, NO_ENTRY, 4, 3]);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Recall executors compared on realistic shapes: the double-buffered streaming executor
-//! (copy of stage i+1 overlapping the transpose of stage i, two threads), the synchronous
+//! (copy of stage i+1 overlapping the transpose of stage i, two threads; stages of 8 and of 32
+//! units), the synchronous
 //! staged executor (copy then transpose, one buffer) and the synchronous direct transpose.
 //!
 //! f32 (the CPU decoder's KV type), P = 32, the default model's Hkv = 3, d = 64 and
@@ -68,6 +69,7 @@ fn bench_recall(c: &mut Criterion) {
         stage_units: STAGE_UNITS,
     })
     .unwrap();
+    let double_big = CpuRecallExecutor::<f32>::new(CpuRecallConfig { stage_units: 32 }).unwrap();
     let staged = SyncRecallExecutor::<f32>::new(SyncMode::Staged, STAGE_UNITS).unwrap();
     let direct = SyncRecallExecutor::<f32>::new(SyncMode::Direct, STAGE_UNITS).unwrap();
     for (p, h, d) in [(32, 3, 64), (32, 8, 128)] {
@@ -83,6 +85,9 @@ fn bench_recall(c: &mut Criterion) {
             };
             grp.bench_function(BenchmarkId::new("double_buffered", units), |b| {
                 b.iter(|| double.recall(next(), &target).unwrap())
+            });
+            grp.bench_function(BenchmarkId::new("double_buffered_stage32", units), |b| {
+                b.iter(|| double_big.recall(next(), &target).unwrap())
             });
             grp.bench_function(BenchmarkId::new("sync_staged", units), |b| {
                 b.iter(|| staged.recall(next(), &target).unwrap())
