@@ -57,3 +57,19 @@ pub use plan::{PlanLimits, RecallEntry, RecallPlan};
 pub use stream_exec::{CpuRecallConfig, CpuRecallExecutor, CpuTicket};
 pub use sync_exec::{SyncMode, SyncRecallExecutor, SyncTicket};
 pub use target::{CpuTarget, HostPages, SharedHost, SharedSlots};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn send_sync<X: Send + Sync>() {}
+
+    #[test]
+    fn executors_and_targets_are_send_and_sync() {
+        send_sync::<CpuRecallExecutor<f32>>();
+        send_sync::<SyncRecallExecutor<f32>>();
+        send_sync::<CpuTarget<f32>>();
+        send_sync::<CpuTicket>();
+        send_sync::<RecallPlan>();
+    }
+}
