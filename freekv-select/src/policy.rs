@@ -11,8 +11,10 @@ use crate::{HeadSummaries, SelectError};
 /// How the per-query-head page scores of a GQA group become one group score per page.
 ///
 /// Softmaxes run over the **candidate** pages only (sink and window pages excluded), with no
-/// temperature and no `1/√d`: `softmax(s)[p] = exp(s[p] − max s) / Σ exp(s[·] − max s)`, the
-/// exponentials summed in page order. Means are `(Σ_j x_j) / G`, summed in head order.
+/// temperature and no `1/√d`: `softmax(s)[p] = exp(s[p] − max s) / Σ exp(s[·] − max s)`, with the
+/// crate's own fp32 `exp` (documented at `exp_f32` in the source: platform independent, ≤ 2 ulp,
+/// 0 below −87) and the exponentials summed in the 8-lane order of the scores. Means are
+/// `(Σ_j x_j) / G`, summed in head order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum GroupPolicy {
     /// The paper's "MeanS" (`avgSM`): per-head softmax over the candidates, then the mean over
@@ -83,17 +85,80 @@ impl FromStr for GroupPolicy {
     }
 }
 
-/// In-place softmax of one row (no-op on an empty row).
-fn softmax_in_place(row: &mut [f32]) {
-    let Some(&first) = row.first() else {
-        return;
-    };
-    let m = row.iter().fold(first, |m, &x| if x > m { x } else { m });
-    let mut sum = 0.0f32;
-    for x in row.iter_mut() {
-        *x = (*x - m).exp();
-        sum += *x;
+/// `exp(x)` in fp32 by this crate's own algorithm, so that selections do not depend on the
+/// platform's libm and the softmax loop vectorises: Cody–Waite reduction `x = n·ln2 + r`
+/// (`n = round(x·log2 e)` to nearest even, `ln2 = 0.693359375 − 2.12194440e−4`), the Cephes
+/// degree-7 polynomial for `e^r` on `|r| ≤ ln2/2`, scaling by `2^n` through the exponent bits.
+/// Inputs are clamped to `[−87, 88]`; `x < −87` gives exactly 0 (in a softmax the largest term
+/// is 1, so such terms are below 1.7e−38 relative). Error ≤ 2 ulp on the clamped range.
+#[inline(always)]
+pub(crate) fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const C1: f32 = 0.693_359_4; // 0.693359375, exact in 9 bits
+    const C2: f32 = -2.121_944_4e-4;
+    const SHIFTER: f32 = 12_582_912.0; // 1.5·2^23: adding it rounds to an integer (nearest even)
+    let xc = x.clamp(-87.0, 88.0);
+    let t = xc * LOG2E + SHIFTER;
+    let n = t - SHIFTER;
+    let r = (xc - n * C1) - n * C2;
+    let z = r * r;
+    let p = (((((1.987_569_2e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2)
+        * r
+        + 1.666_666_5e-1)
+        * r
+        + 0.5)
+        * z
+        + r
+        + 1.0;
+    let ni = (t.to_bits() as i32).wrapping_sub(0x4B40_0000);
+    let scale = f32::from_bits((ni.wrapping_add(127) as u32) << 23);
+    if x < -87.0 { 0.0 } else { p * scale }
+}
+
+const LANES: usize = 8;
+
+/// Sum in the 8-lane order of [`score`](crate::score): lane `k` sums `v[i]`, `i ≡ k (mod 8)`,
+/// over the whole 8-chunks, lanes combined `((a0+a4)+(a2+a6))+((a1+a5)+(a3+a7))`, then the tail
+/// (summed in order) added last.
+#[inline(always)]
+fn lane_sum(v: &[f32]) -> f32 {
+    let (chunks, rest) = v.as_chunks::<LANES>();
+    let mut acc = [0.0f32; LANES];
+    for c in chunks {
+        for k in 0..LANES {
+            acc[k] += c[k];
+        }
     }
+    let tail = rest.iter().fold(0.0f32, |s, &x| s + x);
+    (((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))) + tail
+}
+
+/// Largest element (NaNs ignored; `-∞` for an empty or all-NaN row). Max is exact, so the lane
+/// split does not change the result.
+#[inline(always)]
+fn lane_max(v: &[f32]) -> f32 {
+    let (chunks, rest) = v.as_chunks::<LANES>();
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    for c in chunks {
+        for k in 0..LANES {
+            acc[k] = if c[k] > acc[k] { c[k] } else { acc[k] };
+        }
+    }
+    let m = rest
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+    acc.iter().fold(m, |m, &x| if x > m { x } else { m })
+}
+
+/// In-place softmax of one row: `e_p = exp_f32(s_p − max s)`, `e_p / Σ e` with the sum in
+/// [`lane_sum`] order.
+#[inline(always)]
+fn softmax_in_place(row: &mut [f32]) {
+    let m = lane_max(row);
+    for x in row.iter_mut() {
+        *x = exp_f32(*x - m);
+    }
+    let sum = lane_sum(row);
     for x in row.iter_mut() {
         *x /= sum;
     }
@@ -121,12 +186,8 @@ fn pool_queries(queries: &[f32], d: usize, mean: bool) -> Vec<f32> {
     pooled
 }
 
-/// Combine per-head scores (`per_head`: `G × n`, head-major) into `out` (`n`) with `policy`
-/// (not a pooled policy: those score a pooled query instead). The softmax policies overwrite
-/// `per_head` with the per-head softmax.
-fn combine(policy: GroupPolicy, per_head: &mut [f32], n: usize, out: &mut [f32]) {
-    let softmax = matches!(policy, GroupPolicy::MeanSoftmax | GroupPolicy::MaxSoftmax);
-    let mean = matches!(policy, GroupPolicy::MeanSoftmax | GroupPolicy::MeanScore);
+#[inline(always)]
+fn combine_body(softmax: bool, mean: bool, per_head: &mut [f32], n: usize, out: &mut [f32]) {
     if n == 0 {
         return;
     }
@@ -141,11 +202,13 @@ fn combine(policy: GroupPolicy, per_head: &mut [f32], n: usize, out: &mut [f32])
     let mut g = 1usize;
     for row in rows {
         g += 1;
-        for (o, &x) in out.iter_mut().zip(row) {
-            if mean {
+        if mean {
+            for (o, &x) in out.iter_mut().zip(row) {
                 *o += x;
-            } else if x > *o {
-                *o = x;
+            }
+        } else {
+            for (o, &x) in out.iter_mut().zip(row) {
+                *o = if x > *o { x } else { *o };
             }
         }
     }
@@ -153,6 +216,28 @@ fn combine(policy: GroupPolicy, per_head: &mut [f32], n: usize, out: &mut [f32])
         let gf = g as f32;
         out.iter_mut().for_each(|o| *o /= gf);
     }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn combine_avx2(softmax: bool, mean: bool, per_head: &mut [f32], n: usize, out: &mut [f32]) {
+    combine_body(softmax, mean, per_head, n, out)
+}
+
+/// Combine per-head scores (`per_head`: `G × n`, head-major) into `out` (`n`) with `policy`
+/// (not a pooled policy: those score a pooled query instead). The softmax policies overwrite
+/// `per_head` with the per-head softmax. AVX2 when available, bit-identical to the portable path
+/// (same IEEE operations, no FMA).
+fn combine(policy: GroupPolicy, per_head: &mut [f32], n: usize, out: &mut [f32]) {
+    let softmax = matches!(policy, GroupPolicy::MeanSoftmax | GroupPolicy::MaxSoftmax);
+    let mean = matches!(policy, GroupPolicy::MeanSoftmax | GroupPolicy::MeanScore);
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 support was detected at run time just above.
+        unsafe { combine_avx2(softmax, mean, per_head, n, out) };
+        return;
+    }
+    combine_body(softmax, mean, per_head, n, out)
 }
 
 /// Group scores of the candidate pages `candidates` for one KV group: the `G` query heads
@@ -279,6 +364,66 @@ mod tests {
         );
         assert!(group_scores(GroupPolicy::MeanSoftmax, &q[..3], s, 0..3).is_err());
         assert!(group_scores(GroupPolicy::MeanSoftmax, &q, s, 0..4).is_err());
+    }
+
+    #[test]
+    fn exp_accuracy_and_edges() {
+        let mut worst = 0.0f64;
+        let mut x = -87.0f32;
+        while x <= 88.0 {
+            let want = (x as f64).exp();
+            let got = exp_f32(x) as f64;
+            worst = worst.max(((got - want) / want).abs());
+            x += 0.0137;
+        }
+        assert!(worst < 2.5e-7, "worst relative error {worst}");
+        assert_eq!(exp_f32(0.0), 1.0);
+        assert_eq!(exp_f32(-87.5), 0.0);
+        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
+        assert!(exp_f32(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn lane_helpers() {
+        let v: Vec<f32> = (0..21).map(|i| (i as f32 - 7.5) * 0.3).collect();
+        let mut acc = [0.0f32; 8];
+        for (i, &x) in v[..16].iter().enumerate() {
+            acc[i % 8] += x;
+        }
+        let want = (((acc[0] + acc[4]) + (acc[2] + acc[6]))
+            + ((acc[1] + acc[5]) + (acc[3] + acc[7])))
+            + ((v[16] + v[17]) + v[18] + v[19] + v[20]);
+        assert_eq!(lane_sum(&v).to_bits(), want.to_bits());
+        assert_eq!(lane_max(&v), v[20]);
+        assert_eq!(lane_max(&[f32::NAN, -3.0]), -3.0);
+        assert_eq!(lane_max(&[]), f32::NEG_INFINITY);
+        let mut row = vec![1.0, 3.0, 3.0];
+        softmax_in_place(&mut row);
+        assert!(close(row.iter().sum::<f32>(), 1.0) && row[1] == row[2] && row[0] < row[1]);
+    }
+
+    #[test]
+    fn dispatched_and_portable_combine_agree() {
+        let n = 37;
+        let g = 3;
+        let base: Vec<f32> = (0..g * n)
+            .map(|i| ((i * 37) % 23) as f32 * 0.7 - 6.0)
+            .collect();
+        for policy in [
+            GroupPolicy::MeanSoftmax,
+            GroupPolicy::MaxSoftmax,
+            GroupPolicy::MeanScore,
+            GroupPolicy::MaxScore,
+        ] {
+            let (mut a, mut b) = (base.clone(), base.clone());
+            let (mut oa, mut ob) = (vec![0.0; n], vec![0.0; n]);
+            combine(policy, &mut a, n, &mut oa);
+            let softmax = matches!(policy, GroupPolicy::MeanSoftmax | GroupPolicy::MaxSoftmax);
+            let mean = matches!(policy, GroupPolicy::MeanSoftmax | GroupPolicy::MeanScore);
+            combine_body(softmax, mean, &mut b, n, &mut ob);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&oa), bits(&ob), "{policy}");
+        }
     }
 
     #[test]

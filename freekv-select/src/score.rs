@@ -17,6 +17,20 @@ use crate::{HeadSummaries, SelectError};
 
 const LANES: usize = 8;
 
+/// Combine the 8 lane accumulators and the tail in the canonical order (module docs).
+#[inline(always)]
+fn reduce(acc: &[f32; LANES], tail: f32) -> f32 {
+    (((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))) + tail
+}
+
+/// One term of the score: `max(q·u, q·l)`.
+#[inline(always)]
+fn term(q: f32, u: f32, l: f32) -> f32 {
+    let a = q * u;
+    let b = q * l;
+    if a > b { a } else { b }
+}
+
 /// The bound score of one query against one page summary, in the canonical order (module docs).
 #[inline(always)]
 fn bound_dot(q: &[f32], u: &[f32], l: &[f32]) -> f32 {
@@ -26,39 +40,209 @@ fn bound_dot(q: &[f32], u: &[f32], l: &[f32]) -> f32 {
     let mut acc = [0.0f32; LANES];
     for ((qq, uu), ll) in qc.iter().zip(uc).zip(lc) {
         for k in 0..LANES {
-            let a = qq[k] * uu[k];
-            let b = qq[k] * ll[k];
-            acc[k] += if a > b { a } else { b };
+            acc[k] += term(qq[k], uu[k], ll[k]);
         }
     }
     let mut tail = 0.0f32;
     for ((&x, &y), &z) in qr.iter().zip(ur).zip(lr) {
-        let a = x * y;
-        let b = x * z;
-        tail += if a > b { a } else { b };
+        tail += term(x, y, z);
     }
-    (((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))) + tail
+    reduce(&acc, tail)
 }
 
-/// Core loop: for every page row `p` in `upper`/`lower` (`n × d`) and every query `g`
-/// (`queries`: `G × d`), `out[g * n + p] = bound_dot(q_g, U_p, L_p)`. Pages outer, queries inner,
-/// so each page's summary is read from memory once for the whole group.
-#[inline(always)]
-fn score_rows_body(queries: &[f32], upper: &[f32], lower: &[f32], d: usize, out: &mut [f32]) {
-    let n = upper.len() / d;
-    for (p, (u, l)) in upper.chunks_exact(d).zip(lower.chunks_exact(d)).enumerate() {
-        for (g, q) in queries.chunks_exact(d).enumerate() {
-            if let Some(o) = out.get_mut(g * n + p) {
-                *o = bound_dot(q, u, l);
+/// A scoring kernel: `NP` pages × `NQ` queries per call, every (page, query) pair summed in
+/// exactly the canonical order of [`bound_dot`]. Tiling only gives the CPU independent
+/// dependency chains (the fp32 add latency would otherwise bound the loop) and lets one load of
+/// a summary chunk serve `NQ` queries.
+trait Kernel {
+    /// Scores of `us[p]`/`ls[p]` against `qs[j]`, all rows of length `d`.
+    ///
+    /// # Safety
+    /// The CPU must support the kernel's instruction set.
+    unsafe fn tile<const NP: usize, const NQ: usize>(
+        qs: &[&[f32]; NQ],
+        us: &[&[f32]; NP],
+        ls: &[&[f32]; NP],
+        d: usize,
+    ) -> [[f32; NQ]; NP];
+}
+
+/// Portable kernel: one [`bound_dot`] per pair.
+struct Portable;
+
+impl Kernel for Portable {
+    #[inline(always)]
+    unsafe fn tile<const NP: usize, const NQ: usize>(
+        qs: &[&[f32]; NQ],
+        us: &[&[f32]; NP],
+        ls: &[&[f32]; NP],
+        _d: usize,
+    ) -> [[f32; NQ]; NP] {
+        std::array::from_fn(|p| std::array::from_fn(|j| bound_dot(qs[j], us[p], ls[p])))
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{Kernel, LANES, reduce, term};
+    use std::arch::x86_64::*;
+
+    /// AVX2 kernel: one `__m256` accumulator per (page, query) pair holds the 8 lanes of the
+    /// canonical order. `_mm256_max_ps(a, b)` is `if a > b { a } else { b }` lane-wise, exactly
+    /// the portable `term`; no FMA.
+    pub(super) struct Avx2;
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn load(c: &[f32; LANES]) -> __m256 {
+        // SAFETY: `c` is 8 valid, readable f32s; the load is unaligned.
+        unsafe { _mm256_loadu_ps(c.as_ptr()) }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn tile_avx2<const NP: usize, const NQ: usize>(
+        qs: &[&[f32]; NQ],
+        us: &[&[f32]; NP],
+        ls: &[&[f32]; NP],
+        d: usize,
+    ) -> [[f32; NQ]; NP] {
+        let chunks = d / LANES;
+        let qc: [&[[f32; LANES]]; NQ] = std::array::from_fn(|j| qs[j].as_chunks::<LANES>().0);
+        let uc: [&[[f32; LANES]]; NP] = std::array::from_fn(|p| us[p].as_chunks::<LANES>().0);
+        let lc: [&[[f32; LANES]]; NP] = std::array::from_fn(|p| ls[p].as_chunks::<LANES>().0);
+        let mut acc = [[_mm256_setzero_ps(); NQ]; NP];
+        for c in 0..chunks {
+            let qv: [__m256; NQ] = std::array::from_fn(|j| load(&qc[j][c]));
+            for p in 0..NP {
+                let u = load(&uc[p][c]);
+                let l = load(&lc[p][c]);
+                for j in 0..NQ {
+                    let a = _mm256_mul_ps(qv[j], u);
+                    let b = _mm256_mul_ps(qv[j], l);
+                    acc[p][j] = _mm256_add_ps(acc[p][j], _mm256_max_ps(a, b));
+                }
             }
         }
+        let body = chunks * LANES;
+        let mut out = [[0.0f32; NQ]; NP];
+        for p in 0..NP {
+            for j in 0..NQ {
+                let mut lanes = [0.0f32; LANES];
+                // SAFETY: `lanes` has room for 8 f32s; the store is unaligned.
+                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[p][j]) };
+                let mut tail = 0.0f32;
+                for i in body..d {
+                    tail += term(qs[j][i], us[p][i], ls[p][i]);
+                }
+                out[p][j] = reduce(&lanes, tail);
+            }
+        }
+        out
+    }
+
+    impl Kernel for Avx2 {
+        #[inline(always)]
+        unsafe fn tile<const NP: usize, const NQ: usize>(
+            qs: &[&[f32]; NQ],
+            us: &[&[f32]; NP],
+            ls: &[&[f32]; NP],
+            d: usize,
+        ) -> [[f32; NQ]; NP] {
+            // SAFETY: the caller guarantees AVX2 (the `Kernel::tile` contract).
+            unsafe { tile_avx2::<NP, NQ>(qs, us, ls, d) }
+        }
+    }
+}
+
+/// Row `p` (`d` values) of a page-major matrix.
+#[inline(always)]
+fn row(m: &[f32], d: usize, p: usize) -> &[f32] {
+    &m[p * d..(p + 1) * d]
+}
+
+/// Score query heads `j0 .. j0 + NQ` against every page row, `NP` pages per tile.
+///
+/// # Safety
+/// The CPU must support `K`'s instruction set.
+#[inline(always)]
+unsafe fn score_block<K: Kernel, const NP: usize, const NQ: usize>(
+    queries: &[f32],
+    j0: usize,
+    upper: &[f32],
+    lower: &[f32],
+    d: usize,
+    out: &mut [f32],
+) {
+    let n = upper.len() / d;
+    let qs: [&[f32]; NQ] = std::array::from_fn(|j| row(queries, d, j0 + j));
+    let mut p0 = 0;
+    while p0 + NP <= n {
+        let us: [&[f32]; NP] = std::array::from_fn(|i| row(upper, d, p0 + i));
+        let ls: [&[f32]; NP] = std::array::from_fn(|i| row(lower, d, p0 + i));
+        // SAFETY: forwarded from this function's contract.
+        let r = unsafe { K::tile::<NP, NQ>(&qs, &us, &ls, d) };
+        for (i, rp) in r.iter().enumerate() {
+            for (j, &v) in rp.iter().enumerate() {
+                out[(j0 + j) * n + p0 + i] = v;
+            }
+        }
+        p0 += NP;
+    }
+    while p0 < n {
+        let (us, ls) = ([row(upper, d, p0)], [row(lower, d, p0)]);
+        // SAFETY: forwarded from this function's contract.
+        let r = unsafe { K::tile::<1, NQ>(&qs, &us, &ls, d) };
+        for (j, &v) in r[0].iter().enumerate() {
+            out[(j0 + j) * n + p0] = v;
+        }
+        p0 += 1;
+    }
+}
+
+/// Core loop: `out[g * n + p] = bound_dot(q_g, U_p, L_p)` for every page row `p` of
+/// `upper`/`lower` (`n × d`) and every query `g` of `queries` (`G × d`). Queries are taken in
+/// blocks of up to 4; within a block every page's summary is read once for the whole block.
+/// Callers guarantee `upper.len() == lower.len()`, both multiples of `d`, `queries.len()` a
+/// multiple of `d` and `out.len() == G * n`.
+///
+/// # Safety
+/// The CPU must support `K`'s instruction set.
+#[inline(always)]
+unsafe fn score_rows_body<K: Kernel>(
+    queries: &[f32],
+    upper: &[f32],
+    lower: &[f32],
+    d: usize,
+    out: &mut [f32],
+) {
+    let g = queries.len() / d;
+    let mut j0 = 0;
+    while j0 < g {
+        let b = (g - j0).min(4);
+        // SAFETY: forwarded from this function's contract.
+        unsafe {
+            match b {
+                4 => score_block::<K, 1, 4>(queries, j0, upper, lower, d, out),
+                3 => score_block::<K, 1, 3>(queries, j0, upper, lower, d, out),
+                2 => score_block::<K, 2, 2>(queries, j0, upper, lower, d, out),
+                _ => score_block::<K, 4, 1>(queries, j0, upper, lower, d, out),
+            }
+        }
+        j0 += b;
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 fn score_rows_avx2(queries: &[f32], upper: &[f32], lower: &[f32], d: usize, out: &mut [f32]) {
-    score_rows_body(queries, upper, lower, d, out)
+    // SAFETY: this function is only compiled and called with AVX2 available.
+    unsafe { score_rows_body::<avx2::Avx2>(queries, upper, lower, d, out) }
+}
+
+fn score_rows_portable(queries: &[f32], upper: &[f32], lower: &[f32], d: usize, out: &mut [f32]) {
+    // SAFETY: the portable kernel needs no special instruction.
+    unsafe { score_rows_body::<Portable>(queries, upper, lower, d, out) }
 }
 
 fn score_rows(queries: &[f32], upper: &[f32], lower: &[f32], d: usize, out: &mut [f32]) {
@@ -68,7 +252,7 @@ fn score_rows(queries: &[f32], upper: &[f32], lower: &[f32], d: usize, out: &mut
         unsafe { score_rows_avx2(queries, upper, lower, d, out) };
         return;
     }
-    score_rows_body(queries, upper, lower, d, out)
+    score_rows_portable(queries, upper, lower, d, out)
 }
 
 /// Score of one query head against one page summary: `Σ_i max(q_i·U_i, q_i·L_i)` in the
@@ -207,7 +391,7 @@ mod tests {
         let mut out = vec![0.0; 2 * 3];
         score_pages(&q, s, 1..4, &mut out).unwrap();
         let mut portable = vec![0.0; 2 * 3];
-        score_rows_body(&q, &upper[d..4 * d], &lower[d..4 * d], d, &mut portable);
+        score_rows_portable(&q, &upper[d..4 * d], &lower[d..4 * d], d, &mut portable);
         for g in 0..2 {
             for (j, p) in (1..4).enumerate() {
                 let qg = &q[g * d..(g + 1) * d];
