@@ -6,9 +6,11 @@
 //!    literally, leftmost first and longest first at one position;
 //! 2. the remaining text is pre-tokenized: [`PreTokenizer`] (`smollm` isolates every digit, then
 //!    applies the GPT-2 split regex; `llama-bpe` applies the Llama 3 regex; `gpt2`/`default` the
-//!    GPT-2 regex alone);
+//!    GPT-2 regex alone; the `\s+(?!\S)` look-ahead is emulated so that splitting runs in linear
+//!    time, and checked against the look-ahead regex in the tests);
 //! 3. each piece is mapped byte by byte to the GPT-2 "byte-to-unicode" alphabet and merged by BPE
-//!    rank (lowest rank first, leftmost on ties) with the GGUF's merge list.
+//!    rank (lowest rank first, leftmost on ties) with the GGUF's merge list; with `llama-bpe` a
+//!    piece that is itself a token skips the merges (llama.cpp's `ignore_merges`).
 //!
 //! Decoding inverts the byte mapping for normal tokens; CONTROL and USER_DEFINED tokens decode to
 //! their text. [`StreamDecoder`] turns a stream of ids into text without ever emitting half of a
