@@ -343,8 +343,8 @@ impl TinyLlamaSpec {
         let s = self;
         if s.n_heads == 0
             || s.n_kv_heads == 0
-            || s.hidden % s.n_heads != 0
-            || s.n_heads % s.n_kv_heads != 0
+            || !s.hidden.is_multiple_of(s.n_heads)
+            || !s.n_heads.is_multiple_of(s.n_kv_heads)
         {
             return Err(err(format!(
                 "tiny llama: {} heads / {} KV heads do not fit width {}",
@@ -397,7 +397,7 @@ impl TinyLlamaSpec {
             .add_meta("tokenizer.ggml.eos_token_id", MetaValue::U32(2))
             .add_meta("tokenizer.ggml.add_bos_token", MetaValue::Bool(false));
 
-        let mut rng = SplitMix64(s.seed ^ 0x5EED_0F_71A1_11A);
+        let mut rng = SplitMix64(s.seed ^ 0x5EED_0F71_A111);
         let (h, q, kv, f) = (
             s.hidden as u64,
             (s.n_heads * hd) as u64,

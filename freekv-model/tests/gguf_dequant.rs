@@ -169,10 +169,10 @@ fn q5_k_block() {
     for c in 0..4 {
         for half in 0..2 {
             let s = 2 * c + half;
-            for l in 0..32 {
+            for (l, &qhl) in qh.iter().enumerate() {
                 let (lo, hi) = k_nibbles(c, l);
                 let q4 = if half == 0 { lo } else { hi };
-                let bit = (qh[l] >> (2 * c + half)) & 1;
+                let bit = (qhl >> (2 * c + half)) & 1;
                 let q = q4 as f32 + 16.0 * bit as f32;
                 want.push(0.25 * K_SCALES[s] as f32 * q - 2.0 * K_MINS[s] as f32);
             }
