@@ -1,17 +1,6 @@
 //! Fine-grained correction: the cosine between consecutive post-RoPE queries of each query head,
 //! aggregated per KV group, flags the KV heads whose speculative selection (made with the
 //! previous step's query) must be redone with the current query.
-//!
-//! # Threshold semantics (decided here)
-//!
-//! * τ must be a finite number in **[−1, 1]**; anything else (τ > 1 included) is an error.
-//! * For τ in [−1, 1) a KV head is flagged when its group cosine `C < τ` (strict, as in the
-//!   paper's code). A NaN cosine (only from non-finite queries) is flagged.
-//! * **τ = 1 means "always correct"**: every KV head is flagged, whatever its cosine. Since a cosine
-//!   never exceeds 1 mathematically, `C < 1` and "always" differ only where rounding yields a
-//!   computed cosine of exactly 1.0 (or slightly above) for (nearly) parallel queries; making τ = 1
-//!   mean [`always`](CorrectionPolicy::always) removes that rounding dependence, so that "freekv
-//!   with τ = 1 equals arkvale" holds exactly. `always` is also accepted by name.
 
 use std::fmt;
 use std::str::FromStr;
@@ -119,8 +108,18 @@ enum Trigger {
     Always,
 }
 
-/// The correction rule: threshold (or always) and group aggregation. See the module docs for
-/// the exact semantics of τ.
+/// The correction rule: threshold (or always) and group aggregation.
+///
+/// # Threshold semantics (decided here)
+///
+/// * τ must be a finite number in **[−1, 1]**; anything else (τ > 1 included) is an error.
+/// * For τ in [−1, 1) a KV head is flagged when its group cosine `C < τ` (strict, as in the
+///   paper's code). A NaN cosine (only from non-finite queries) is flagged.
+/// * **τ = 1 means "always correct"**: every KV head is flagged, whatever its cosine. Since a
+///   cosine never exceeds 1 mathematically, `C < 1` and "always" differ only where rounding yields a
+///   computed cosine of exactly 1.0 (or slightly above) for (nearly) parallel queries; making τ = 1
+///   mean [`always`](CorrectionPolicy::always) removes that rounding dependence, so that "freekv
+///   with τ = 1 equals arkvale" holds exactly. `always` is also accepted by name.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CorrectionPolicy {
     trigger: Trigger,

@@ -117,9 +117,9 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
 
 const LANES: usize = 8;
 
-/// Sum in the 8-lane order of [`score`](crate::score): lane `k` sums `v[i]`, `i ≡ k (mod 8)`,
-/// over the whole 8-chunks, lanes combined `((a0+a4)+(a2+a6))+((a1+a5)+(a3+a7))`, then the tail
-/// (summed in order) added last.
+/// Sum in the 8-lane order of [`score_pages`]: lane `k` sums `v[i]`, `i ≡ k (mod 8)`, over the
+/// whole 8-chunks, lanes combined `((a0+a4)+(a2+a6))+((a1+a5)+(a3+a7))`, then the tail (summed
+/// in order) added last.
 #[inline(always)]
 fn lane_sum(v: &[f32]) -> f32 {
     let (chunks, rest) = v.as_chunks::<LANES>();

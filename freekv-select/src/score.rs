@@ -1,15 +1,4 @@
 //! Page scores: `s[j, p] = Σ_i max(q_j,i · U_p,i, q_j,i · L_p,i)` for query head `j` and page `p`.
-//!
-//! # Summation order (part of the contract)
-//!
-//! The sum over `i` is computed in fp32 with 8 lane accumulators: lane `k` accumulates the terms
-//! `i ≡ k (mod 8)` for `i < 8·⌊d/8⌋` in increasing `i`; the lanes are combined as
-//! `((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7))`; the remaining `d mod 8` terms are summed
-//! in increasing `i` into a separate accumulator that is added last. Products are separate
-//! multiplications (no fused multiply-add) and `max(a, b)` is `if a > b { a } else { b }`. The
-//! result is therefore bit-identical whatever instruction set runs it (the AVX2 path and the
-//! portable path compute exactly the same operations), and a GPU kernel that follows the same
-//! order reproduces it.
 
 use std::ops::Range;
 
@@ -17,7 +6,7 @@ use crate::{HeadSummaries, SelectError};
 
 const LANES: usize = 8;
 
-/// Combine the 8 lane accumulators and the tail in the canonical order (module docs).
+/// Combine the 8 lane accumulators and the tail in the canonical order (see [`score_pages`]).
 #[inline(always)]
 fn reduce(acc: &[f32; LANES], tail: f32) -> f32 {
     (((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))) + tail
@@ -31,7 +20,8 @@ fn term(q: f32, u: f32, l: f32) -> f32 {
     if a > b { a } else { b }
 }
 
-/// The bound score of one query against one page summary, in the canonical order (module docs).
+/// The bound score of one query against one page summary, in the canonical order (see
+/// [`score_pages`]).
 #[inline(always)]
 fn bound_dot(q: &[f32], u: &[f32], l: &[f32]) -> f32 {
     let (qc, qr) = q.as_chunks::<LANES>();
@@ -256,7 +246,7 @@ fn score_rows(queries: &[f32], upper: &[f32], lower: &[f32], d: usize, out: &mut
 }
 
 /// Score of one query head against one page summary: `Σ_i max(q_i·U_i, q_i·L_i)` in the
-/// canonical order of the module docs. All three slices must have the same length.
+/// canonical order described at [`score_pages`]. All three slices must have the same length.
 pub fn page_score(q: &[f32], upper: &[f32], lower: &[f32]) -> Result<f32, SelectError> {
     for (what, v) in [("summary upper", upper), ("summary lower", lower)] {
         if v.len() != q.len() {
@@ -277,6 +267,17 @@ pub fn page_score(q: &[f32], upper: &[f32], lower: &[f32]) -> Result<f32, Select
 /// This is the hot loop of selection (every sparse layer, every step, every page): the upper and
 /// lower vectors of the range are streamed once, each page's pair scored against all `G` queries
 /// while it is in cache. AVX2 is used when the CPU has it, with bit-identical results.
+///
+/// # Summation order (part of the contract)
+///
+/// The sum over `i` is computed in fp32 with 8 lane accumulators: lane `k` accumulates the terms
+/// `i ≡ k (mod 8)` for `i < 8·⌊d/8⌋` in increasing `i`; the lanes are combined as
+/// `((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7))`; the remaining `d mod 8` terms are summed
+/// in increasing `i` into a separate accumulator that is added last. Products are separate
+/// multiplications (no fused multiply-add) and `max(a, b)` is `if a > b { a } else { b }`. The
+/// result is therefore bit-identical whatever instruction set runs it (the AVX2 path and the
+/// portable path compute exactly the same operations), and a GPU kernel that follows the same
+/// order reproduces it.
 pub fn score_pages(
     queries: &[f32],
     summaries: HeadSummaries<'_>,

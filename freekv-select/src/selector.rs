@@ -373,4 +373,22 @@ mod tests {
         assert_eq!(d.victims, vec![4]);
         assert!(Selection::from_scores(4..8, vec![0.1], 2).is_err());
     }
+
+    #[test]
+    fn k_larger_than_candidates_diff() {
+        // 3 candidates, k = 5: everything selected; against 1 resident of 5 slots nothing is
+        // evicted, and an empty resident set recalls all three.
+        let sel = Selection::from_scores(2..5, vec![0.3, 0.1, 0.2], 5).unwrap();
+        assert_eq!(sel.ranked(), &[2, 4, 3]);
+        let d = sel.diff(&[3], 5).unwrap();
+        assert_eq!(
+            (d.kept, d.to_recall, d.victims),
+            (vec![3], vec![2, 4], vec![])
+        );
+        let d = sel.diff(&[], 5).unwrap();
+        assert_eq!(d.to_recall, vec![2, 3, 4]);
+        assert!(d.kept.is_empty() && d.victims.is_empty());
+        // a capacity below the selection size is rejected
+        assert!(sel.diff(&[], 2).is_err());
+    }
 }

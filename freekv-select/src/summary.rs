@@ -26,7 +26,8 @@ impl SummaryKind {
     /// Every kind, in declaration order.
     pub const ALL: [SummaryKind; 2] = [SummaryKind::MinMax, SummaryKind::ArkVale];
 
-    /// Canonical name (`minmax`, `arkvale`), the one [`FromStr`] accepts and [`fmt::Display`] prints.
+    /// Canonical name (`minmax`, `arkvale`), the one [`FromStr`] accepts and [`fmt::Display`]
+    /// prints.
     pub fn name(self) -> &'static str {
         match self {
             SummaryKind::MinMax => "minmax",

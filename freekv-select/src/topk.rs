@@ -1,14 +1,4 @@
 //! Candidate pages and the deterministic top-k.
-//!
-//! # Order
-//!
-//! Pages are ranked by their fp32 group score, higher first; equal scores rank the **lower page
-//! index** first. "Equal" is IEEE equality, so `-0.0` ties with `+0.0`; a NaN score (only possible
-//! from non-finite inputs) ranks below every number. The order is encoded in one `u64`
-//! ([`rank_key`]): the score's bits mapped to an order-preserving unsigned key in the high half,
-//! the complemented page index in the low half. All keys of distinct pages differ, so the top-k
-//! set and its order are unique, whatever algorithm computes them — a GPU radix select over the
-//! same keys gives the same answer.
 
 use std::ops::Range;
 
@@ -57,9 +47,19 @@ pub fn candidate_range(n_pages: usize, sink_pages: usize, window_pages: usize) -
 }
 
 /// The `k` best pages among `scores` (`scores[i]` is the score of page `first_page + i`), best
-/// first, in the order of the module docs. `k ≥ scores.len()` returns every page.
+/// first, in the order below. `k ≥ scores.len()` returns every page.
 ///
 /// O(n) selection (`select_nth_unstable` on the total key) then a sort of the `k` winners.
+///
+/// # Order
+///
+/// Pages are ranked by their fp32 group score, higher first; equal scores rank the **lower page
+/// index** first. "Equal" is IEEE equality, so `-0.0` ties with `+0.0`; a NaN score (only possible
+/// from non-finite inputs) ranks below every number. The order is encoded in one `u64`
+/// ([`rank_key`]): the score's bits mapped to an order-preserving unsigned key in the high half,
+/// the complemented page index in the low half. All keys of distinct pages differ, so the top-k
+/// set and its order are unique, whatever algorithm computes them — a GPU radix select over the
+/// same keys gives the same answer.
 pub fn top_k(scores: &[f32], first_page: usize, k: usize) -> Result<Vec<usize>, SelectError> {
     let mut keys = rank_keys(scores, first_page)?;
     Ok(top_k_keys(&mut keys, k))
