@@ -61,7 +61,9 @@ pub fn down<T: freekv_kernels::cudarc::driver::DeviceRepr + Default + Clone>(
     d: &CudaSlice<T>,
 ) -> Vec<T> {
     s.synchronize().unwrap();
-    s.clone_dtoh(d).unwrap()
+    let v = s.clone_dtoh(d).unwrap();
+    s.synchronize().unwrap();
+    v
 }
 
 /// Checks `got` against `want`: no NaN/inf in `got`, a non-trivial reference, and
