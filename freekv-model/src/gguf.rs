@@ -818,6 +818,19 @@ fn parse_layout(buf: &[u8], path: &str) -> Result<Layout, ModelError> {
             }
         }
     }
+    // Tensors may appear in any order but must not share bytes.
+    let mut by_offset: Vec<&TensorInfo> = tensors.iter().filter(|t| t.n_bytes > 0).collect();
+    by_offset.sort_by_key(|t| t.offset);
+    for pair in by_offset.windows(2) {
+        if let [a, b] = pair
+            && a.offset.saturating_add(a.n_bytes) > b.offset
+        {
+            return Err(r.err(format!(
+                "tensors `{}` (offset {}, {} bytes) and `{}` (offset {}) overlap",
+                a.name, a.offset, a.n_bytes, b.name, b.offset
+            )));
+        }
+    }
     tracing::debug!(
         version,
         kv = metadata.len(),

@@ -273,6 +273,22 @@ fn misaligned_and_out_of_range_offsets() {
 }
 
 #[test]
+fn overlapping_tensors() {
+    let base = sample_bytes();
+    let g = parse(base.clone()).unwrap();
+    // Point d.q4_1 at b.q8_0's data: both fit in the file but share bytes.
+    let b_off = g.tensor("b.q8_0").unwrap().offset;
+    let (_, off) = type_and_offset_pos(&base, "d.q4_1");
+    let mut b = base.clone();
+    b[off..off + 8].copy_from_slice(&b_off.to_le_bytes());
+    let m = gguf_err(parse(b));
+    assert!(
+        m.contains("overlap") && m.contains("b.q8_0") && m.contains("d.q4_1"),
+        "{m}"
+    );
+}
+
+#[test]
 fn unknown_type_ids() {
     let base = sample_bytes();
     let (ty, _) = type_and_offset_pos(&base, "d.q4_1");
