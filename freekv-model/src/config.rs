@@ -22,6 +22,15 @@
 //! `.low_freq_factor` (default 1), `.high_freq_factor` (default 4) and
 //! `.original_context_length` (default 8192); `linear` uses a constant factor; `none` or absent
 //! means no scaling. Other types (`yarn`, `longrope`) are rejected.
+//!
+//! ```
+//! use freekv_model::config::LlamaConfig;
+//! use freekv_model::gguf::{GgufFile, TinyLlamaSpec};
+//! let bytes = TinyLlamaSpec::default().writer().unwrap().to_bytes().unwrap();
+//! let cfg = LlamaConfig::from_gguf(&GgufFile::from_bytes("tiny.gguf", bytes).unwrap()).unwrap();
+//! assert_eq!((cfg.n_heads, cfg.n_kv_heads, cfg.head_dim), (4, 2, 16));
+//! assert_eq!(cfg.inv_freqs().len(), 8);
+//! ```
 
 use crate::error::ModelError;
 use crate::gguf::{GgufFile, MetaValue};
