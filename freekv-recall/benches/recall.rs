@@ -22,9 +22,11 @@ use rand::{Rng, SeedableRng};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-/// Host pool size per shape: about 96–128 MiB, well past a 32 MiB L3.
+/// Host pool size per shape: 128 MiB, well past a 32 MiB L3.
 const HOST_BYTES: usize = 128 << 20;
-const PLANS: usize = 16;
+/// The plans of one benchmark together read at least this much, so that cycling through them
+/// does not turn into cache hits: every unit count sees cold host pages.
+const PLANS_BYTES: usize = 256 << 20;
 const STAGE_UNITS: usize = 8;
 
 fn setup(geom: PageGeometry, units: usize, rng: &mut StdRng) -> (CpuTarget<f32>, Vec<RecallPlan>) {
@@ -42,7 +44,8 @@ fn setup(geom: PageGeometry, units: usize, rng: &mut StdRng) -> (CpuTarget<f32>,
     let host: SharedHost<f32> = Arc::new(RwLock::new(pool));
     let dest = Arc::new(RwLock::new(SlotPool::<f32>::new(geom, slots).unwrap()));
     let target = CpuTarget::single(host, dest);
-    let plans = (0..PLANS)
+    let n_plans = PLANS_BYTES.div_ceil(units * geom.head_unit_elems() * 4);
+    let plans = (0..n_plans)
         .map(|_| {
             let mut dests: Vec<(u32, u32)> = (0..slots as u32)
                 .flat_map(|s| (0..geom.kv_heads as u32).map(move |h| (s, h)))
@@ -80,7 +83,7 @@ fn bench_recall(c: &mut Criterion) {
             grp.throughput(Throughput::Bytes(plans[0].bytes::<f32>(geom)));
             let mut i = 0;
             let mut next = || {
-                i = (i + 1) % PLANS;
+                i = (i + 1) % plans.len();
                 plans[i].clone()
             };
             grp.bench_function(BenchmarkId::new("double_buffered", units), |b| {
