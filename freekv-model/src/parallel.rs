@@ -2,12 +2,14 @@
 //! decoder (mat-vec, mat-mul, attention).
 //!
 //! One decode step of a small model issues a few hundred parallel calls of a few microseconds
-//! each, so the handoff has to cost far less than a microsecond when the workers are busy. The pool
-//! keeps `threads() - 1` workers alive; the calling thread is the remaining one and always takes
-//! part in the work. A call publishes the job in shared memory and bumps an epoch counter; workers
-//! spin on the counter for a short while (about [`SPIN_TIME`]) before parking on a condition
-//! variable, so back-to-back calls never go through the kernel. The caller runs its own chunk,
-//! then spins until every worker has acknowledged the job.
+//! each, so the handoff has to cost far less than a microsecond. The pool keeps `threads() - 1`
+//! workers alive; the calling thread always takes part. A call splits `0..n` into up to
+//! [`CHUNKS_PER_THREAD`]` × threads()` contiguous chunks and publishes them in one atomic word
+//! (epoch, next chunk, chunk count); every participant claims chunks with a compare-and-swap until
+//! none are left. Idle workers spin on that word for about [`SPIN_TIME`] before parking on a
+//! condition variable, so back-to-back calls never enter the kernel; and because the caller claims
+//! chunks too, a worker that is asleep or descheduled (2 cores shared with other processes) delays
+//! nothing: the caller simply runs its chunks.
 //!
 //! ```
 //! use freekv_model::qmatmul::parallel::ThreadPool;
@@ -20,38 +22,55 @@
 //! assert_eq!(sum.into_inner(), 999 * 1000 / 2);
 //! ```
 
-use std::cell::{Cell, UnsafeCell};
+use std::any::Any;
+use std::cell::Cell;
 use std::ops::Range;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// How long an idle worker spins on the epoch counter before it parks.
-pub const SPIN_TIME: Duration = Duration::from_micros(200);
+/// How long an idle worker spins on the job word before it parks.
+pub const SPIN_TIME: Duration = Duration::from_micros(100);
+
+/// A call is split into at most this many chunks per thread (fewer when `n` is smaller), so that
+/// the work of a late or descheduled worker is picked up by the others.
+pub const CHUNKS_PER_THREAD: usize = 4;
 
 /// The environment variable that sets the size of [`ThreadPool::global`].
 pub const THREADS_ENV: &str = "FREEKV_THREADS";
 
-/// A borrowed task with its lifetime erased; only dereferenced while the submitting call waits.
-type TaskPtr = *const (dyn Fn(Range<usize>) + Sync + 'static);
-
-/// The job slot: written by the submitter while every worker is idle, read by workers after they
-/// observe the epoch that published it.
+/// One published call; lives on the submitting thread's stack for the duration of the call.
 struct Job {
-    task: Option<TaskPtr>,
+    task: &'static (dyn Fn(Range<usize>) + Sync),
     n: usize,
-    parts: usize,
+    chunks: usize,
+}
+
+/// The job word: `epoch << 32 | next << 16 | total` (chunks claimed so far, chunks in the job).
+fn pack(epoch: u32, next: u16, total: u16) -> u64 {
+    (u64::from(epoch) << 32) | (u64::from(next) << 16) | u64::from(total)
+}
+fn epoch_of(s: u64) -> u32 {
+    (s >> 32) as u32
+}
+fn next_of(s: u64) -> u16 {
+    (s >> 16) as u16
+}
+fn total_of(s: u64) -> u16 {
+    s as u16
 }
 
 struct Shared {
-    /// Bumped once per job (and once at shutdown).
-    epoch: AtomicU64,
-    job: UnsafeCell<Job>,
-    /// Workers that have not yet finished the current job.
-    pending: AtomicUsize,
-    /// A worker's part of the current job panicked.
+    /// See [`pack`]. Only the thread holding `ThreadPool::submit` changes the epoch.
+    state: AtomicU64,
+    /// The current job. Dereferenced only by a thread that has claimed one of its chunks, which
+    /// keeps the submitter waiting (and the job alive) until that chunk is counted in `done`.
+    job: AtomicPtr<Job>,
+    /// Chunks of the current job that have finished.
+    done: AtomicUsize,
+    /// A chunk run by a worker panicked.
     panicked: AtomicBool,
     shutdown: AtomicBool,
     /// Workers parked (or about to park) on `cv`.
@@ -59,13 +78,6 @@ struct Shared {
     park_lock: Mutex<()>,
     cv: Condvar,
 }
-
-// SAFETY: `job` is only written by the thread that holds `ThreadPool::submit` while `pending == 0`
-// (no worker reads it then), and read by workers between observing a new epoch (Acquire) and
-// decrementing `pending` (Release). The task pointer it holds is `Sync`.
-unsafe impl Sync for Shared {}
-// SAFETY: as above; nothing in `Shared` is tied to a thread.
-unsafe impl Send for Shared {}
 
 thread_local! {
     /// Set while this thread executes a chunk of some pool's job (always on worker threads):
@@ -106,13 +118,9 @@ impl ThreadPool {
     /// [`ThreadPool::threads`].
     pub fn new(n: usize) -> Self {
         let shared = Arc::new(Shared {
-            epoch: AtomicU64::new(0),
-            job: UnsafeCell::new(Job {
-                task: None,
-                n: 0,
-                parts: 0,
-            }),
-            pending: AtomicUsize::new(0),
+            state: AtomicU64::new(0),
+            job: AtomicPtr::new(std::ptr::null_mut()),
+            done: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
             shutdown: AtomicBool::new(false),
             sleepers: AtomicUsize::new(0),
@@ -124,7 +132,7 @@ impl ThreadPool {
             let s = Arc::clone(&shared);
             let spawned = std::thread::Builder::new()
                 .name(format!("freekv-worker-{i}"))
-                .spawn(move || worker_loop(&s, i));
+                .spawn(move || worker_loop(&s));
             match spawned {
                 Ok(h) => workers.push(h),
                 Err(e) => {
@@ -154,61 +162,92 @@ impl ThreadPool {
         self.workers.len() + 1
     }
 
-    /// Calls `f` on contiguous ranges that together cover `0..n` exactly once, one range per thread
-    /// (fewer when `n < threads()`), the calling thread included, and returns when all are done.
+    /// Calls `f` on contiguous ranges that together cover `0..n` exactly once, spread over all
+    /// threads of the pool (the calling thread included), and returns when all are done.
     ///
-    /// Ranges are balanced (their lengths differ by at most one) and the caller gets the first.
-    /// A panic inside `f` is propagated to the caller after every thread has finished.
+    /// `0..n` is cut into `min(n, CHUNKS_PER_THREAD · threads())` balanced ranges (lengths differ
+    /// by at most one, in increasing order); each thread calls `f` on one or more of them, on
+    /// whichever it claims first. With one thread, `n ≤ 1`, or from inside a chunk, `f(0..n)` runs
+    /// on the caller. A panic inside `f` is propagated to the caller after every chunk has finished.
     pub fn for_each_chunk(&self, n: usize, f: &(dyn Fn(Range<usize>) + Sync)) {
-        let parts = n.min(self.threads());
-        if parts <= 1 || IN_POOL.with(Cell::get) {
+        if n <= 1 || self.workers.is_empty() || IN_POOL.with(Cell::get) {
             if n > 0 {
                 f(0..n);
             }
             return;
         }
+        let chunks = n
+            .min(CHUNKS_PER_THREAD * self.threads())
+            .min(usize::from(u16::MAX));
         let _guard = self.submit.lock().unwrap_or_else(|e| e.into_inner());
         let sh = &*self.shared;
-        // SAFETY: we hold `submit` and the previous job has fully completed (`pending == 0`, every
-        // worker finished reading the slot before its Release decrement), so no one reads the slot.
-        // The task pointer outlives its use: this function does not return (or unwind) before
-        // `pending` is back to zero, i.e. before every worker is done with `f`.
-        unsafe {
-            let task: &'static (dyn Fn(Range<usize>) + Sync) = std::mem::transmute(f);
-            *sh.job.get() = Job {
-                task: Some(task as TaskPtr),
-                n,
-                parts,
-            };
-        }
+        // SAFETY (lifetime erasure): the job is dereferenced only by threads that claimed a chunk,
+        // and this function does not return (or unwind) before all `chunks` chunks are counted in
+        // `done`, so `f` and `job` outlive every use.
+        let task: &'static (dyn Fn(Range<usize>) + Sync) = unsafe { std::mem::transmute(f) };
+        let job = Job { task, n, chunks };
+        sh.job
+            .store(std::ptr::from_ref(&job).cast_mut(), Ordering::Relaxed);
+        sh.done.store(0, Ordering::Relaxed);
         sh.panicked.store(false, Ordering::Relaxed);
-        sh.pending.store(self.workers.len(), Ordering::Relaxed);
-        sh.epoch.fetch_add(1, Ordering::SeqCst);
+        let epoch = epoch_of(sh.state.load(Ordering::Relaxed)).wrapping_add(1);
+        // `chunks` ≤ u16::MAX by construction.
+        sh.state
+            .store(pack(epoch, 0, chunks as u16), Ordering::SeqCst);
         if sh.sleepers.load(Ordering::SeqCst) > 0 {
             let _g = sh.park_lock.lock().unwrap_or_else(|e| e.into_inner());
             sh.cv.notify_all();
         }
 
         IN_POOL.with(|c| c.set(true));
-        let mine = catch_unwind(AssertUnwindSafe(|| f(part_range(n, parts, 0))));
+        let mine = run_chunks(sh, epoch);
         IN_POOL.with(|c| c.set(false));
 
         let mut spins = 0u32;
-        while sh.pending.load(Ordering::Acquire) != 0 {
-            if spins < 4096 {
+        while sh.done.load(Ordering::Acquire) != chunks {
+            if spins < 2048 {
                 spins += 1;
                 std::hint::spin_loop();
             } else {
                 std::thread::yield_now();
             }
         }
-        // SAFETY: all workers are done; drop the dangling-to-be pointer.
-        unsafe { (*sh.job.get()).task = None };
-        if let Err(payload) = mine {
+        sh.job.store(std::ptr::null_mut(), Ordering::Relaxed);
+        if let Some(payload) = mine {
             resume_unwind(payload);
         }
         if sh.panicked.load(Ordering::Relaxed) {
             panic!("a ThreadPool task panicked on a worker thread");
+        }
+    }
+}
+
+/// Claims and runs chunks of job `epoch` until none are left. Returns the first panic payload of
+/// a chunk run here (workers only flag it).
+fn run_chunks(sh: &Shared, epoch: u32) -> Option<Box<dyn Any + Send>> {
+    let mut first_panic = None;
+    let mut s = sh.state.load(Ordering::Acquire);
+    loop {
+        if epoch_of(s) != epoch || next_of(s) >= total_of(s) {
+            return first_panic;
+        }
+        match sh
+            .state
+            .compare_exchange_weak(s, s + (1 << 16), Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => {
+                // SAFETY: we hold an unfinished chunk of `epoch`, so its submitter is still waiting
+                // and the job pointer (published before the epoch) is valid.
+                let job = unsafe { &*sh.job.load(Ordering::Acquire) };
+                let range = part_range(job.n, job.chunks, usize::from(next_of(s)));
+                if let Err(p) = catch_unwind(AssertUnwindSafe(|| (job.task)(range))) {
+                    sh.panicked.store(true, Ordering::Relaxed);
+                    first_panic.get_or_insert(p);
+                }
+                sh.done.fetch_add(1, Ordering::Release);
+                s = sh.state.load(Ordering::Acquire);
+            }
+            Err(cur) => s = cur,
         }
     }
 }
@@ -221,12 +260,12 @@ pub fn threads_from_env(value: Option<&str>) -> usize {
     }
 }
 
-fn worker_loop(sh: &Shared, index: usize) {
+fn worker_loop(sh: &Shared) {
     IN_POOL.with(|c| c.set(true));
-    let mut seen = 0u64;
+    let mut seen = 0u32;
     loop {
         // Wait for a new epoch: spin first, then park.
-        let mut e = sh.epoch.load(Ordering::Acquire);
+        let mut e = epoch_of(sh.state.load(Ordering::Acquire));
         if e == seen {
             let start = Instant::now();
             let mut spins = 0u32;
@@ -236,43 +275,30 @@ fn worker_loop(sh: &Shared, index: usize) {
                 if spins.is_multiple_of(64) && start.elapsed() > SPIN_TIME {
                     let mut g = sh.park_lock.lock().unwrap_or_else(|e| e.into_inner());
                     sh.sleepers.fetch_add(1, Ordering::SeqCst);
-                    while sh.epoch.load(Ordering::SeqCst) == seen {
+                    while epoch_of(sh.state.load(Ordering::SeqCst)) == seen {
                         g = sh.cv.wait(g).unwrap_or_else(|e| e.into_inner());
                     }
                     sh.sleepers.fetch_sub(1, Ordering::SeqCst);
                     drop(g);
                 }
-                e = sh.epoch.load(Ordering::Acquire);
+                e = epoch_of(sh.state.load(Ordering::Acquire));
             }
         }
         seen = e;
         if sh.shutdown.load(Ordering::Acquire) {
             return;
         }
-        // SAFETY: the submitter wrote the slot before the epoch bump we observed with Acquire and
-        // does not touch it again until we decrement `pending`.
-        let (task, n, parts) = unsafe {
-            let j = &*sh.job.get();
-            (j.task, j.n, j.parts)
-        };
-        if let Some(task) = task
-            && index < parts
-        {
-            // SAFETY: the submitter keeps the task alive until `pending` reaches zero.
-            let f = unsafe { &*task };
-            if catch_unwind(AssertUnwindSafe(|| f(part_range(n, parts, index)))).is_err() {
-                sh.panicked.store(true, Ordering::Relaxed);
-            }
-        }
-        sh.pending.fetch_sub(1, Ordering::Release);
+        // Worker panics are flagged in `sh.panicked` and re-raised by the submitter.
+        drop(run_chunks(sh, e));
     }
 }
 
 impl Drop for ThreadPool {
     fn drop(&mut self) {
         let sh = &*self.shared;
-        sh.shutdown.store(true, Ordering::Release);
-        sh.epoch.fetch_add(1, Ordering::SeqCst);
+        sh.shutdown.store(true, Ordering::SeqCst);
+        let epoch = epoch_of(sh.state.load(Ordering::Relaxed)).wrapping_add(1);
+        sh.state.store(pack(epoch, 0, 0), Ordering::SeqCst);
         {
             let _g = sh.park_lock.lock().unwrap_or_else(|e| e.into_inner());
             sh.cv.notify_all();
@@ -350,9 +376,24 @@ mod tests {
         let ids = Mutex::new(std::collections::HashSet::new());
         pool.for_each_chunk(2, &|_| {
             ids.lock().unwrap().insert(std::thread::current().id());
-            std::thread::sleep(Duration::from_millis(20));
+            // wait (bounded) for the other thread to show up with the other chunk
+            let start = Instant::now();
+            while ids.lock().unwrap().len() < 2 && start.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
         });
         assert_eq!(ids.into_inner().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn chunks_are_balanced_and_bounded() {
+        let pool = ThreadPool::new(2);
+        let lens = Mutex::new(Vec::new());
+        pool.for_each_chunk(1001, &|r| lens.lock().unwrap().push(r.len()));
+        let lens = lens.into_inner().unwrap();
+        assert_eq!(lens.len(), CHUNKS_PER_THREAD * 2);
+        assert_eq!(lens.iter().sum::<usize>(), 1001);
+        assert!(lens.iter().all(|&l| l == 1001 / 8 || l == 1001 / 8 + 1));
     }
 
     #[test]

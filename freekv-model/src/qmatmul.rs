@@ -8,8 +8,10 @@
 //! weights with `x` up to `f32` summation order, while memory traffic stays at the quantized size.
 //!
 //! * Q4_0, Q4_1, Q8_0, F32, F16, BF16: fused AVX2/FMA kernels (picked at run time) and a portable
-//!   scalar fallback that computes the same sums. For Q4_1 (`w = d·q + m`) a row·x product is
-//!   `Σ_blocks d·Σ q·x + m·Σ x`, with the block sums `Σ x` computed once per input vector.
+//!   scalar fallback that computes the same sums. Each 32-weight block is expanded in registers
+//!   with the format's own formula (`d·(q − 8)`, `d·q + m` as one FMA, `d·q`, or a plain
+//!   conversion) and multiplied with the activations; nothing is rounded except by `f32`
+//!   arithmetic, and activations are never quantized.
 //! * Q4_K, Q5_K, Q6_K: each row is dequantized once (with [`crate::quant::dequantize`]) into a
 //!   scratch buffer and multiplied with the `f32` kernel.
 //!
@@ -116,35 +118,65 @@ fn avx2_detected() -> bool {
     false
 }
 
-/// One row of `W` against a tile of `T` tokens: `out[j] = Σ_c W[row][c] · x[j·cols + c]`.
+/// Rows `rows` of a matrix (`data`, `row_bytes` bytes per row, `cols` columns) against a tile of
+/// tokens `x` (`T·cols` floats, `T` fixed per kernel): `y[j·y_stride + r] = Σ_c W[r][c]·x[j·cols + c]`.
 ///
-/// `row` holds exactly the row's bytes, `x` at least `T·cols` floats, and for Q4_1 `sx` at least
-/// `T·cols/32` block sums (`sx[j·cols/32 + b] = Σ_{i<32} x[j·cols + 32b + i]`); other types ignore
-/// `sx`. The SIMD kernels are `unsafe` because they need their CPU features.
-type RowFn<const T: usize> = unsafe fn(&[u8], &[f32], &[f32], usize, &mut [f32; T]);
+/// Safety contract: `data` holds the rows, `x` the tile, `y` is writable and not otherwise accessed
+/// at those indices, and the kernel's CPU features are present.
+type RowsFn = unsafe fn(&[u8], usize, Range<usize>, &[f32], usize, *mut f32, usize);
 
-/// The fused kernel for `ty` on `isa`, or `None` for the types that go through a dequantized row.
-fn row_kernel<const T: usize>(ty: GgmlType, isa: Isa) -> Option<RowFn<T>> {
+/// The tile size for `left` remaining tokens: 8, 4, 2 or 1.
+fn tile_len(left: usize) -> usize {
+    match left {
+        l if l >= 8 => 8,
+        l if l >= 4 => 4,
+        l if l >= 2 => 2,
+        _ => 1,
+    }
+}
+
+/// The fused kernel for `ty` on `isa` and a tile of `t` ∈ {1, 2, 4, 8} tokens, or `None` for the
+/// types that go through a dequantized row.
+fn kernel(ty: GgmlType, isa: Isa, t: usize) -> Option<RowsFn> {
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx2 {
+        use avx2 as k;
+        // Few tokens get several accumulators each, so their FMA chains do not serialize.
+        fn pick<B: k::Block>(t: usize) -> RowsFn {
+            match t {
+                8 => k::rows::<B, 8, 1>,
+                4 => k::rows::<B, 4, 1>,
+                2 => k::rows::<B, 2, 2>,
+                _ => k::rows::<B, 1, 4>,
+            }
+        }
         return match ty {
-            GgmlType::F32 => Some(avx2::f32_row::<T>),
-            GgmlType::F16 => Some(avx2::f16_row::<T>),
-            GgmlType::BF16 => Some(avx2::bf16_row::<T>),
-            GgmlType::Q4_0 => Some(avx2::q4_0_row::<T>),
-            GgmlType::Q4_1 => Some(avx2::q4_1_row::<T>),
-            GgmlType::Q8_0 => Some(avx2::q8_0_row::<T>),
+            GgmlType::F32 => Some(pick::<k::F32>(t)),
+            GgmlType::F16 => Some(pick::<k::F16>(t)),
+            GgmlType::BF16 => Some(pick::<k::BF16>(t)),
+            GgmlType::Q4_0 => Some(pick::<k::Q4_0>(t)),
+            GgmlType::Q4_1 => Some(pick::<k::Q4_1>(t)),
+            GgmlType::Q8_0 => Some(pick::<k::Q8_0>(t)),
             _ => None,
         };
     }
     let _ = isa;
+    use scalar as k;
+    fn pick<B: k::Block>(t: usize) -> RowsFn {
+        match t {
+            8 => k::rows::<B, 8>,
+            4 => k::rows::<B, 4>,
+            2 => k::rows::<B, 2>,
+            _ => k::rows::<B, 1>,
+        }
+    }
     match ty {
-        GgmlType::F32 => Some(scalar::f32_row::<T>),
-        GgmlType::F16 => Some(scalar::f16_row::<T>),
-        GgmlType::BF16 => Some(scalar::bf16_row::<T>),
-        GgmlType::Q4_0 => Some(scalar::q4_0_row::<T>),
-        GgmlType::Q4_1 => Some(scalar::q4_1_row::<T>),
-        GgmlType::Q8_0 => Some(scalar::q8_0_row::<T>),
+        GgmlType::F32 => Some(pick::<k::F32>(t)),
+        GgmlType::F16 => Some(pick::<k::F16>(t)),
+        GgmlType::BF16 => Some(pick::<k::BF16>(t)),
+        GgmlType::Q4_0 => Some(pick::<k::Q4_0>(t)),
+        GgmlType::Q4_1 => Some(pick::<k::Q4_1>(t)),
+        GgmlType::Q8_0 => Some(pick::<k::Q8_0>(t)),
         _ => None,
     }
 }
@@ -336,17 +368,12 @@ impl<'a> QMatrix<'a> {
         } else {
             tracing::debug_span!("matmul", ty = %self.ty, rows, cols, n).entered()
         };
-        let sx = if self.ty == GgmlType::Q4_1 {
-            block_sums(x, cols)
-        } else {
-            Vec::new()
-        };
         let out = OutPtr(y.as_mut_ptr());
         let err: Mutex<Option<ModelError>> = Mutex::new(None);
         let job = |range: Range<usize>| {
             // SAFETY: `y` has `n·rows` floats (checked above) and each row index is in exactly one
             // range, so no two threads write the same element; `y` outlives the call.
-            if let Err(e) = unsafe { self.rows_job(isa, range, x, n, &sx, out) } {
+            if let Err(e) = unsafe { self.rows_job(isa, range, x, n, out) } {
                 let mut slot = err.lock().unwrap_or_else(|p| p.into_inner());
                 slot.get_or_insert(e);
             }
@@ -362,87 +389,55 @@ impl<'a> QMatrix<'a> {
         }
     }
 
-    /// Computes rows `range` of every token into `out`.
+    /// Computes rows `range` of every token into `out`, tile by tile.
     ///
     /// # Safety
-    /// `x.len() == n·cols`, `out` points to `n·rows` writable floats of which no other thread
-    /// writes the rows in `range`, `range` lies in `0..rows`, and the kernels of `isa` are supported.
+    /// `out` points to `n·rows` writable floats of which no other thread accesses the rows in
+    /// `range`, `x.len() == n·cols`, and the kernels of `isa` are supported.
     unsafe fn rows_job(
         &self,
         isa: Isa,
         range: Range<usize>,
         x: &[f32],
         n: usize,
-        sx: &[f32],
         out: OutPtr,
     ) -> Result<(), ModelError> {
-        if row_kernel::<1>(self.ty, isa).is_none() {
+        if kernel(self.ty, isa, 1).is_none() {
             // SAFETY: forwarded contract.
             return unsafe { self.rows_job_dequant(isa, range, x, n, out) };
         }
-        let nb = self.cols / QK;
+        if range.end > self.rows {
+            return Err(ModelError::Shape(format!("rows {range:?} out of range")));
+        }
+        let cols = self.cols;
         let mut t0 = 0;
         while t0 < n {
-            let t = match n - t0 {
-                r if r >= 8 => 8,
-                r if r >= 4 => 4,
-                r if r >= 2 => 2,
-                _ => 1,
-            };
+            let t = tile_len(n - t0);
+            let f = kernel(self.ty, isa, t)
+                .ok_or_else(|| ModelError::Config(format!("no kernel for {}", self.ty)))?;
             let xt = x
-                .get(t0 * self.cols..(t0 + t) * self.cols)
-                .unwrap_or_default();
-            let st = sx.get(t0 * nb..(t0 + t) * nb).unwrap_or_default();
-            // SAFETY: forwarded contract; `xt` holds the tile's `t` tokens.
+                .get(t0 * cols..(t0 + t) * cols)
+                .ok_or_else(|| ModelError::Shape("input shorter than its token count".into()))?;
+            // SAFETY: `data` holds all rows (checked in `new`), `xt` the tile's `t` tokens, and the
+            // tile's outputs `(t0 + j)·rows + r` lie in `y` and belong to this range (contract).
             unsafe {
-                match t {
-                    8 => self.tile::<8>(isa, range.clone(), xt, st, t0, out),
-                    4 => self.tile::<4>(isa, range.clone(), xt, st, t0, out),
-                    2 => self.tile::<2>(isa, range.clone(), xt, st, t0, out),
-                    _ => self.tile::<1>(isa, range.clone(), xt, st, t0, out),
-                }
-            }
+                f(
+                    self.data,
+                    self.row_bytes,
+                    range.clone(),
+                    xt,
+                    cols,
+                    out.get().add(t0 * self.rows),
+                    self.rows,
+                )
+            };
             t0 += t;
         }
         Ok(())
     }
 
-    /// One tile of `T` tokens starting at token `t0`, rows `range`.
-    ///
-    /// # Safety
-    /// As [`QMatrix::rows_job`]; `xt` holds `T·cols` floats and `st` the tile's block sums (Q4_1).
-    unsafe fn tile<const T: usize>(
-        &self,
-        isa: Isa,
-        range: Range<usize>,
-        xt: &[f32],
-        st: &[f32],
-        t0: usize,
-        out: OutPtr,
-    ) {
-        let Some(kernel) = row_kernel::<T>(self.ty, isa) else {
-            return;
-        };
-        if xt.len() != T * self.cols
-            || (self.ty == GgmlType::Q4_1 && st.len() != T * (self.cols / QK))
-        {
-            return;
-        }
-        let y = out.get();
-        for r in range {
-            let Some(row) = self.row(r) else { return };
-            let mut acc = [0.0f32; T];
-            // SAFETY: sizes checked above; `isa` is supported (contract).
-            unsafe { kernel(row, xt, st, self.cols, &mut acc) };
-            for (j, v) in acc.into_iter().enumerate() {
-                // SAFETY: t0 + j < n and r < rows, so the index is below n·rows (contract).
-                unsafe { *y.add((t0 + j) * self.rows + r) = v };
-            }
-        }
-    }
-
-    /// The path for types without a fused kernel: dequantize each row once, then run the `f32`
-    /// kernel over all tokens.
+    /// The path for types without a fused kernel: dequantize each row once (with
+    /// [`crate::quant::dequantize`]), then run the `f32` kernel over all tokens.
     ///
     /// # Safety
     /// As [`QMatrix::rows_job`].
@@ -456,14 +451,6 @@ impl<'a> QMatrix<'a> {
     ) -> Result<(), ModelError> {
         let cols = self.cols;
         let mut w = vec![0.0f32; cols];
-        let y = out.get();
-        let (f8, f1) = match (
-            row_kernel::<8>(GgmlType::F32, isa),
-            row_kernel::<1>(GgmlType::F32, isa),
-        ) {
-            (Some(a), Some(b)) => (a, b),
-            _ => return Err(ModelError::Config("no f32 kernel".into())),
-        };
         for r in range {
             let row = self
                 .row(r)
@@ -472,46 +459,30 @@ impl<'a> QMatrix<'a> {
             let wb: &[u8] = bytemuck::cast_slice(&w);
             let mut t0 = 0;
             while t0 < n {
-                let t = if n - t0 >= 8 { 8 } else { 1 };
-                let xt = x
-                    .get(t0 * cols..(t0 + t) * cols)
-                    .ok_or_else(|| ModelError::Shape("input too short".into()))?;
-                let mut acc = [0.0f32; 8];
-                // SAFETY: `wb` is one f32 row of `cols` elements, `xt` holds `t` tokens.
+                let t = tile_len(n - t0);
+                let f = kernel(GgmlType::F32, isa, t)
+                    .ok_or_else(|| ModelError::Config("no f32 kernel".into()))?;
+                let xt = x.get(t0 * cols..(t0 + t) * cols).ok_or_else(|| {
+                    ModelError::Shape("input shorter than its token count".into())
+                })?;
+                // SAFETY: `wb` is one f32 row of `cols` elements, `xt` holds `t` tokens, and the
+                // outputs `(t0 + j)·rows + r` lie in `y` and belong to this range (contract).
                 unsafe {
-                    if t == 8 {
-                        f8(wb, xt, &[], cols, &mut acc);
-                    } else if let Some(a) = acc.first_chunk_mut::<1>() {
-                        f1(wb, xt, &[], cols, a);
-                    }
-                }
-                for (j, v) in acc.into_iter().take(t).enumerate() {
-                    // SAFETY: t0 + j < n and r < rows (contract).
-                    unsafe { *y.add((t0 + j) * self.rows + r) = v };
-                }
+                    f(
+                        wb,
+                        4 * cols,
+                        0..1,
+                        xt,
+                        cols,
+                        out.get().add(t0 * self.rows + r),
+                        self.rows,
+                    )
+                };
                 t0 += t;
             }
         }
         Ok(())
     }
-}
-
-/// Per-token sums of each 32-element block of `x` (`x.len() / cols` tokens, token-major).
-fn block_sums(x: &[f32], cols: usize) -> Vec<f32> {
-    let mut sx = Vec::with_capacity(x.len() / QK);
-    for tok in x.chunks_exact(cols) {
-        for blk in tok.chunks_exact(QK) {
-            // 8 interleaved partial sums: vectorizes, and is as accurate as a sequential sum.
-            let mut p = [0.0f32; 8];
-            for c in blk.chunks_exact(8) {
-                for (a, v) in p.iter_mut().zip(c) {
-                    *a += v;
-                }
-            }
-            sx.push(((p[0] + p[4]) + (p[1] + p[5])) + ((p[2] + p[6]) + (p[3] + p[7])));
-        }
-    }
-    sx
 }
 
 #[cfg(test)]
@@ -537,16 +508,5 @@ mod tests {
         assert_eq!(Isa::from_env(Some("0")), Isa::best());
         assert_eq!(Isa::from_env(Some("")), Isa::best());
         assert_eq!(Isa::from_env(None), Isa::best());
-    }
-
-    #[test]
-    fn block_sums_per_token() {
-        let x: Vec<f32> = (0..128).map(|i| i as f32).collect();
-        let s = block_sums(&x, 64);
-        assert_eq!(s.len(), 4);
-        for (b, v) in s.iter().enumerate() {
-            let want: f32 = x[b * 32..(b + 1) * 32].iter().sum();
-            assert_eq!(*v, want);
-        }
     }
 }

