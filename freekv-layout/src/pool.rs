@@ -9,7 +9,7 @@ const GROW_CHUNK_PAGES: usize = 64;
 /// A growable pool of host pages in HND layout (`[kv_heads][2][page_size][head_dim]` each).
 ///
 /// Pages are handed out from a free list first, then by growing the backing storage in chunks of
-/// [`GROW_CHUNK_PAGES`] pages. `max_pages` bounds the growth: beyond it `alloc` returns
+/// 64 pages. `max_pages` bounds the growth: beyond it `alloc` returns
 /// [`LayoutError::PoolExhausted`] and nothing already stored is touched.
 #[derive(Debug)]
 pub struct HostPagePool<T> {
