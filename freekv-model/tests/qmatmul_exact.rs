@@ -71,8 +71,9 @@ fn col_counts(ty: GgmlType) -> &'static [usize] {
 
 /// Checks `y` against `Σ w·x` in f64 from the dequantized weights: per element the error must be at
 /// most 1e-5 of `Σ|w·x|` (the sum's own scale), and the norm-wise relative error at most 1e-5.
-fn check(label: &str, w: &[f32], rows: usize, cols: usize, x: &[f32], n: usize, y: &[f32]) {
-    let (mut err2, mut ref2) = (0.0f64, 0.0f64);
+/// Returns the largest per-element error relative to `Σ|w·x|`.
+fn check(label: &str, w: &[f32], rows: usize, cols: usize, x: &[f32], n: usize, y: &[f32]) -> f64 {
+    let (mut err2, mut ref2, mut worst) = (0.0f64, 0.0f64, 0.0f64);
     for t in 0..n {
         let xt = &x[t * cols..(t + 1) * cols];
         for r in 0..rows {
@@ -89,6 +90,7 @@ fn check(label: &str, w: &[f32], rows: usize, cols: usize, x: &[f32], n: usize, 
                 (got - exact).abs() <= 1e-5 * scale,
                 "{label}: y[{t}][{r}] = {got}, want {exact} (scale {scale})"
             );
+            worst = worst.max((got - exact).abs() / scale);
             err2 += (got - exact).powi(2);
             ref2 += exact.powi(2);
         }
@@ -96,6 +98,7 @@ fn check(label: &str, w: &[f32], rows: usize, cols: usize, x: &[f32], n: usize, 
     assert!(ref2 > 0.0, "{label}: degenerate reference");
     let rel = (err2 / ref2).sqrt();
     assert!(rel <= 1e-5, "{label}: norm-wise relative error {rel:e}");
+    worst
 }
 
 fn isas() -> Vec<Isa> {
@@ -113,6 +116,7 @@ fn every_type_both_isas_matvec_and_matmul_match_reference() {
     let pool = ThreadPool::new(3);
     let mut rng = StdRng::seed_from_u64(0x5eed_0001);
     for ty in TYPES {
+        let mut worst = [0.0f64; 2];
         for &cols in col_counts(ty) {
             for rows in [7usize, 67] {
                 let data = random_matrix(&mut rng, ty, rows, cols);
@@ -147,11 +151,17 @@ fn every_type_both_isas_matvec_and_matmul_match_reference() {
                         let mut y = vec![f32::NAN; n * rows];
                         m.matmul_with(&pool, isa, &x[..n * cols], n, &mut y)
                             .unwrap();
-                        check(&format!("{label} matmul n={n}"), &w, rows, cols, &x, n, &y);
+                        let e = check(&format!("{label} matmul n={n}"), &w, rows, cols, &x, n, &y);
+                        worst[usize::from(isa != Isa::Scalar)] =
+                            worst[usize::from(isa != Isa::Scalar)].max(e);
                     }
                 }
             }
         }
+        println!(
+            "{ty}: worst |y - exact| / Σ|w·x|: scalar {:.2e}, simd {:.2e}",
+            worst[0], worst[1]
+        );
     }
 }
 
