@@ -334,6 +334,44 @@ pub fn dequantize_to_vec(ty: GgmlType, data: &[u8], n: usize) -> Result<Vec<f32>
     Ok(out)
 }
 
+/// Converts little-endian f16 bytes to f32 (as many as both sides hold), with F16C when the
+/// CPU has it and the lengths match exactly.
+fn f16_slice_to_f32(data: &[u8], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if data.len() == 2 * out.len()
+        && std::arch::is_x86_feature_detected!("f16c")
+        && std::arch::is_x86_feature_detected!("avx")
+    {
+        // SAFETY: the features the function needs were just detected.
+        unsafe { f16_slice_to_f32_f16c(data, out) };
+        return;
+    }
+    let (inp, _) = data.as_chunks::<2>();
+    for (o, i) in out.iter_mut().zip(inp) {
+        *o = f16_to_f32(u16::from_le_bytes(*i));
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,f16c")]
+fn f16_slice_to_f32_f16c(data: &[u8], out: &mut [f32]) {
+    use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm256_cvtph_ps, _mm256_storeu_ps};
+    let (inp, in_rest) = data.as_chunks::<16>();
+    let (outp, out_rest) = out.as_chunks_mut::<8>();
+    for (i, o) in inp.iter().zip(outp.iter_mut()) {
+        // SAFETY: `i` is 16 readable bytes and `o` 8 writable f32s; both intrinsics are unaligned.
+        unsafe {
+            let h = _mm_loadu_si128(i.as_ptr().cast::<__m128i>());
+            _mm256_storeu_ps(o.as_mut_ptr(), _mm256_cvtph_ps(h));
+        }
+    }
+    // The last fewer-than-8 elements (the caller guarantees data.len() == 2 * out.len()).
+    let (tail_in, _) = in_rest.as_chunks::<2>();
+    for (o, i) in out_rest.iter_mut().zip(tail_in) {
+        *o = f16_to_f32(u16::from_le_bytes(*i));
+    }
+}
+
 /// Dequantizes whole blocks; sizes were checked by the caller (extra input or output is ignored).
 fn dequantize_serial(ty: GgmlType, data: &[u8], out: &mut [f32]) {
     fn blocks<B: Pod, const IN: usize, const N: usize>(
@@ -355,12 +393,7 @@ fn dequantize_serial(ty: GgmlType, data: &[u8], out: &mut [f32]) {
                 *o = f32::from_le_bytes(*i);
             }
         }
-        GgmlType::F16 => {
-            let (inp, _) = data.as_chunks::<2>();
-            for (o, i) in out.iter_mut().zip(inp) {
-                *o = f16_to_f32(u16::from_le_bytes(*i));
-            }
-        }
+        GgmlType::F16 => f16_slice_to_f32(data, out),
         GgmlType::BF16 => {
             let (inp, _) = data.as_chunks::<2>();
             for (o, i) in out.iter_mut().zip(inp) {
@@ -518,6 +551,26 @@ mod tests {
                     got.to_bits(),
                     want.to_bits(),
                     "{bits:#06x}: {got} vs {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn f16_slices_with_tails() {
+        // Lengths around the 8-wide vector step; every output position checked.
+        for n in [0usize, 1, 7, 8, 9, 15, 16, 17, 100] {
+            let bits: Vec<u16> = (0..n as u16)
+                .map(|i| i.wrapping_mul(2731) ^ 0x3C00)
+                .collect();
+            let bytes: Vec<u8> = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
+            let mut out = vec![f32::NAN; n];
+            f16_slice_to_f32(&bytes, &mut out);
+            for (b, o) in bits.iter().zip(&out) {
+                let want = f16::from_bits(*b).to_f32();
+                assert!(
+                    want.to_bits() == o.to_bits() || (want.is_nan() && o.is_nan()),
+                    "{n}: {b:#x}"
                 );
             }
         }
