@@ -1,4 +1,5 @@
-// Paged decode attention (one query token per sequence) over NHD pages
+// Paged decode attention (one query token per sequence) over NHD pages (dynamic shared memory:
+// DEC_STAGES * 2 * 64 * D * 2 bytes, set by the launcher)
 // pages[num_pages][2][page_size][kv_heads][D], flash-decoding style:
 //   grid = (num_splits, kv_heads * (group / G), batch), 128 threads.
 // A block handles G query heads of one KV group (so every K/V row it loads serves G heads) over one
@@ -8,7 +9,10 @@
 
 #define DEC_THREADS 128
 #define DEC_TILE 64
+#define DEC_STAGES 3
 
+// K/V tiles of 64 tokens stream through a DEC_STAGES-deep cp.async pipeline in dynamic shared
+// memory: [stage][K|V][64 tokens][D/8 chunks of 16 bytes].
 template <int D, int G>
 __device__ __forceinline__ void decode_attn(const bf16* __restrict__ q, u64 q_stride, const bf16* __restrict__ pages,
                                             const i32* __restrict__ page_table, u32 table_stride,
@@ -19,11 +23,14 @@ __device__ __forceinline__ void decode_attn(const bf16* __restrict__ q, u64 q_st
     constexpr int LPT = D / 8;              // lanes per K/V row (8 elements = 16 bytes each)
     constexpr int TPP = DEC_THREADS / LPT;  // rows per pass
     constexpr int PASSES = DEC_TILE / TPP;
+    constexpr int CPT = DEC_TILE * LPT / DEC_THREADS;  // 16-byte chunks per thread per K (or V) tile
     constexpr int GW = (G + 3) / 4;  // heads per warp in the softmax step (4 warps)
+    extern __shared__ uint4 kv_smem[];
     __shared__ float s_p[G][DEC_TILE];
     __shared__ float s_alpha[G];
     __shared__ float s_ml[G][2];
     __shared__ float s_red[TPP][D];
+    __shared__ unsigned char s_ok[DEC_STAGES][DEC_TILE];
 
     const u32 split = blockIdx.x;
     const u32 nsub = group / G;
@@ -41,6 +48,47 @@ __device__ __forceinline__ void decode_attn(const bf16* __restrict__ q, u64 q_st
     const i32 start = (i32)(split * chunk);
     // The last split takes every remaining token, so lengths above the planned maximum stay exact.
     const i32 end = (split + 1 == num_splits) ? len : min(len, start + (i32)chunk);
+    const int ntiles = end > start ? (end - start + DEC_TILE - 1) / DEC_TILE : 0;
+
+    const i32* table = page_table + (u64)b * table_stride;
+    const u64 row = (u64)kv_heads * D;
+    const u64 page_elems = 2ull * page_size * row;
+
+    auto issue = [&](int tile) {
+        const int stage = tile % DEC_STAGES;
+        const i32 t0 = start + tile * DEC_TILE;
+#pragma unroll
+        for (int j = 0; j < CPT; ++j) {
+            const int c = tid + j * DEC_THREADS;
+            const int tok = c / LPT, part = c % LPT;
+            const i32 pos = t0 + tok;
+            uint4* dk = kv_smem + ((stage * 2 + 0) * DEC_TILE + tok) * LPT + part;
+            uint4* dv = kv_smem + ((stage * 2 + 1) * DEC_TILE + tok) * LPT + part;
+            bool ok = false;
+            if (pos < end) {
+                const i32 pg = table[(u32)pos / page_size];
+                if (pg >= 0 && (u32)pg < num_pages) {
+                    ok = true;
+                    const bf16* kp = pages + (u64)pg * page_elems + (u64)((u32)pos % page_size) * row +
+                                     (u64)kvh * D + part * 8;
+                    cp_async16(dk, kp);
+                    cp_async16(dv, kp + (u64)page_size * row);
+                }
+            }
+            if (!ok) {
+                *dk = make_uint4(0u, 0u, 0u, 0u);
+                *dv = make_uint4(0u, 0u, 0u, 0u);
+            }
+            if (part == 0) s_ok[stage][tok] = ok ? 1 : 0;
+        }
+        cp_async_commit();
+    };
+
+#pragma unroll
+    for (int st = 0; st < DEC_STAGES - 1; ++st) {
+        if (st < ntiles) issue(st);
+        else cp_async_commit();
+    }
 
     float qf[G][8];
 #pragma unroll
@@ -61,34 +109,19 @@ __device__ __forceinline__ void decode_attn(const bf16* __restrict__ q, u64 q_st
         l_r[j] = 0.0f;
     }
 
-    const i32* table = page_table + (u64)b * table_stride;
-    const u64 row = (u64)kv_heads * D;
-    const u64 page_elems = 2ull * page_size * row;
-    const u64 head_off = (u64)kvh * D + li * 8;
-
-    for (i32 t0 = start; t0 < end; t0 += DEC_TILE) {
-        uint4 kr[PASSES], vr[PASSES];
-        bool ok[PASSES];
+    for (int tile = 0; tile < ntiles; ++tile) {
+        if (tile + DEC_STAGES - 1 < ntiles) issue(tile + DEC_STAGES - 1);
+        else cp_async_commit();
+        cp_async_wait<DEC_STAGES - 1>();
+        __syncthreads();
+        const int stage = tile % DEC_STAGES;
+        const uint4* ks = kv_smem + (stage * 2 + 0) * DEC_TILE * LPT;
+        const uint4* vs = kv_smem + (stage * 2 + 1) * DEC_TILE * LPT;
 #pragma unroll
         for (int p = 0; p < PASSES; ++p) {
-            const i32 pos = t0 + p * TPP + ri;
-            ok[p] = false;
-            kr[p] = make_uint4(0u, 0u, 0u, 0u);
-            vr[p] = make_uint4(0u, 0u, 0u, 0u);
-            if (pos < end) {
-                const i32 pg = table[(u32)pos / page_size];
-                if (pg >= 0 && (u32)pg < num_pages) {
-                    ok[p] = true;
-                    const bf16* kp = pages + (u64)pg * page_elems + (u64)((u32)pos % page_size) * row + head_off;
-                    kr[p] = *reinterpret_cast<const uint4*>(kp);
-                    vr[p] = *reinterpret_cast<const uint4*>(kp + (u64)page_size * row);
-                }
-            }
-        }
-#pragma unroll
-        for (int p = 0; p < PASSES; ++p) {
+            const int tt = p * TPP + ri;
             float kf[8];
-            unpack8(kr[p], kf);
+            unpack8(ks[tt * LPT + li], kf);
             float dot[G];
 #pragma unroll
             for (int g = 0; g < G; ++g) {
@@ -102,8 +135,9 @@ __device__ __forceinline__ void decode_attn(const bf16* __restrict__ q, u64 q_st
 #pragma unroll
                 for (int g = 0; g < G; ++g) dot[g] += __shfl_xor_sync(0xffffffffu, dot[g], o);
             if (li == 0) {
+                const bool ok = s_ok[stage][tt] != 0;
 #pragma unroll
-                for (int g = 0; g < G; ++g) s_p[g][p * TPP + ri] = ok[p] ? dot[g] : -FK_INF;
+                for (int g = 0; g < G; ++g) s_p[g][tt] = ok ? dot[g] : -FK_INF;
             }
         }
         __syncthreads();
@@ -133,19 +167,19 @@ __device__ __forceinline__ void decode_attn(const bf16* __restrict__ q, u64 q_st
         }
 #pragma unroll
         for (int p = 0; p < PASSES; ++p) {
-            if (ok[p]) {
-                float vf[8];
-                unpack8(vr[p], vf);
+            const int tt = p * TPP + ri;
+            float vf[8];
+            unpack8(vs[tt * LPT + li], vf);
 #pragma unroll
-                for (int g = 0; g < G; ++g) {
-                    const float pw = s_p[g][p * TPP + ri];
+            for (int g = 0; g < G; ++g) {
+                const float pw = s_p[g][tt];
 #pragma unroll
-                    for (int e = 0; e < 8; ++e) acc[g][e] = fmaf(pw, vf[e], acc[g][e]);
-                }
+                for (int e = 0; e < 8; ++e) acc[g][e] = fmaf(pw, vf[e], acc[g][e]);
             }
         }
         __syncthreads();
     }
+    cp_async_wait<0>();
 
 #pragma unroll
     for (int j = 0; j < GW; ++j) {

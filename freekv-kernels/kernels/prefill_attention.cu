@@ -1,5 +1,6 @@
 // Causal prefill attention over paged NHD KV, tiled flash-attention style (online softmax) on the
-// bf16 tensor cores (mma.sync m16n8k16, fp32 accumulation).
+// bf16 tensor cores (mma.sync m16n8k16, fp32 accumulation), K/V tiles double-buffered with cp.async
+// in dynamic shared memory (4 * 64 * (D + 8) * 2 bytes, set by the launcher).
 //   grid = (ceil(max_q * group / 64), kv_heads, batch), 128 threads (4 warps x 16 rows).
 // The rows of a tile are (query token, query head of the KV group) pairs, so one K/V tile load
 // serves the whole group. Query i of sequence b (q_start[b] <= i < q_start[b+1]) sits at position
@@ -41,9 +42,11 @@ __device__ __forceinline__ void prefill_attn(const bf16* __restrict__ q, u64 q_s
     constexpr int CPR = D / 8;  // 16-byte chunks per row
     constexpr int NB = D / 8;   // n-blocks of the output
     constexpr int KS = D / 16;  // k-steps of Q K^T
-    __shared__ __align__(16) bf16 sm_a[PF_BM * LD];  // Q tile, then each K tile
-    __shared__ __align__(16) bf16 sm_v[PF_BN * LD];
-    __shared__ unsigned char sm_ok[PF_BN];
+    // Dynamic shared memory: two pipeline stages of [K tile][V tile], 64 x LD each. The Q tile is
+    // staged in stage 1 before the pipeline starts.
+    extern __shared__ __align__(16) unsigned char pf_smem[];
+    bf16* const sm = reinterpret_cast<bf16*>(pf_smem);
+    __shared__ unsigned char sm_ok[2][PF_BN];
 
     const u32 group = q_heads / kv_heads;
     const u32 b = blockIdx.z, kvh = blockIdx.y;
@@ -61,6 +64,43 @@ __device__ __forceinline__ void prefill_attn(const bf16* __restrict__ q, u64 q_s
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int gq = lane >> 2, tq = lane & 3;
 
+    const u32 rlast = min(row0 + PF_BM, rows) - 1;
+    const i32 kv_end = min(kv_len, pos0 + (i32)(rlast / group) + 1);
+    const int ntiles = kv_end > 0 ? (kv_end + PF_BN - 1) / PF_BN : 0;
+    const i32* table = page_table + (u64)b * table_stride;
+    const u64 rowe = (u64)kv_heads * D;
+    const u64 page_elems = 2ull * page_size * rowe;
+
+    // Queues the K and V rows of tile t into stage t & 1 (zeros where there is no token).
+    auto issue = [&](int t) {
+        const int stage = t & 1;
+        bf16* ks = sm + (2 * stage) * PF_BN * LD;
+        bf16* vs = ks + PF_BN * LD;
+        const i32 k0 = t * PF_BN;
+        for (int c = tid; c < PF_BN * CPR; c += PF_THREADS) {
+            const int r = c / CPR, ch = c % CPR;
+            const i32 pos = k0 + r;
+            bool ok = false;
+            if (pos < kv_end) {
+                const i32 pg = table[(u32)pos / page_size];
+                if (pg >= 0 && (u32)pg < num_pages) {
+                    ok = true;
+                    const bf16* kp = pages + (u64)pg * page_elems + (u64)((u32)pos % page_size) * rowe +
+                                     (u64)kvh * D + ch * 8;
+                    cp_async16(ks + r * LD + ch * 8, kp);
+                    cp_async16(vs + r * LD + ch * 8, kp + (u64)page_size * rowe);
+                }
+            }
+            if (!ok) {
+                *reinterpret_cast<uint4*>(ks + r * LD + ch * 8) = make_uint4(0u, 0u, 0u, 0u);
+                *reinterpret_cast<uint4*>(vs + r * LD + ch * 8) = make_uint4(0u, 0u, 0u, 0u);
+            }
+            if (ch == 0) sm_ok[stage][r] = ok ? 1 : 0;
+        }
+        cp_async_commit();
+    };
+
+    bf16* const sq = sm + 2 * PF_BN * LD;  // stage 1 holds the Q tile until the pipeline starts
     for (int c = tid; c < PF_BM * CPR; c += PF_THREADS) {
         const int r = c / CPR, ch = c % CPR;
         const u32 R = row0 + r;
@@ -69,56 +109,40 @@ __device__ __forceinline__ void prefill_attn(const bf16* __restrict__ q, u64 q_s
             const u32 tok = R / group, hh = kvh * group + R % group;
             val = *reinterpret_cast<const uint4*>(q + (u64)(qs + (i32)tok) * q_stride + (u64)hh * D + ch * 8);
         }
-        *reinterpret_cast<uint4*>(sm_a + r * LD + ch * 8) = val;
+        *reinterpret_cast<uint4*>(sq + r * LD + ch * 8) = val;
     }
+    if (ntiles > 0) issue(0);
+    else cp_async_commit();
     __syncthreads();
     const int wr = warp * 16;
     u32 qa[KS][4];
 #pragma unroll
     for (int kk = 0; kk < KS; ++kk) {
-        qa[kk][0] = *reinterpret_cast<const u32*>(sm_a + (wr + gq) * LD + kk * 16 + 2 * tq);
-        qa[kk][1] = *reinterpret_cast<const u32*>(sm_a + (wr + gq + 8) * LD + kk * 16 + 2 * tq);
-        qa[kk][2] = *reinterpret_cast<const u32*>(sm_a + (wr + gq) * LD + kk * 16 + 8 + 2 * tq);
-        qa[kk][3] = *reinterpret_cast<const u32*>(sm_a + (wr + gq + 8) * LD + kk * 16 + 8 + 2 * tq);
+        qa[kk][0] = *reinterpret_cast<const u32*>(sq + (wr + gq) * LD + kk * 16 + 2 * tq);
+        qa[kk][1] = *reinterpret_cast<const u32*>(sq + (wr + gq + 8) * LD + kk * 16 + 2 * tq);
+        qa[kk][2] = *reinterpret_cast<const u32*>(sq + (wr + gq) * LD + kk * 16 + 8 + 2 * tq);
+        qa[kk][3] = *reinterpret_cast<const u32*>(sq + (wr + gq + 8) * LD + kk * 16 + 8 + 2 * tq);
     }
+    __syncthreads();
 
     const u32 R0 = row0 + wr + gq, R1 = R0 + 8;
     const i32 qp0 = (R0 < rows) ? pos0 + (i32)(R0 / group) : -1;
     const i32 qp1 = (R1 < rows) ? pos0 + (i32)(R1 / group) : -1;
-    const u32 rlast = min(row0 + PF_BM, rows) - 1;
-    const i32 kv_end = min(kv_len, pos0 + (i32)(rlast / group) + 1);
 
     float o[NB][4];
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb) o[nb][0] = o[nb][1] = o[nb][2] = o[nb][3] = 0.0f;
     float m0 = -FK_INF, m1 = -FK_INF, l0 = 0.0f, l1 = 0.0f;
 
-    const i32* table = page_table + (u64)b * table_stride;
-    const u64 rowe = (u64)kv_heads * D;
-    const u64 page_elems = 2ull * page_size * rowe;
-
-    for (i32 k0 = 0; k0 < kv_end; k0 += PF_BN) {
+    for (int t = 0; t < ntiles; ++t) {
+        if (t + 1 < ntiles) issue(t + 1);
+        else cp_async_commit();
+        cp_async_wait<1>();
         __syncthreads();
-        for (int c = tid; c < PF_BN * CPR; c += PF_THREADS) {
-            const int r = c / CPR, ch = c % CPR;
-            const i32 pos = k0 + r;
-            uint4 kv = make_uint4(0u, 0u, 0u, 0u), vv = make_uint4(0u, 0u, 0u, 0u);
-            bool ok = false;
-            if (pos < kv_end) {
-                const i32 pg = table[(u32)pos / page_size];
-                if (pg >= 0 && (u32)pg < num_pages) {
-                    ok = true;
-                    const bf16* kp = pages + (u64)pg * page_elems + (u64)((u32)pos % page_size) * rowe +
-                                     (u64)kvh * D + ch * 8;
-                    kv = *reinterpret_cast<const uint4*>(kp);
-                    vv = *reinterpret_cast<const uint4*>(kp + (u64)page_size * rowe);
-                }
-            }
-            *reinterpret_cast<uint4*>(sm_a + r * LD + ch * 8) = kv;
-            *reinterpret_cast<uint4*>(sm_v + r * LD + ch * 8) = vv;
-            if (ch == 0) sm_ok[r] = ok ? 1 : 0;
-        }
-        __syncthreads();
+        const i32 k0 = t * PF_BN;
+        const bf16* ks = sm + (2 * (t & 1)) * PF_BN * LD;
+        const bf16* vs = ks + PF_BN * LD;
+        const unsigned char* okp = sm_ok[t & 1];
 
         float s[8][4];
 #pragma unroll
@@ -130,7 +154,7 @@ __device__ __forceinline__ void prefill_attn(const bf16* __restrict__ q, u64 q_s
                 u32 b0, b1, b2, b3;
                 const int kr = (j + (lane >> 4)) * 8 + (lane & 7);
                 const int kc = kk * 16 + ((lane >> 3) & 1) * 8;
-                ldsm_x4(b0, b1, b2, b3, sm_a + kr * LD + kc);
+                ldsm_x4(b0, b1, b2, b3, ks + kr * LD + kc);
                 mma_16816(s[j], qa[kk], b0, b1);
                 mma_16816(s[j + 1], qa[kk], b2, b3);
             }
@@ -143,7 +167,7 @@ __device__ __forceinline__ void prefill_attn(const bf16* __restrict__ q, u64 q_s
                 const int kl = j * 8 + 2 * tq + (c & 1);
                 const i32 kpos = k0 + kl;
                 const i32 qp = (c < 2) ? qp0 : qp1;
-                const bool vis = kpos <= qp && kpos < kv_end && sm_ok[kl];
+                const bool vis = kpos <= qp && kpos < kv_end && okp[kl];
                 s[j][c] = vis ? s[j][c] * scale_log2 : -FK_INF;
             }
         }
@@ -194,12 +218,14 @@ __device__ __forceinline__ void prefill_attn(const bf16* __restrict__ q, u64 q_s
                 u32 b0, b1, b2, b3;
                 const int vr = kt * 16 + (lane & 15);
                 const int vc = (nb + (lane >> 4)) * 8;
-                ldsm_x4_t(b0, b1, b2, b3, sm_v + vr * LD + vc);
+                ldsm_x4_t(b0, b1, b2, b3, vs + vr * LD + vc);
                 mma_16816(o[nb], a, b0, b1);
                 mma_16816(o[nb + 1], a, b2, b3);
             }
         }
+        __syncthreads();  // stage t & 1 is refilled by the next iteration's issue(t + 2)
     }
+    cp_async_wait<0>();
 
     l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
     l0 += __shfl_xor_sync(0xffffffffu, l0, 2);

@@ -8,11 +8,15 @@
 //     sum is an exact, order-independent integer;
 //  4. top_p < 1: keep the shortest prefix whose weight reaches ceil(top_p * Z) (at least one token);
 //  5. pick the first token of the prefix whose cumulative weight reaches floor(u * Z') + 1.
-// When at most 1024 tokens remain after step 2 they are sorted in shared memory; otherwise steps 4-5
-// use radix selection over the whole row (exact as well, slower).
+// Fast path: the sorted per-thread maxima bound the prefix that can matter (the k-th largest thread
+// maximum for top-k; for top-p / plain sampling the shortest run of thread maxima whose weight
+// reaches the target), the few tokens above that bound are gathered, sorted and scanned in shared
+// memory. When the bound admits more than SMP_CAP tokens (or 1024 < top_k < vocab), radix selection
+// over the whole row gives the same answer, more slowly.
 
 #define SMP_THREADS 1024
-#define SMP_CAP 1024
+#define SMP_CAP 2048
+#define SMP_UNROLL 8
 
 struct SelState {
     u64 hist[256];
@@ -100,6 +104,68 @@ __device__ __forceinline__ u64 clamp_target(double t, u64 total) {
     return (u64)t;
 }
 
+// Calls f(x[i], i) for every i < n, each thread taking i = threadIdx.x (mod blockDim.x), with
+// SMP_UNROLL independent loads in flight.
+template <typename F>
+__device__ __forceinline__ void for_each_row(const float* __restrict__ x, u32 n, F&& f) {
+    const u32 stride = blockDim.x;
+    u32 base = 0;
+    for (; base + SMP_UNROLL * stride <= n; base += SMP_UNROLL * stride) {
+        float v[SMP_UNROLL];
+#pragma unroll
+        for (int j = 0; j < SMP_UNROLL; ++j) v[j] = x[base + j * stride + threadIdx.x];
+#pragma unroll
+        for (int j = 0; j < SMP_UNROLL; ++j) f(v[j], base + j * stride + threadIdx.x);
+    }
+    for (u32 i = base + threadIdx.x; i < n; i += stride) f(x[i], i);
+}
+
+// Sorts a[0..n) (n a power of two, <= 2 * blockDim.x) in descending order. Ends with a barrier.
+__device__ void bitonic_desc(u64* a, u32 n) {
+    for (u32 size = 2; size <= n; size <<= 1) {
+        for (u32 stride = size >> 1; stride > 0; stride >>= 1) {
+            __syncthreads();
+            for (u32 p = threadIdx.x; p < n / 2; p += blockDim.x) {
+                const u32 i = (p / stride) * 2 * stride + (p % stride);
+                const u32 j = i + stride;
+                const u64 x = a[i], y = a[j];
+                const bool desc = (i & size) == 0;
+                if (desc ? (x < y) : (x > y)) {
+                    a[i] = y;
+                    a[j] = x;
+                }
+            }
+        }
+    }
+    __syncthreads();
+}
+
+// Inclusive prefix sums over a block of 1024 threads, one value each. Ends with a barrier.
+__device__ u64 block_scan_u64(u64 w, u64* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const u64 y = __shfl_up_sync(0xffffffffu, w, o);
+        if (lane >= o) w += y;
+    }
+    __syncthreads();
+    if (lane == 31) scratch[warp] = w;
+    __syncthreads();
+    if (warp == 0) {
+        u64 t = scratch[lane];
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const u64 y = __shfl_up_sync(0xffffffffu, t, o);
+            if (lane >= o) t += y;
+        }
+        scratch[lane] = t;
+    }
+    __syncthreads();
+    if (warp > 0) w += scratch[warp - 1];
+    __syncthreads();
+    return w;
+}
+
 extern "C" __global__ void __launch_bounds__(SMP_THREADS)
     argmax_f32(i32* __restrict__ out, const float* __restrict__ logits, u32 vocab, u64 row_stride, u32 rows) {
     __shared__ u64 scratch[32];
@@ -107,10 +173,10 @@ extern "C" __global__ void __launch_bounds__(SMP_THREADS)
     if (r >= rows) return;
     const float* x = logits + (u64)r * row_stride;
     u64 best = 0ull;
-    for (u32 i = threadIdx.x; i < vocab; i += blockDim.x) {
-        const u64 k = sort_key(x[i], i);
+    for_each_row(x, vocab, [&](float v, u32 i) {
+        const u64 k = sort_key(v, i);
         best = k > best ? k : best;
-    }
+    });
     best = block_max_u64(best, scratch);
     if (threadIdx.x == 0) out[r] = (i32)key_index(best);
 }
@@ -127,15 +193,16 @@ extern "C" __global__ void __launch_bounds__(SMP_THREADS)
     __shared__ u32 s_pick;
     const u32 r = blockIdx.x;
     if (r >= rows) return;
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int tid = threadIdx.x;
     const float* x = logits + (u64)r * row_stride;
 
-    u64 best = 0ull;
-    for (u32 i = tid; i < vocab; i += blockDim.x) {
-        const u64 k = sort_key(x[i], i);
-        best = k > best ? k : best;
-    }
-    best = block_max_u64(best, scratch);
+    // Pass 1: the maximum of each thread's share and of the row.
+    u64 tmax = 0ull;
+    for_each_row(x, vocab, [&](float v, u32 i) {
+        const u64 k = sort_key(v, i);
+        tmax = k > tmax ? k : tmax;
+    });
+    const u64 best = block_max_u64(tmax, scratch);
     const u32 top = key_index(best);
     const float T = temps[r];
     const i32 K = top_ks[r];
@@ -148,99 +215,107 @@ extern "C" __global__ void __launch_bounds__(SMP_THREADS)
         return;
     }
     const float inv_t = 1.0f / T;
-    const u32 k = (K > 0 && (u32)K < vocab) ? (u32)K : vocab;
-    u64 floor_k = 0ull;
-    if (k < vocab) floor_k = radix_select(x, vocab, 0ull, (u64)k, false, xm, inv_t, &st);
-
-    if (k <= SMP_CAP) {
-        if (tid == 0) s_count = 0u;
-        __syncthreads();
-        for (u32 i = tid; i < vocab; i += blockDim.x) {
-            const u64 key = sort_key(x[i], i);
-            if (key >= floor_k) {
-                const u32 slot = atomicAdd(&s_count, 1u);
-                if (slot < SMP_CAP) s_key[slot] = key;
-            }
-        }
-        __syncthreads();
-        const u32 n = min(s_count, (u32)SMP_CAP);
-        for (u32 i = n + tid; i < SMP_CAP; i += blockDim.x) s_key[i] = 0ull;
-        // bitonic sort, descending
-        for (u32 size = 2; size <= SMP_CAP; size <<= 1) {
-            for (u32 stride = size >> 1; stride > 0; stride >>= 1) {
-                __syncthreads();
-                const u32 i = tid, j = tid ^ stride;
-                if (j > i) {
-                    const u64 a = s_key[i], c = s_key[j];
-                    const bool desc = (i & size) == 0;
-                    if (desc ? (a < c) : (a > c)) {
-                        s_key[i] = c;
-                        s_key[j] = a;
-                    }
-                }
-            }
-        }
-        __syncthreads();
-        u64 w = ((u32)tid < n) ? weight_of(x[key_index(s_key[tid])], xm, inv_t) : 0ull;
-        // inclusive block scan
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            const u64 y = __shfl_up_sync(0xffffffffu, w, o);
-            if (lane >= o) w += y;
-        }
-        if (lane == 31) scratch[warp] = w;
-        __syncthreads();
-        if (warp == 0) {
-            u64 t = scratch[lane];
-#pragma unroll
-            for (int o = 1; o < 32; o <<= 1) {
-                const u64 y = __shfl_up_sync(0xffffffffu, t, o);
-                if (lane >= o) t += y;
-            }
-            scratch[lane] = t;
-        }
-        __syncthreads();
-        if (warp > 0) w += scratch[warp - 1];
-        s_cum[tid] = w;
-        __syncthreads();
-        const u64 z = s_cum[n - 1];
-        u32 cut = n - 1;
-        if (P < 1.0f) {
-            const u64 tp = clamp_target(ceil((double)P * (double)z), z);
-            if (tid == 0) s_pick = n - 1;
+    const bool k_on = K > 0 && (u32)K < vocab;
+    // Fast path unless 1024 < top_k < vocab.
+    bool fast = !k_on || K <= SMP_THREADS;
+    u64 floor_key = 0ull;
+    u64 z_all = 0ull;
+    if (fast) {
+        s_key[tid] = tmax;
+        bitonic_desc(s_key, SMP_THREADS);
+        if (k_on) {
+            floor_key = s_key[K - 1];  // at least K tokens lie at or above it
+        } else {
+            u64 zl = 0ull;
+            for_each_row(x, vocab, [&](float v, u32 i) { zl += weight_of(v, xm, inv_t); });
+            z_all = block_sum_u64(zl, scratch);
+            const u64 target = (P < 1.0f) ? clamp_target(ceil((double)P * (double)z_all), z_all)
+                                          : clamp_target(floor((double)u * (double)z_all) + 1.0, z_all);
+            const u64 mk = s_key[tid];
+            const u64 w = mk ? weight_of(x[key_index(mk)], xm, inv_t) : 0ull;
+            const u64 c = block_scan_u64(w, scratch);
+            if (tid == 0) s_pick = 0xffffffffu;
             __syncthreads();
-            if ((u32)tid < n && s_cum[tid] >= tp && (tid == 0 || s_cum[tid - 1] < tp)) s_pick = tid;
+            const u64 prev = __shfl_up_sync(0xffffffffu, c, 1);
+            const bool first_lane_prev = (tid & 31) == 0;
+            const u64 before = first_lane_prev ? (tid == 0 ? 0ull : scratch[(tid >> 5) - 1]) : prev;
+            if (c >= target && before < target) s_pick = tid;
+            __syncthreads();
+            const u32 j = s_pick;
+            if (j == 0xffffffffu) fast = false;
+            else floor_key = s_key[j];
+        }
+        __syncthreads();
+        if (fast) {
+            if (tid == 0) s_count = 0u;
+            __syncthreads();
+            for_each_row(x, vocab, [&](float v, u32 i) {
+                const u64 k = sort_key(v, i);
+                if (k >= floor_key) {
+                    const u32 slot = atomicAdd(&s_count, 1u);
+                    if (slot < SMP_CAP) s_key[slot] = k;
+                }
+            });
+            __syncthreads();
+            if (s_count > SMP_CAP) fast = false;
+        }
+    }
+    if (fast) {
+        const u32 n = s_count;
+        u32 np = 2;
+        while (np < n) np <<= 1;
+        for (u32 i = n + tid; i < np; i += blockDim.x) s_key[i] = 0ull;
+        bitonic_desc(s_key, np);
+        // Weights and inclusive prefix sums, two consecutive tokens per thread.
+        const u32 i0 = 2 * tid, i1 = 2 * tid + 1;
+        const u64 w0 = i0 < n ? weight_of(x[key_index(s_key[i0])], xm, inv_t) : 0ull;
+        const u64 w1 = i1 < n ? weight_of(x[key_index(s_key[i1])], xm, inv_t) : 0ull;
+        const u64 c = block_scan_u64(w0 + w1, scratch);
+        if (i0 < SMP_CAP) s_cum[i0] = c - w1;
+        if (i1 < SMP_CAP) s_cum[i1] = c;
+        __syncthreads();
+        const u32 last = k_on ? (u32)K - 1 : n - 1;
+        const u64 zb = k_on ? s_cum[last] : z_all;
+        u32 cut = last;
+        u64 zp = zb;
+        if (P < 1.0f) {
+            const u64 tp = clamp_target(ceil((double)P * (double)zb), zb);
+            if (tid == 0) s_pick = last;
+            __syncthreads();
+            for (u32 j = tid; j <= last; j += blockDim.x)
+                if (s_cum[j] >= tp && (j == 0 || s_cum[j - 1] < tp)) s_pick = j;
             __syncthreads();
             cut = s_pick;
+            zp = s_cum[cut];
             __syncthreads();
         }
-        const u64 zp = s_cum[cut];
         const u64 ts = clamp_target(floor((double)u * (double)zp) + 1.0, zp);
         if (tid == 0) s_pick = cut;
         __syncthreads();
-        if ((u32)tid <= cut && s_cum[tid] >= ts && (tid == 0 || s_cum[tid - 1] < ts)) s_pick = tid;
+        for (u32 j = tid; j <= cut; j += blockDim.x)
+            if (s_cum[j] >= ts && (j == 0 || s_cum[j - 1] < ts)) s_pick = j;
         __syncthreads();
         if (tid == 0) out[r] = (i32)key_index(s_key[s_pick]);
         return;
     }
 
-    // Large candidate set: radix selection by weight over the row.
+    // Slow path: radix selection over the whole row.
+    u64 floor_k = 0ull;
+    if (k_on) floor_k = radix_select(x, vocab, 0ull, (u64)K, false, xm, inv_t, &st);
     u64 z = 0ull;
-    for (u32 i = tid; i < vocab; i += blockDim.x) {
-        const float xv = x[i];
-        if (sort_key(xv, i) >= floor_k) z += weight_of(xv, xm, inv_t);
-    }
+    for_each_row(x, vocab, [&](float v, u32 i) {
+        if (sort_key(v, i) >= floor_k) z += weight_of(v, xm, inv_t);
+    });
     z = block_sum_u64(z, scratch);
     u64 floor_p = floor_k, zp = z;
     if (P < 1.0f) {
         const u64 tp = clamp_target(ceil((double)P * (double)z), z);
         floor_p = radix_select(x, vocab, floor_k, tp, true, xm, inv_t, &st);
-        u64 s = 0ull;
-        for (u32 i = tid; i < vocab; i += blockDim.x) {
-            const float xv = x[i];
-            if (sort_key(xv, i) >= floor_p) s += weight_of(xv, xm, inv_t);
-        }
-        zp = block_sum_u64(s, scratch);
+        u64 sum = 0ull;
+        for_each_row(x, vocab, [&](float v, u32 i) {
+            if (sort_key(v, i) >= floor_p) sum += weight_of(v, xm, inv_t);
+        });
+        zp = block_sum_u64(sum, scratch);
     }
     const u64 ts = clamp_target(floor((double)u * (double)zp) + 1.0, zp);
     const u64 pick = radix_select(x, vocab, floor_p, ts, true, xm, inv_t, &st);

@@ -17,6 +17,21 @@ pub const ATTENTION_HEAD_DIMS: [usize; 2] = [64, 128];
 /// Largest number of query heads one decode block serves from a single K/V load.
 pub const MAX_DECODE_GROUP_TILE: usize = 8;
 
+/// Depth of the decode kernel's cp.async pipeline (`DEC_STAGES` in decode_attention.cu).
+pub const DECODE_STAGES: usize = 3;
+
+/// Dynamic shared memory of the decode kernel for head dim `d`: K and V tiles of 64 tokens per
+/// pipeline stage.
+pub const fn decode_smem_bytes(d: usize) -> usize {
+    DECODE_STAGES * 2 * 64 * d * 2
+}
+
+/// Dynamic shared memory of the prefill kernel for head dim `d`: two stages of 64-token K and V
+/// tiles with rows padded by 8 elements.
+pub const fn prefill_smem_bytes(d: usize) -> usize {
+    2 * 2 * 64 * (d + 8) * 2
+}
+
 /// Every kernel function, resolved from the loaded modules.
 #[derive(Debug)]
 pub struct Kernels {
@@ -121,17 +136,31 @@ impl Kernels {
         let decode: [[CudaFunction; MAX_DECODE_GROUP_TILE]; 2] = decode_rows
             .try_into()
             .map_err(|_| KernelError::arg("load", "decode kernel table size"))?;
+        for (row, d) in decode.iter().zip(ATTENTION_HEAD_DIMS) {
+            for f in row {
+                f.set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    decode_smem_bytes(d) as i32,
+                )
+                .map_err(KernelError::driver("decode attention shared memory size"))?;
+            }
+        }
         let prefill = [
             func(&pre, "prefill_attn_d64")?,
             func(&pre, "prefill_attn_d128")?,
         ];
-        for f in &prefill {
-            // Favour shared memory: each block holds a Q/K tile and a V tile.
+        for (f, d) in prefill.iter().zip(ATTENTION_HEAD_DIMS) {
+            // Favour shared memory: each block double-buffers K and V tiles.
             f.set_attribute(
                 CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
                 100,
             )
             .map_err(KernelError::driver("prefill shared memory carveout"))?;
+            f.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                prefill_smem_bytes(d) as i32,
+            )
+            .map_err(KernelError::driver("prefill shared memory size"))?;
         }
         Ok(Self {
             embedding_bf16: func(&ew, "embedding_bf16")?,

@@ -6,13 +6,13 @@ use half::bf16;
 
 use crate::KernelError;
 use crate::kernels::{
-    ATTENTION_HEAD_DIMS, Kernels, MAX_DECODE_GROUP_TILE, Strided, check_align, check_len, grid_dim,
-    mul, u32_arg,
+    ATTENTION_HEAD_DIMS, Kernels, MAX_DECODE_GROUP_TILE, Strided, check_align, check_len,
+    decode_smem_bytes, grid_dim, mul, prefill_smem_bytes, u32_arg,
 };
 
 const DECODE_TILE: usize = 64;
 const DECODE_THREADS: u32 = 128;
-const MIN_SPLIT_TOKENS: usize = 256;
+const MIN_SPLIT_TOKENS: usize = 128;
 const PREFILL_ROWS: usize = 64;
 const PREFILL_THREADS: u32 = 128;
 const LOG2_E: f32 = std::f32::consts::LOG2_E;
@@ -154,8 +154,8 @@ fn group_tile(group: usize) -> usize {
 }
 
 impl Kernels {
-    /// Plans a decode call: picks the group tile and the split of the KV length so that about two
-    /// blocks per SM are busy, with at least 256 tokens per split.
+    /// Plans a decode call: picks the group tile and the split of the KV length so that about four
+    /// blocks per SM are queued (two waves of two resident blocks), with at least 128 tokens per split.
     pub fn plan_decode(
         &self,
         shape: AttentionShape,
@@ -166,7 +166,7 @@ impl Kernels {
         let (_, group) = shape.validate(K)?;
         let gt = group_tile(group);
         let base = batch.max(1) * shape.geom.kv_heads * (group / gt);
-        let target = 2 * self.sm_count as usize;
+        let target = 4 * self.sm_count as usize;
         let by_len = max_seq_len.max(1).div_ceil(MIN_SPLIT_TOKENS);
         let splits = target.div_ceil(base).clamp(1, by_len.max(1));
         let chunk = max_seq_len.max(1).div_ceil(splits).div_ceil(DECODE_TILE) * DECODE_TILE;
@@ -270,7 +270,7 @@ impl Kernels {
         let cfg = LaunchConfig {
             grid_dim: (gx, gy, gz),
             block_dim: (DECODE_THREADS, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: decode_smem_bytes(g.head_dim) as u32,
         };
         let mut b = stream.launch_builder(f);
         b.arg(&qp)
@@ -382,7 +382,7 @@ impl Kernels {
         let cfg = LaunchConfig {
             grid_dim: (gx, gy, gz),
             block_dim: (PREFILL_THREADS, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: prefill_smem_bytes(g.head_dim) as u32,
         };
         let mut b = stream.launch_builder(&self.prefill[di]);
         b.arg(&qp)
