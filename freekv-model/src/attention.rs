@@ -214,7 +214,7 @@ pub struct AttnShape {
 impl AttnShape {
     /// The shape with the standard scale `1 / sqrt(head_dim)`; checks that the heads divide.
     pub fn new(n_heads: usize, n_kv_heads: usize, head_dim: usize) -> Result<Self, ModelError> {
-        if n_heads == 0 || n_kv_heads == 0 || head_dim == 0 || n_heads % n_kv_heads != 0 {
+        if n_heads == 0 || n_kv_heads == 0 || head_dim == 0 || !n_heads.is_multiple_of(n_kv_heads) {
             return Err(ModelError::Shape(format!(
                 "attention with {n_heads} query heads, {n_kv_heads} KV heads, head_dim {head_dim}"
             )));
@@ -362,7 +362,7 @@ pub fn attend_rows<S: KvBlocks + ?Sized>(
     scratch: &mut KernelScratch,
     state: &mut PartialAttn,
 ) -> Result<(), ModelError> {
-    if head_dim == 0 || queries.len() % head_dim != 0 {
+    if head_dim == 0 || !queries.len().is_multiple_of(head_dim) {
         return Err(ModelError::Shape(format!(
             "attention queries of {} floats, head_dim {head_dim}",
             queries.len()
@@ -419,6 +419,11 @@ pub fn attend_rows<S: KvBlocks + ?Sized>(
             )));
         }
         let take = b.rows().saturating_sub(off).min(n - j);
+        if j + take < n
+            && let Ok(next) = src.block(kv_head, bi + 1)
+        {
+            kernels::prefetch(&next, false);
+        }
         kernels::scores(&b, off, take, row0 + j, j, &geo, queries, scale, scores);
         j += take;
         bi += 1;
@@ -453,6 +458,11 @@ pub fn attend_rows<S: KvBlocks + ?Sized>(
     while j < n {
         let b = src.block(kv_head, bi)?;
         let take = b.rows().saturating_sub(off).min(n - j);
+        if j + take < n
+            && let Ok(next) = src.block(kv_head, bi + 1)
+        {
+            kernels::prefetch(&next, true);
+        }
         kernels::accumulate(&b, off, take, row0 + j, j, &geo, scores, &mut state.acc);
         j += take;
         bi += 1;
@@ -613,7 +623,7 @@ pub fn prefill_attention<S: KvBlocks + ?Sized>(
     let d = shape.head_dim;
     let g = shape.group();
     let ql = shape.q_len();
-    if q.len() % ql != 0 || out.len() != q.len() {
+    if !q.len().is_multiple_of(ql) || out.len() != q.len() {
         return Err(ModelError::Shape(format!(
             "prefill attention: q has {} floats, out {}, token size {ql}",
             q.len(),
@@ -963,6 +973,173 @@ pub(crate) mod kernels {
         lanes[0] + t
     }
 
+    /// Explicit AVX2 kernels for `head_dim % 8 == 0`. Scores are computed for 8 rows of one
+    /// query at a time and reduced with one transpose-add; a single row (at block ends) is reduced
+    /// in exactly the same order, so results do not depend on where blocks end.
+    #[cfg(target_arch = "x86_64")]
+    mod avx2 {
+        use std::arch::x86_64::*;
+
+        #[target_feature(enable = "avx2,fma")]
+        #[inline]
+        pub(super) fn load8(a: &[f32]) -> __m256 {
+            let a: &[f32; 8] = a[..8].try_into().unwrap_or(&[0.0; 8]);
+            // SAFETY: `a` is 8 readable floats.
+            unsafe { _mm256_loadu_ps(a.as_ptr()) }
+        }
+
+        #[target_feature(enable = "avx2,fma")]
+        #[inline]
+        pub(super) fn store8(dst: &mut [f32], v: __m256) {
+            if let Some(d) = dst.get_mut(..8) {
+                // SAFETY: `d` is 8 writable floats.
+                unsafe { _mm256_storeu_ps(d.as_mut_ptr(), v) }
+            }
+        }
+
+        /// Lane `i` of the result is the sum of the lanes of `a[i]`, each summed as
+        /// `((l0+l1)+(l2+l3)) + ((l4+l5)+(l6+l7))`.
+        #[target_feature(enable = "avx2,fma")]
+        #[inline]
+        pub(super) fn reduce8(a: &[__m256; 8]) -> __m256 {
+            let t0 = _mm256_hadd_ps(a[0], a[1]);
+            let t1 = _mm256_hadd_ps(a[2], a[3]);
+            let t2 = _mm256_hadd_ps(a[4], a[5]);
+            let t3 = _mm256_hadd_ps(a[6], a[7]);
+            let u0 = _mm256_hadd_ps(t0, t1);
+            let u1 = _mm256_hadd_ps(t2, t3);
+            let lo = _mm256_permute2f128_ps::<0x20>(u0, u1);
+            let hi = _mm256_permute2f128_ps::<0x31>(u0, u1);
+            _mm256_add_ps(lo, hi)
+        }
+
+        /// The sum of the lanes of `a`, in the order of [`reduce8`].
+        #[target_feature(enable = "avx2,fma")]
+        #[inline]
+        pub(super) fn reduce1(a: __m256) -> f32 {
+            let mut l = [0.0f32; 8];
+            store8(&mut l, a);
+            ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]))
+        }
+    }
+
+    /// Row `r` of `keys_or_values` as a fixed-size array (the block's length check makes this
+    /// infallible; a zero row is returned otherwise, which cannot happen).
+    #[inline(always)]
+    fn row_arr<const D: usize>(row: &[f32]) -> &[f32; D] {
+        row.get(..D)
+            .and_then(|r| r.try_into().ok())
+            .unwrap_or(&[0.0; D])
+    }
+
+    /// [`scores_fma`] for a compile-time head dimension: no bounds checks in the inner loops.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    fn scores_const<const D: usize>(
+        b: &KvBlock<'_>,
+        off: usize,
+        take: usize,
+        abs0: usize,
+        j0: usize,
+        geo: &Geo,
+        queries: &[f32],
+        scale: f32,
+        scores: &mut [f32],
+    ) {
+        use avx2::{load8, reduce1, reduce8, store8};
+        use std::arch::x86_64::*;
+        let vscale = _mm256_set1_ps(scale);
+        for qi in 0..geo.n_q {
+            let vis = geo.causal.map_or(take, |c| c.visible(qi, abs0, take));
+            let q: &[f32; D] = row_arr(&queries[qi * D..]);
+            let base = qi * geo.n + j0;
+            let dst = &mut scores[base..base + vis];
+            let mut r = 0;
+            while r + 8 <= vis {
+                let rows: [&[f32; D]; 8] = std::array::from_fn(|i| row_arr(b.key(off + r + i)));
+                let mut acc = [_mm256_setzero_ps(); 8];
+                for cc in 0..D / 8 {
+                    let qc = load8(&q[cc * 8..]);
+                    for i in 0..8 {
+                        acc[i] = _mm256_fmadd_ps(qc, load8(&rows[i][cc * 8..]), acc[i]);
+                    }
+                }
+                store8(&mut dst[r..], _mm256_mul_ps(reduce8(&acc), vscale));
+                r += 8;
+            }
+            while r < vis {
+                let k: &[f32; D] = row_arr(b.key(off + r));
+                let mut acc = _mm256_setzero_ps();
+                for cc in 0..D / 8 {
+                    acc = _mm256_fmadd_ps(load8(&q[cc * 8..]), load8(&k[cc * 8..]), acc);
+                }
+                dst[r] = reduce1(acc) * scale;
+                r += 1;
+            }
+        }
+    }
+
+    /// [`accumulate_fma`] for a compile-time head dimension (a multiple of 64).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    fn accumulate_const<const D: usize>(
+        b: &KvBlock<'_>,
+        off: usize,
+        take: usize,
+        abs0: usize,
+        j0: usize,
+        geo: &Geo,
+        probs: &[f32],
+        acc: &mut [f32],
+    ) {
+        use avx2::{load8, store8};
+        use std::arch::x86_64::*;
+        for qi in 0..geo.n_q {
+            let vis = geo.causal.map_or(take, |c| c.visible(qi, abs0, take));
+            if vis == 0 {
+                continue;
+            }
+            let base = qi * geo.n + j0;
+            let p = &probs[base..base + vis];
+            let out = &mut acc[qi * D..(qi + 1) * D];
+            for s in 0..D / 64 {
+                let mut a: [__m256; 8] = std::array::from_fn(|i| load8(&out[s * 64 + 8 * i..]));
+                for (r, &pr) in p.iter().enumerate() {
+                    let pv = _mm256_set1_ps(pr);
+                    let v: &[f32; D] = row_arr(b.value(off + r));
+                    for i in 0..8 {
+                        a[i] = _mm256_fmadd_ps(pv, load8(&v[s * 64 + 8 * i..]), a[i]);
+                    }
+                }
+                for (i, ai) in a.iter().enumerate() {
+                    store8(&mut out[s * 64 + 8 * i..], *ai);
+                }
+            }
+        }
+    }
+
+    /// Ask the cache hierarchy for the keys (`values == false`) or values of a block.
+    pub(super) fn prefetch(b: &KvBlock<'_>, values: bool) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+            let data = if values { b.values } else { b.keys };
+            let end = (b.rows.saturating_sub(1) * b.stride + b.dim).min(data.len());
+            let mut i = 0;
+            while i < end {
+                if b.stride == b.dim || i % b.stride < b.dim {
+                    // SAFETY: prefetching never faults; the address is inside `data`.
+                    unsafe { _mm_prefetch::<_MM_HINT_T0>(data[i..].as_ptr().cast()) };
+                }
+                i += 16;
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (b, values);
+    }
+
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
@@ -977,7 +1154,50 @@ pub(crate) mod kernels {
         scale: f32,
         scores: &mut [f32],
     ) {
-        scores_impl::<Fused>(b, off, take, abs0, j0, geo, queries, scale, scores)
+        use avx2::{load8, reduce1, reduce8, store8};
+        use std::arch::x86_64::*;
+        let d = geo.d;
+        if !d.is_multiple_of(8) {
+            return scores_impl::<Fused>(b, off, take, abs0, j0, geo, queries, scale, scores);
+        }
+        match d {
+            64 => return scores_const::<64>(b, off, take, abs0, j0, geo, queries, scale, scores),
+            128 => return scores_const::<128>(b, off, take, abs0, j0, geo, queries, scale, scores),
+            _ => {}
+        }
+        let vscale = _mm256_set1_ps(scale);
+        for qi in 0..geo.n_q {
+            let vis = geo.causal.map_or(take, |c| c.visible(qi, abs0, take));
+            let q = &queries[qi * d..(qi + 1) * d];
+            let base = qi * geo.n + j0;
+            let dst = &mut scores[base..base + vis];
+            let mut r = 0;
+            while r + 8 <= vis {
+                let rows: [&[f32]; 8] = std::array::from_fn(|i| b.key(off + r + i));
+                let mut acc = [_mm256_setzero_ps(); 8];
+                let mut c = 0;
+                while c < d {
+                    let qc = load8(&q[c..]);
+                    for i in 0..8 {
+                        acc[i] = _mm256_fmadd_ps(qc, load8(&rows[i][c..]), acc[i]);
+                    }
+                    c += 8;
+                }
+                store8(&mut dst[r..], _mm256_mul_ps(reduce8(&acc), vscale));
+                r += 8;
+            }
+            while r < vis {
+                let k = b.key(off + r);
+                let mut acc = _mm256_setzero_ps();
+                let mut c = 0;
+                while c < d {
+                    acc = _mm256_fmadd_ps(load8(&q[c..]), load8(&k[c..]), acc);
+                    c += 8;
+                }
+                dst[r] = reduce1(acc) * scale;
+                r += 1;
+            }
+        }
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -993,7 +1213,52 @@ pub(crate) mod kernels {
         probs: &[f32],
         acc: &mut [f32],
     ) {
-        accumulate_impl::<Fused>(b, off, take, abs0, j0, geo, probs, acc)
+        use avx2::{load8, store8};
+        use std::arch::x86_64::*;
+        let d = geo.d;
+        if !d.is_multiple_of(8) {
+            return accumulate_impl::<Fused>(b, off, take, abs0, j0, geo, probs, acc);
+        }
+        match d {
+            64 => return accumulate_const::<64>(b, off, take, abs0, j0, geo, probs, acc),
+            128 => return accumulate_const::<128>(b, off, take, abs0, j0, geo, probs, acc),
+            _ => {}
+        }
+        for qi in 0..geo.n_q {
+            let vis = geo.causal.map_or(take, |c| c.visible(qi, abs0, take));
+            if vis == 0 {
+                continue;
+            }
+            let base = qi * geo.n + j0;
+            let p = &probs[base..base + vis];
+            let out = &mut acc[qi * d..(qi + 1) * d];
+            let mut s = 0;
+            while s < d {
+                if d - s >= 64 {
+                    // 64 columns in 8 registers across all rows.
+                    let mut a: [__m256; 8] = std::array::from_fn(|i| load8(&out[s + 8 * i..]));
+                    for (r, &pr) in p.iter().enumerate() {
+                        let pv = _mm256_set1_ps(pr);
+                        let v = &b.value(off + r)[s..s + 64];
+                        for i in 0..8 {
+                            a[i] = _mm256_fmadd_ps(pv, load8(&v[8 * i..]), a[i]);
+                        }
+                    }
+                    for (i, ai) in a.iter().enumerate() {
+                        store8(&mut out[s + 8 * i..], *ai);
+                    }
+                    s += 64;
+                } else {
+                    let mut a = load8(&out[s..]);
+                    for (r, &pr) in p.iter().enumerate() {
+                        let v = b.value(off + r);
+                        a = _mm256_fmadd_ps(_mm256_set1_ps(pr), load8(&v[s..]), a);
+                    }
+                    store8(&mut out[s..], a);
+                    s += 8;
+                }
+            }
+        }
     }
 
     #[cfg(target_arch = "x86_64")]

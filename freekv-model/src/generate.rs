@@ -11,10 +11,10 @@
 //! let g = Arc::new(tiny_random_model(1, &TinyConfig::default()).unwrap());
 //! let tok = Tokenizer::from_gguf(&g).unwrap();
 //! let model = LlamaModel::new(g).unwrap();
-//! let mut gen = Generator::new(&model, &tok).unwrap();
+//! let mut generator = Generator::new(&model, &tok).unwrap();
 //! let prompt = tok.encode("the cat", false).unwrap();
 //! let opts = GenerateOptions { max_new_tokens: 5, stop_at_eog: false, ..Default::default() };
-//! let out = gen.generate(&prompt, &opts, &AtomicBool::new(false), &mut |_| {}).unwrap();
+//! let out = generator.generate(&prompt, &opts, &AtomicBool::new(false), &mut |_| {}).unwrap();
 //! assert_eq!(out.generated_ids.len(), 5);
 //! assert_eq!(out.stop, StopReason::MaxTokens);
 //! assert_eq!(out.top_logprobs[0].len(), 5);

@@ -258,13 +258,13 @@ pub fn tiny_random_model_bytes(seed: u64, cfg: &TinyConfig) -> Result<Vec<u8>, M
 
 /// The writer holding [`tiny_random_model`], for tests that change metadata before writing.
 pub fn tiny_random_model_writer(seed: u64, cfg: &TinyConfig) -> Result<GgufWriter, ModelError> {
-    if cfg.n_heads == 0 || cfg.n_kv_heads == 0 || cfg.n_heads % cfg.n_kv_heads != 0 {
+    if cfg.n_heads == 0 || cfg.n_kv_heads == 0 || !cfg.n_heads.is_multiple_of(cfg.n_kv_heads) {
         return Err(ModelError::Config(format!(
             "tiny model: {} heads, {} KV heads",
             cfg.n_heads, cfg.n_kv_heads
         )));
     }
-    if cfg.hidden % cfg.n_heads != 0 || (cfg.hidden / cfg.n_heads) % 2 != 0 {
+    if !cfg.hidden.is_multiple_of(cfg.n_heads) || !(cfg.hidden / cfg.n_heads).is_multiple_of(2) {
         return Err(ModelError::Config(format!(
             "tiny model: width {} is not an even head size times {} heads",
             cfg.hidden, cfg.n_heads
@@ -551,7 +551,7 @@ mod tests {
         let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
         let header = "{'descr': '<f4', 'fortran_order': False, 'shape': (3,), }";
         let mut h = header.to_string();
-        while (10 + h.len() + 1) % 64 != 0 {
+        while !(10 + h.len() + 1).is_multiple_of(64) {
             h.push(' ');
         }
         h.push('\n');
