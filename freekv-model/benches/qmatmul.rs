@@ -5,8 +5,9 @@
 //! * `matvec`, `matmul`: one matrix, `{type}-{rows}x{cols}/{kernels}-{threads}t[-n{tokens}]`;
 //!   throughput is weight bytes per second (GFLOP/s = 2·rows·cols·n / time).
 //! * `model`: every projection of SmolLM2-135M (30 layers, distinct random weights, Q4_1) plus the
-//!   Q8_0 output head: one decode step (`decode-step`), and a 64-token prefill without the head
-//!   (`prefill-64`; divide by 64 for per-token time).
+//!   Q8_0 output head: one decode step with one call per matrix (`decode-step`) or with Q/K/V and
+//!   gate/up fused into one call each through `matmul_many` (`decode-step-fused`), and a 64-token
+//!   prefill without the head (`prefill-64`; divide by 64 for per-token time).
 //!
 //! Weights are random bytes with valid f16 scales: speed does not depend on the values.
 //!
@@ -21,7 +22,7 @@ use std::time::{Duration, Instant};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use freekv_model::GgmlType;
 use freekv_model::qmatmul::parallel::ThreadPool;
-use freekv_model::qmatmul::{Isa, QMatrix};
+use freekv_model::qmatmul::{Isa, QMatrix, matmul_many_with};
 use rayon::prelude::*;
 
 #[cfg(target_os = "linux")]
@@ -301,6 +302,41 @@ fn bench_model(c: &mut Criterion) {
             })
         });
     }
+    let (mut q, mut k, mut v) = (vec![0.0f32; 576], vec![0.0f32; 192], vec![0.0f32; 192]);
+    let (mut gate, mut up) = (vec![0.0f32; 1536], vec![0.0f32; 1536]);
+    let mut o = vec![0.0f32; 576];
+    let pool = ThreadPool::new(2);
+    g.bench_function("decode-step-fused/2t", |b| {
+        b.iter(|| {
+            for l in &mats {
+                let x = black_box(&x576);
+                matmul_many_with(
+                    &pool,
+                    best,
+                    &l[0..3],
+                    x,
+                    1,
+                    &mut [&mut q[..], &mut k[..], &mut v[..]],
+                )
+                .expect("qkv");
+                l[3].matvec_with(&pool, best, x, &mut o).expect("o");
+                matmul_many_with(
+                    &pool,
+                    best,
+                    &l[4..6],
+                    x,
+                    1,
+                    &mut [&mut gate[..], &mut up[..]],
+                )
+                .expect("gate/up");
+                l[6].matvec_with(&pool, best, black_box(&x1536), &mut o)
+                    .expect("down");
+            }
+            head_m
+                .matvec_with(&pool, best, black_box(&x576), &mut y)
+                .expect("head");
+        })
+    });
     let n = 64;
     let x576n = random_x(n * 576);
     let x1536n = random_x(n * 1536);

@@ -342,51 +342,7 @@ impl<'a> QMatrix<'a> {
         n: usize,
         y: &mut [f32],
     ) -> Result<(), ModelError> {
-        if !isa.is_supported() {
-            return Err(ModelError::Config(format!(
-                "{isa:?} kernels are not supported by this CPU"
-            )));
-        }
-        let (rows, cols) = (self.rows, self.cols);
-        if n.checked_mul(cols) != Some(x.len()) {
-            return Err(ModelError::Shape(format!(
-                "input has {} floats, expected {n} tokens × {cols} columns",
-                x.len()
-            )));
-        }
-        if n.checked_mul(rows) != Some(y.len()) {
-            return Err(ModelError::Shape(format!(
-                "output has {} floats, expected {n} tokens × {rows} rows",
-                y.len()
-            )));
-        }
-        if n == 0 {
-            return Ok(());
-        }
-        let _span = if n == 1 {
-            tracing::trace_span!("matvec", ty = %self.ty, rows, cols).entered()
-        } else {
-            tracing::debug_span!("matmul", ty = %self.ty, rows, cols, n).entered()
-        };
-        let out = OutPtr(y.as_mut_ptr());
-        let err: Mutex<Option<ModelError>> = Mutex::new(None);
-        let job = |range: Range<usize>| {
-            // SAFETY: `y` has `n·rows` floats (checked above) and each row index is in exactly one
-            // range, so no two threads write the same element; `y` outlives the call.
-            if let Err(e) = unsafe { self.rows_job(isa, range, x, n, out) } {
-                let mut slot = err.lock().unwrap_or_else(|p| p.into_inner());
-                slot.get_or_insert(e);
-            }
-        };
-        if rows.saturating_mul(cols).saturating_mul(n) < PARALLEL_MIN_MACS {
-            job(0..rows);
-        } else {
-            pool.for_each_chunk(rows, &job);
-        }
-        match err.into_inner().unwrap_or_else(|p| p.into_inner()) {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        matmul_many_with(pool, isa, std::slice::from_ref(self), x, n, &mut [y])
     }
 
     /// Computes rows `range` of every token into `out`, tile by tile.
@@ -482,6 +438,110 @@ impl<'a> QMatrix<'a> {
             }
         }
         Ok(())
+    }
+}
+
+/// Several products with the same input in one parallel call, e.g. the Q, K and V projections
+/// or the gate and up projections of a layer: `ys[i] = X·mats[i]ᵀ` (`X`: `n × cols`, `ys[i]`:
+/// `n × mats[i].rows()`, row-major). One pool handoff instead of one per matrix, and the rows of
+/// all matrices are balanced over the threads together. On the global pool with the
+/// [`Isa::active`] kernels.
+pub fn matmul_many(
+    mats: &[QMatrix<'_>],
+    x: &[f32],
+    n: usize,
+    ys: &mut [&mut [f32]],
+) -> Result<(), ModelError> {
+    matmul_many_with(ThreadPool::global(), Isa::active(), mats, x, n, ys)
+}
+
+/// [`matmul_many`] on a given pool with given kernels. Errors when `isa` is not supported by this
+/// CPU, the matrices differ in their column count, `mats` and `ys` differ in length, or a slice
+/// length does not match.
+pub fn matmul_many_with(
+    pool: &ThreadPool,
+    isa: Isa,
+    mats: &[QMatrix<'_>],
+    x: &[f32],
+    n: usize,
+    ys: &mut [&mut [f32]],
+) -> Result<(), ModelError> {
+    if !isa.is_supported() {
+        return Err(ModelError::Config(format!(
+            "{isa:?} kernels are not supported by this CPU"
+        )));
+    }
+    if mats.len() != ys.len() {
+        return Err(ModelError::Shape(format!(
+            "{} matrices but {} outputs",
+            mats.len(),
+            ys.len()
+        )));
+    }
+    let Some(first) = mats.first() else {
+        return Ok(());
+    };
+    let (cols, ty) = (first.cols, first.ty);
+    if n.checked_mul(cols) != Some(x.len()) {
+        return Err(ModelError::Shape(format!(
+            "input has {} floats, expected {n} tokens × {cols} columns",
+            x.len()
+        )));
+    }
+    // Row offsets of each matrix in the concatenated row space.
+    let mut offsets = Vec::with_capacity(mats.len() + 1);
+    offsets.push(0usize);
+    for (m, y) in mats.iter().zip(ys.iter()) {
+        if m.cols != cols {
+            return Err(ModelError::Shape(format!(
+                "matrices of {} and {cols} columns in one product",
+                m.cols
+            )));
+        }
+        if n.checked_mul(m.rows) != Some(y.len()) {
+            return Err(ModelError::Shape(format!(
+                "output has {} floats, expected {n} tokens × {} rows",
+                y.len(),
+                m.rows
+            )));
+        }
+        let last = offsets.last().copied().unwrap_or_default();
+        offsets.push(last + m.rows); // cannot overflow: each y holds n·rows floats
+    }
+    let total = offsets.last().copied().unwrap_or_default();
+    if n == 0 {
+        return Ok(());
+    }
+    let _span = if n == 1 {
+        tracing::trace_span!("matvec", %ty, rows = total, cols).entered()
+    } else {
+        tracing::debug_span!("matmul", %ty, rows = total, cols, n).entered()
+    };
+    let outs: Vec<OutPtr> = ys.iter_mut().map(|y| OutPtr(y.as_mut_ptr())).collect();
+    let err: Mutex<Option<ModelError>> = Mutex::new(None);
+    let job = |range: Range<usize>| {
+        for ((m, out), w) in mats.iter().zip(&outs).zip(offsets.windows(2)) {
+            let (lo, hi) = (w[0], w[1]);
+            let (s, e) = (range.start.max(lo), range.end.min(hi));
+            if s >= e {
+                continue;
+            }
+            // SAFETY: `out` has `n·rows` floats (checked above); each concatenated row index is in
+            // exactly one range, so no two threads write the same element; `ys` outlive the call.
+            if let Err(e) = unsafe { m.rows_job(isa, s - lo..e - lo, x, n, *out) } {
+                let mut slot = err.lock().unwrap_or_else(|p| p.into_inner());
+                slot.get_or_insert(e);
+            }
+        }
+    };
+    if total.saturating_mul(cols).saturating_mul(n) < PARALLEL_MIN_MACS {
+        job(0..total);
+    } else {
+        pool.for_each_chunk(total, &job);
+    }
+    match err.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
 }
 

@@ -2,7 +2,7 @@
 //! families, matvec and matmul with several token counts, on seeded random data.
 
 use freekv_model::qmatmul::parallel::ThreadPool;
-use freekv_model::qmatmul::{Isa, QMatrix};
+use freekv_model::qmatmul::{Isa, QMatrix, matmul_many, matmul_many_with};
 use freekv_model::{GgmlType, quant};
 use half::{bf16, f16};
 use rand::rngs::StdRng;
@@ -281,4 +281,66 @@ fn bad_sizes_are_errors() {
             "unsupported isa"
         );
     }
+}
+
+#[test]
+fn matmul_many_equals_separate_products() {
+    let mut rng = StdRng::seed_from_u64(21);
+    let cols = 256;
+    let specs = [
+        (GgmlType::Q4_1, 67),
+        (GgmlType::Q8_0, 13),
+        (GgmlType::F16, 5),
+        (GgmlType::Q6K, 9),
+    ];
+    let datas: Vec<Vec<u8>> = specs
+        .iter()
+        .map(|&(ty, r)| random_matrix(&mut rng, ty, r, cols))
+        .collect();
+    let mats: Vec<QMatrix<'_>> = specs
+        .iter()
+        .zip(&datas)
+        .map(|(&(ty, r), d)| QMatrix::new(ty, r, cols, d).unwrap())
+        .collect();
+    let pool = ThreadPool::new(3);
+    for isa in isas() {
+        for n in [1usize, 5] {
+            let x: Vec<f32> = (0..n * cols)
+                .map(|_| rng.random_range(-1.0f32..1.0))
+                .collect();
+            let mut outs: Vec<Vec<f32>> =
+                mats.iter().map(|m| vec![f32::NAN; n * m.rows()]).collect();
+            let mut views: Vec<&mut [f32]> = outs.iter_mut().map(Vec::as_mut_slice).collect();
+            matmul_many_with(&pool, isa, &mats, &x, n, &mut views).unwrap();
+            for (m, got) in mats.iter().zip(&outs) {
+                let mut want = vec![0.0f32; n * m.rows()];
+                m.matmul_with(&pool, isa, &x, n, &mut want).unwrap();
+                assert_eq!(got, &want, "{} {isa:?} n={n}", m.ty());
+            }
+        }
+    }
+    // errors
+    let x = vec![0.0f32; cols];
+    let mut a = vec![0.0f32; 67];
+    let mut b = [0.0f32; 13];
+    assert!(
+        matmul_many(&mats[..2], &x, 1, &mut [&mut a[..]]).is_err(),
+        "fewer outputs than matrices"
+    );
+    assert!(
+        matmul_many(&mats[..2], &x, 1, &mut [&mut a[..], &mut b[..12]]).is_err(),
+        "short output"
+    );
+    assert!(
+        matmul_many(&mats[..2], &x[..cols - 1], 1, &mut [&mut a[..], &mut b[..]]).is_err(),
+        "short input"
+    );
+    let other = random_matrix(&mut rng, GgmlType::Q8_0, 13, 2 * cols);
+    let wide = QMatrix::new(GgmlType::Q8_0, 13, 2 * cols, &other).unwrap();
+    assert!(
+        matmul_many(&[mats[0], wide], &x, 1, &mut [&mut a[..], &mut b[..]]).is_err(),
+        "column mismatch"
+    );
+    assert!(matmul_many(&mats[..2], &x, 1, &mut [&mut a[..], &mut b[..]]).is_ok());
+    assert!(matmul_many(&[], &x, 1, &mut []).is_ok(), "no matrices");
 }
