@@ -4,7 +4,8 @@
 //! not cached). `prefill/N` times a whole N-token prompt (throughput = prompt tokens/s);
 //! `decode/N` times single decode steps with N tokens already in the cache (throughput =
 //! tokens/s): after every 8 steps the cache is truncated back to N, so the context stays at N..N+8.
-//! `FREEKV_BENCH_SIZES=37,1024` restricts the sizes.
+//! `attention_decode/N` times the dense decode attention of one token (all 30 layers) over a
+//! synthetic N-token cache, without the model. `FREEKV_BENCH_SIZES=37,1024` restricts the sizes.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,6 +39,51 @@ fn sizes() -> Vec<usize> {
         .map(|v| v.split(',').filter_map(|s| s.trim().parse().ok()).collect())
         .filter(|v: &Vec<usize>| !v.is_empty())
         .unwrap_or_else(|| vec![37, 1024, 4096])
+}
+
+/// Dense decode attention alone, on a synthetic cache of the default model's shape (30 layers,
+/// 9 query heads, 3 KV heads of 64, pages of 32): one "token" is one call per layer, layers in
+/// turn, so the KV comes from memory as in a real decode step. Runs without the model file.
+fn attention(c: &mut Criterion) {
+    use freekv_layout::{PageGeometry, PagedKvCache};
+    use freekv_model::attention::{AttnScratch, AttnShape, CacheLayer, decode_attention};
+    let layers = 30;
+    let shape = AttnShape::new(9, 3, 64).expect("shape");
+    let mut rng = freekv_model::sampling::Rng::new(1);
+    let mut group = c.benchmark_group("attention_decode");
+    group
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(5));
+    for &n in &sizes() {
+        let geom = PageGeometry::new(32, 3, 64).expect("geometry");
+        let mut cache = PagedKvCache::new(geom, layers, None).expect("cache");
+        for _ in 0..n {
+            for l in 0..layers {
+                let k: Vec<f32> = (0..192).map(|_| rng.uniform(-1.0, 1.0)).collect();
+                let v: Vec<f32> = (0..192).map(|_| rng.uniform(-1.0, 1.0)).collect();
+                cache.append(l, &k, &v).expect("append");
+            }
+        }
+        let q: Vec<f32> = (0..shape.q_len()).map(|_| rng.uniform(-1.0, 1.0)).collect();
+        let mut out = vec![0.0; shape.q_len()];
+        let mut scratch = AttnScratch::new();
+        group.throughput(Throughput::Elements(1));
+        group.bench_function(n.to_string(), |b| {
+            b.iter(|| {
+                for l in 0..layers {
+                    decode_attention(
+                        &CacheLayer::new(&cache, l),
+                        &q,
+                        &shape,
+                        &mut out,
+                        &mut scratch,
+                    )
+                    .expect("attention");
+                }
+            })
+        });
+    }
+    group.finish();
 }
 
 fn bench(c: &mut Criterion) {
@@ -102,5 +148,5 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench);
+criterion_group!(benches, attention, bench);
 criterion_main!(benches);

@@ -1126,14 +1126,21 @@ pub(crate) mod kernels {
         {
             use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
             let data = if values { b.values } else { b.keys };
-            let end = (b.rows.saturating_sub(1) * b.stride + b.dim).min(data.len());
-            let mut i = 0;
-            while i < end {
-                if b.stride == b.dim || i % b.stride < b.dim {
+            let line = |i: usize| {
+                if let Some(x) = data.get(i..) {
                     // SAFETY: prefetching never faults; the address is inside `data`.
-                    unsafe { _mm_prefetch::<_MM_HINT_T0>(data[i..].as_ptr().cast()) };
+                    unsafe { _mm_prefetch::<_MM_HINT_T0>(x.as_ptr().cast()) };
                 }
-                i += 16;
+            };
+            if b.stride == b.dim {
+                // Contiguous rows: every 64-byte line of the block.
+                (0..b.rows * b.dim).step_by(16).for_each(line);
+            } else {
+                for r in 0..b.rows {
+                    (r * b.stride..r * b.stride + b.dim)
+                        .step_by(16)
+                        .for_each(line);
+                }
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
