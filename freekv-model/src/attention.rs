@@ -1340,6 +1340,59 @@ pub(crate) mod kernels {
         silu_mul_impl::<Fused>(gate, up)
     }
 
+    #[inline(always)]
+    fn sum_exp_impl<M: MulAdd>(s: &[f32], m: f32, scale: f32) -> f64 {
+        let mut lanes = [0.0f64; 8];
+        let (chunks, tail) = s.as_chunks::<8>();
+        for c in chunks {
+            for i in 0..8 {
+                let e = exp::<M>((c[i] - m) * scale);
+                // NaN inputs contribute nothing.
+                lanes[i] += if c[i].is_nan() { 0.0 } else { e as f64 };
+            }
+        }
+        let mut t = 0.0f64;
+        for &x in tail {
+            if !x.is_nan() {
+                t += exp::<M>((x - m) * scale) as f64;
+            }
+        }
+        lanes.iter().sum::<f64>() + t
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn sum_exp_fma(s: &[f32], m: f32, scale: f32) -> f64 {
+        sum_exp_impl::<Fused>(s, m, scale)
+    }
+
+    /// `Σ exp((x - m) · scale)` over the non-NaN `x` of `s` (vectorised `exp`, `f64` sums), for
+    /// `(x - m) · scale <= 88`.
+    pub(crate) fn sum_exp(s: &[f32], m: f32, scale: f32) -> f64 {
+        #[cfg(target_arch = "x86_64")]
+        if has_fma() {
+            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+            return unsafe { sum_exp_fma(s, m, scale) };
+        }
+        sum_exp_impl::<Plain>(s, m, scale)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn exp_one_fma(x: f32) -> f32 {
+        exp::<Fused>(x)
+    }
+
+    /// The same `exp` as [`sum_exp`] uses, for one value (bit-identical to its lanes).
+    pub(crate) fn exp_one(x: f32) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if has_fma() {
+            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+            return unsafe { exp_one_fma(x) };
+        }
+        exp::<Plain>(x)
+    }
+
     /// `gate[i] = silu(gate[i]) * up[i]` (SwiGLU), with the vectorised `exp`.
     pub(crate) fn silu_mul(gate: &mut [f32], up: &[f32]) {
         #[cfg(target_arch = "x86_64")]

@@ -16,6 +16,7 @@
 use std::cmp::Ordering;
 
 use crate::ModelError;
+use crate::attention::kernels;
 
 /// A xoshiro256\*\* generator: small, fast, and the same sequence everywhere for a seed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -158,21 +159,16 @@ fn by_logit_desc(a: &(u32, f32), b: &(u32, f32)) -> Ordering {
     }
 }
 
-/// `ln Σ exp(x)` over the non-NaN logits, in f64.
+/// `ln Σ exp(x)` over the non-NaN logits (vectorised `exp`, sums in `f64`).
 pub fn log_sum_exp(logits: &[f32]) -> f64 {
     let mx = logits
         .iter()
         .filter(|x| !x.is_nan())
-        .fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+        .fold(f32::NEG_INFINITY, |m, &x| m.max(x));
     if !mx.is_finite() {
-        return mx;
+        return mx as f64;
     }
-    let s: f64 = logits
-        .iter()
-        .filter(|x| !x.is_nan())
-        .map(|&x| (x as f64 - mx).exp())
-        .sum();
-    mx + s.ln()
+    mx as f64 + kernels::sum_exp(logits, mx, 1.0).ln()
 }
 
 /// The `k` most likely tokens with their log-probabilities (log-softmax of `logits`), most likely
@@ -246,20 +242,17 @@ impl Sampler {
         }
         let weight = |x: f32| ((x as f64 - mx as f64) * inv_t).exp();
 
-        // No truncation: sample from the full softmax in one pass.
+        // No truncation: sample from the full softmax (total, then one scan).
         if p.top_k == 0 && p.top_p >= 1.0 {
-            let total: f64 = logits
-                .iter()
-                .filter(|x| !x.is_nan())
-                .map(|&x| weight(x))
-                .sum();
+            let scale = inv_t as f32;
+            let total = kernels::sum_exp(logits, mx, scale);
             let mut u = self.rng.next_f64() * total;
             let mut last = None;
             for (i, &x) in logits.iter().enumerate() {
                 if x.is_nan() {
                     continue;
                 }
-                let w = weight(x);
+                let w = kernels::exp_one((x - mx) * scale) as f64;
                 if w > 0.0 {
                     last = Some(i);
                 }
