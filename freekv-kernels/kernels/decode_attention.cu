@@ -23,6 +23,7 @@ __device__ __forceinline__ void decode_attn(const bf16* __restrict__ q, u64 q_st
     constexpr int LPT = D / 8;              // lanes per K/V row (8 elements = 16 bytes each)
     constexpr int TPP = DEC_THREADS / LPT;  // rows per pass
     constexpr int PASSES = DEC_TILE / TPP;
+    static_assert(PASSES * 2 == LPT, "the reduce-scatter needs PASSES = LPT / 2");
     constexpr int CPT = DEC_TILE * LPT / DEC_THREADS;  // 16-byte chunks per thread per K (or V) tile
     constexpr int GW = (G + 3) / 4;  // heads per warp in the softmax step (4 warps)
     extern __shared__ uint4 kv_smem[];
@@ -118,26 +119,70 @@ __device__ __forceinline__ void decode_attn(const bf16* __restrict__ q, u64 q_st
         const uint4* ks = kv_smem + (stage * 2 + 0) * DEC_TILE * LPT;
         const uint4* vs = kv_smem + (stage * 2 + 1) * DEC_TILE * LPT;
 #pragma unroll
-        for (int p = 0; p < PASSES; ++p) {
-            const int tt = p * TPP + ri;
-            float kf[8];
-            unpack8(ks[tt * LPT + li], kf);
-            float dot[G];
+        if constexpr (G * D <= 5 * 128 || G <= 4) {
+            float dot[PASSES][G];
 #pragma unroll
-            for (int g = 0; g < G; ++g) {
-                float d = 0.0f;
+            for (int p = 0; p < PASSES; ++p) {
+                const int tt = p * TPP + ri;
+                float kf[8];
+                unpack8(ks[tt * LPT + li], kf);
 #pragma unroll
-                for (int e = 0; e < 8; ++e) d = fmaf(qf[g][e], kf[e], d);
-                dot[g] = d;
+                for (int g = 0; g < G; ++g) {
+                    float d = 0.0f;
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) d = fmaf(qf[g][e], kf[e], d);
+                    dot[p][g] = d;
+                }
+            }
+            // Reduce-scatter over the LPT lanes of each row group: every stage halves the passes
+            // a lane holds (PASSES = LPT / 2), so lane li ends with pass li >> 1; a last exchange
+            // with lane li ^ 1 completes the sum. About 2 * PASSES * G shuffles instead of
+            // log2(LPT) * PASSES * G.
+#pragma unroll
+            for (int o = LPT / 2, cnt = PASSES; o >= 2; o >>= 1, cnt >>= 1) {
+                const bool up = (li & o) != 0;
+#pragma unroll
+                for (int k = 0; k < cnt / 2; ++k) {
+#pragma unroll
+                    for (int g = 0; g < G; ++g) {
+                        const float lo = dot[k][g], hi = dot[k + cnt / 2][g];
+                        const float sent = __shfl_xor_sync(0xffffffffu, up ? lo : hi, o);
+                        dot[k][g] = (up ? hi : lo) + sent;
+                    }
+                }
             }
 #pragma unroll
-            for (int o = LPT / 2; o > 0; o >>= 1)
-#pragma unroll
-                for (int g = 0; g < G; ++g) dot[g] += __shfl_xor_sync(0xffffffffu, dot[g], o);
-            if (li == 0) {
+            for (int g = 0; g < G; ++g) dot[0][g] += __shfl_xor_sync(0xffffffffu, dot[0][g], 1);
+            if ((li & 1) == 0) {
+                const int tt = (li >> 1) * TPP + ri;
                 const bool ok = s_ok[stage][tt] != 0;
 #pragma unroll
-                for (int g = 0; g < G; ++g) s_p[g][tt] = ok ? dot[g] : -FK_INF;
+                for (int g = 0; g < G; ++g) s_p[g][tt] = ok ? dot[0][g] : -FK_INF;
+            }
+        } else {
+            // Large head tiles: a full butterfly per pass keeps the register footprint small.
+#pragma unroll
+            for (int p = 0; p < PASSES; ++p) {
+                const int tt = p * TPP + ri;
+                float kf[8];
+                unpack8(ks[tt * LPT + li], kf);
+                float dot[G];
+#pragma unroll
+                for (int g = 0; g < G; ++g) {
+                    float d = 0.0f;
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) d = fmaf(qf[g][e], kf[e], d);
+                    dot[g] = d;
+                }
+#pragma unroll
+                for (int o = LPT / 2; o > 0; o >>= 1)
+#pragma unroll
+                    for (int g = 0; g < G; ++g) dot[g] += __shfl_xor_sync(0xffffffffu, dot[g], o);
+                if (li == 0) {
+                    const bool ok = s_ok[stage][tt] != 0;
+#pragma unroll
+                    for (int g = 0; g < G; ++g) s_p[g][tt] = ok ? dot[g] : -FK_INF;
+                }
             }
         }
         __syncthreads();

@@ -62,23 +62,53 @@ __device__ u64 block_sum_u64(u64 v, u64* scratch) {
     return warp_sum_u64(t);
 }
 
+// Adds w to hist[bin] for every lane, one shared atomic per distinct bin of the warp (lanes with
+// the same bin are merged first). bin = 256 means "nothing to add". All 32 lanes must call it.
+__device__ __forceinline__ void warp_hist_add(u64* hist, u32 bin, u64 w) {
+    const u32 peers = __match_any_sync(0xffffffffu, bin);
+    // w <= 2^32: sum 16-bit halves so that 32 lanes cannot overflow a 32-bit reduction.
+    const u32 lo = __reduce_add_sync(peers, (u32)(w & 0xffffull));
+    const u32 hi = __reduce_add_sync(peers, (u32)(w >> 16));
+    const int leader = __ffs(peers) - 1;
+    if ((int)(threadIdx.x & 31) == leader && bin < 256u) {
+        const u64 sum = ((u64)hi << 16) + (u64)lo;
+        if (sum) atomicAdd(&hist[bin], sum);
+    }
+}
+
 // The key tau (>= floor_key) at which the cumulative weight, walking the order from the top,
 // first reaches `target` (1 <= target <= total weight above floor_key). Weight = 1 per token or
-// its fixed-point probability weight.
+// its fixed-point probability weight. Eight passes of 8-bit digits, most significant first.
 __device__ u64 radix_select(const float* __restrict__ x, u32 n, u64 floor_key, u64 target, bool by_weight,
                             float xm, float inv_t, SelState* st) {
+    constexpr int U = 4;
     u64 prefix = 0ull, above = 0ull;
     for (int p = 0; p < 8; ++p) {
         const int shift = 56 - 8 * p;
         for (int i = threadIdx.x; i < 256; i += blockDim.x) st->hist[i] = 0ull;
         __syncthreads();
-        for (u32 i = threadIdx.x; i < n; i += blockDim.x) {
-            const float xv = x[i];
-            const u64 key = sort_key(xv, i);
-            if (key < floor_key) continue;
-            if (p > 0 && (key >> (shift + 8)) != prefix) continue;
-            const u64 w = by_weight ? weight_of(xv, xm, inv_t) : 1ull;
-            if (w) atomicAdd(&st->hist[(key >> shift) & 255ull], w);
+        // Uniform trip count so that every lane of every warp takes part in warp_hist_add.
+        for (u32 base = 0; base < n; base += U * blockDim.x) {
+            float v[U];
+#pragma unroll
+            for (int j = 0; j < U; ++j) {
+                const u32 i = base + j * blockDim.x + threadIdx.x;
+                v[j] = i < n ? x[i] : 0.0f;
+            }
+#pragma unroll
+            for (int j = 0; j < U; ++j) {
+                const u32 i = base + j * blockDim.x + threadIdx.x;
+                u32 bin = 256u;
+                u64 w = 0ull;
+                if (i < n) {
+                    const u64 key = sort_key(v[j], i);
+                    if (key >= floor_key && (p == 0 || (key >> (shift + 8)) == prefix)) {
+                        w = by_weight ? weight_of(v[j], xm, inv_t) : 1ull;
+                        if (w) bin = (u32)((key >> shift) & 255ull);
+                    }
+                }
+                warp_hist_add(st->hist, bin, w);
+            }
         }
         __syncthreads();
         if (threadIdx.x == 0) {

@@ -43,6 +43,8 @@ pub struct Kernels {
     pub(crate) kv_append: CudaFunction,
     /// `[head dim index][group tile - 1]`.
     pub(crate) decode: [[CudaFunction; MAX_DECODE_GROUP_TILE]; 2],
+    /// Resident decode blocks per SM, same indexing as `decode`.
+    pub(crate) decode_occupancy: [[u32; MAX_DECODE_GROUP_TILE]; 2],
     pub(crate) decode_reduce: CudaFunction,
     pub(crate) prefill: [CudaFunction; 2],
     pub(crate) argmax: CudaFunction,
@@ -145,6 +147,19 @@ impl Kernels {
                 .map_err(KernelError::driver("decode attention shared memory size"))?;
             }
         }
+        let mut decode_occupancy = [[1u32; MAX_DECODE_GROUP_TILE]; 2];
+        for ((row, occ), d) in decode
+            .iter()
+            .zip(decode_occupancy.iter_mut())
+            .zip(ATTENTION_HEAD_DIMS)
+        {
+            for (f, o) in row.iter().zip(occ.iter_mut()) {
+                *o = f
+                    .occupancy_max_active_blocks_per_multiprocessor(128, decode_smem_bytes(d), None)
+                    .map_err(KernelError::driver("decode attention occupancy"))?
+                    .max(1);
+            }
+        }
         let prefill = [
             func(&pre, "prefill_attn_d64")?,
             func(&pre, "prefill_attn_d128")?,
@@ -170,6 +185,7 @@ impl Kernels {
             swiglu: func(&ew, "swiglu_bf16")?,
             kv_append: func(&ew, "kv_append_bf16")?,
             decode,
+            decode_occupancy,
             decode_reduce: func(&dec, "decode_reduce")?,
             prefill,
             argmax: func(&smp, "argmax_f32")?,

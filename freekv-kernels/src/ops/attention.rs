@@ -154,8 +154,9 @@ fn group_tile(group: usize) -> usize {
 }
 
 impl Kernels {
-    /// Plans a decode call: picks the group tile and the split of the KV length so that about four
-    /// blocks per SM are queued (two waves of two resident blocks), with at least 128 tokens per split.
+    /// Plans a decode call: picks the group tile, then the number of KV splits (at least 128
+    /// tokens each) that minimises (waves of resident blocks) / (splits), i.e. the time of the
+    /// slowest SM, preferring fewer splits on ties.
     pub fn plan_decode(
         &self,
         shape: AttentionShape,
@@ -163,12 +164,21 @@ impl Kernels {
         max_seq_len: usize,
     ) -> Result<DecodePlan, KernelError> {
         const K: &str = "decode_attention";
-        let (_, group) = shape.validate(K)?;
+        let (di, group) = shape.validate(K)?;
         let gt = group_tile(group);
         let base = batch.max(1) * shape.geom.kv_heads * (group / gt);
-        let target = 4 * self.sm_count as usize;
-        let by_len = max_seq_len.max(1).div_ceil(MIN_SPLIT_TOKENS);
-        let splits = target.div_ceil(base).clamp(1, by_len.max(1));
+        let occ = self.decode_occupancy[di][gt - 1].max(1) as usize;
+        let resident = occ * self.sm_count.max(1) as usize;
+        let by_len = max_seq_len.max(1).div_ceil(MIN_SPLIT_TOKENS).max(1);
+        let mut best = (f64::INFINITY, 1usize);
+        for s in 1..=by_len.min(4 * resident) {
+            let waves = (base * s).div_ceil(resident) as f64;
+            let cost = waves / s as f64;
+            if cost < best.0 * (1.0 - 1e-9) {
+                best = (cost, s);
+            }
+        }
+        let splits = best.1;
         let chunk = max_seq_len.max(1).div_ceil(splits).div_ceil(DECODE_TILE) * DECODE_TILE;
         let splits = max_seq_len.max(1).div_ceil(chunk);
         Ok(DecodePlan {
