@@ -23,7 +23,7 @@ use crate::attention::{
 use crate::config::LlamaConfig;
 use crate::ggml::GgmlType;
 use crate::gguf::GgufFile;
-use crate::qmatmul::QMatrix;
+use crate::qmatmul::{QMatrix, matmul_many};
 
 /// Default tokens per KV page.
 pub const DEFAULT_PAGE_SIZE: usize = 32;
@@ -308,9 +308,16 @@ impl LlamaModel {
         for (l, layer) in self.layers.iter().enumerate() {
             let _span = tracing::trace_span!("prefill_layer", layer = l).entered();
             rms_norm_rows(&p.x, &layer.attn_norm, c.rms_eps, &mut p.xn);
-            self.matrix(&layer.wq)?.matmul(&p.xn, t, &mut p.q)?;
-            self.matrix(&layer.wk)?.matmul(&p.xn, t, &mut p.k)?;
-            self.matrix(&layer.wv)?.matmul(&p.xn, t, &mut p.v)?;
+            matmul_many(
+                &[
+                    self.matrix(&layer.wq)?,
+                    self.matrix(&layer.wk)?,
+                    self.matrix(&layer.wv)?,
+                ],
+                &p.xn,
+                t,
+                &mut [&mut p.q, &mut p.k, &mut p.v],
+            )?;
             for i in 0..t {
                 rope_table(&self.inv_freq, pos + i, &mut s.bufs.cos, &mut s.bufs.sin);
                 let (cs, sn) = (&s.bufs.cos, &s.bufs.sin);
@@ -333,8 +340,12 @@ impl LlamaModel {
             self.matrix(&layer.wo)?.matmul(&p.att, t, &mut p.o)?;
             add_assign(&mut p.x, &p.o);
             rms_norm_rows(&p.x, &layer.ffn_norm, c.rms_eps, &mut p.xn);
-            self.matrix(&layer.gate)?.matmul(&p.xn, t, &mut p.gate)?;
-            self.matrix(&layer.up)?.matmul(&p.xn, t, &mut p.up)?;
+            matmul_many(
+                &[self.matrix(&layer.gate)?, self.matrix(&layer.up)?],
+                &p.xn,
+                t,
+                &mut [&mut p.gate, &mut p.up],
+            )?;
             kernels::silu_mul(&mut p.gate, &p.up);
             self.matrix(&layer.down)?.matmul(&p.gate, t, &mut p.o)?;
             add_assign(&mut p.x, &p.o);
@@ -379,9 +390,16 @@ impl LlamaModel {
         rope_table(&self.inv_freq, pos, &mut b.cos, &mut b.sin);
         for (l, layer) in self.layers.iter().enumerate() {
             rms_norm(&b.x, &layer.attn_norm, c.rms_eps, &mut b.xn);
-            self.matrix(&layer.wq)?.matvec(&b.xn, &mut b.q)?;
-            self.matrix(&layer.wk)?.matvec(&b.xn, &mut b.k)?;
-            self.matrix(&layer.wv)?.matvec(&b.xn, &mut b.v)?;
+            matmul_many(
+                &[
+                    self.matrix(&layer.wq)?,
+                    self.matrix(&layer.wk)?,
+                    self.matrix(&layer.wv)?,
+                ],
+                &b.xn,
+                1,
+                &mut [&mut b.q, &mut b.k, &mut b.v],
+            )?;
             rope(&mut b.q, c.head_dim, &b.cos, &b.sin);
             rope(&mut b.k, c.head_dim, &b.cos, &b.sin);
             let step = LayerStep {
@@ -407,8 +425,12 @@ impl LlamaModel {
             self.matrix(&layer.wo)?.matvec(&b.att, &mut b.o)?;
             add_assign(&mut b.x, &b.o);
             rms_norm(&b.x, &layer.ffn_norm, c.rms_eps, &mut b.xn);
-            self.matrix(&layer.gate)?.matvec(&b.xn, &mut b.gate)?;
-            self.matrix(&layer.up)?.matvec(&b.xn, &mut b.up)?;
+            matmul_many(
+                &[self.matrix(&layer.gate)?, self.matrix(&layer.up)?],
+                &b.xn,
+                1,
+                &mut [&mut b.gate, &mut b.up],
+            )?;
             kernels::silu_mul(&mut b.gate, &b.up);
             self.matrix(&layer.down)?.matvec(&b.gate, &mut b.o)?;
             add_assign(&mut b.x, &b.o);
