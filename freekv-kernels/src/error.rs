@@ -85,6 +85,22 @@ pub enum KernelError {
 }
 
 impl KernelError {
+    /// True when the error means "this machine has no usable CUDA" (no driver, too old a driver,
+    /// no device, a missing or too old NVRTC / cuBLAS, no toolkit headers): `--device auto` falls
+    /// back to the CPU on these. Other errors (a kernel that fails to compile or launch, a bad
+    /// argument) are bugs and should surface.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            KernelError::NoDriver
+                | KernelError::DriverTooOld { .. }
+                | KernelError::NoDevice(_)
+                | KernelError::LibraryMissing { .. }
+                | KernelError::LibraryTooOld { .. }
+                | KernelError::HeadersNotFound { .. }
+        )
+    }
+
     pub(crate) fn arg(kernel: &'static str, msg: impl Into<String>) -> Self {
         KernelError::InvalidArgument {
             kernel,
@@ -97,5 +113,30 @@ impl KernelError {
     ) -> impl FnOnce(cudarc::driver::DriverError) -> Self {
         let what = what.into();
         move |source| KernelError::Driver { what, source }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unavailable_classification_and_messages() {
+        assert!(KernelError::NoDriver.is_unavailable());
+        assert!(KernelError::NoDevice("x".into()).is_unavailable());
+        let h = KernelError::HeadersNotFound {
+            tried: vec![PathBuf::from("/a/include"), PathBuf::from("/b/include")],
+        };
+        assert!(h.is_unavailable());
+        assert!(h.to_string().contains("/a/include, /b/include"), "{h}");
+        let a = KernelError::arg("rope_bf16", "bad");
+        assert!(!a.is_unavailable());
+        assert_eq!(a.to_string(), "rope_bf16: invalid argument: bad");
+        let c = KernelError::Compile {
+            module: "m",
+            options: "-x".into(),
+            log: "boom".into(),
+        };
+        assert!(!c.is_unavailable());
     }
 }
