@@ -1,5 +1,6 @@
 //! `freekv`: generate text, evaluate KV policies, tokenize, inspect model files.
 
+mod eval;
 mod fetch;
 
 use anyhow::{Context, Result, bail};
@@ -25,6 +26,9 @@ struct Cli {
 enum Command {
     /// Generate text from a prompt (argument, --prompt-file, or stdin).
     Generate(GenerateArgs),
+    /// Evaluate KV policies: accuracy on JSONL cases, teacher-forced fidelity against full
+    /// attention, or generate passkey cases.
+    Eval(eval::EvalArgs),
     /// Print the token ids of a text.
     Tokenize(TokenizeArgs),
     /// Print a model file's metadata and tensor summary.
@@ -84,9 +88,8 @@ struct GenerateArgs {
     /// Where to run.
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     device: DeviceArg,
-    /// Tokens per KV page.
-    #[arg(long, default_value_t = 32)]
-    page_size: usize,
+    #[command(flatten)]
+    kv: eval::KvArgs,
     #[command(flatten)]
     model: ModelArgs,
 }
@@ -128,6 +131,7 @@ fn main() {
         .init();
     let r = match cli.command {
         Command::Generate(a) => cmd_generate(a),
+        Command::Eval(a) => eval::cmd_eval(a),
         Command::Tokenize(a) => cmd_tokenize(a),
         Command::Info(a) => cmd_info(a),
         Command::Fetch => fetch::ensure_default_model(false).map(|p| println!("{}", p.display())),
@@ -186,7 +190,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     use std::io::Write;
     use std::sync::atomic::{AtomicBool, Ordering};
 
-    if a.page_size == 0 {
+    if a.kv.page_size == 0 {
         bail!("--page-size must be at least 1");
     }
     if !(a.temperature >= 0.0 && a.temperature.is_finite()) {
@@ -230,7 +234,9 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         (None, None) => bail!("no prompt"),
     };
     let model = LlamaModel::new(gguf.clone())?;
-    let mut generator = Generator::with_session(&model, &tok, model.session(a.page_size)?);
+    let kv_cfg = a.kv.single(model.config().n_layers)?;
+    let policy = freekv_model::kv::build_policy(&kv_cfg, model.config().n_layers)?;
+    let mut generator = Generator::with_policy(&model, &tok, kv_cfg.page_size, policy)?;
     let opts = GenerateOptions {
         max_new_tokens: a.max_new_tokens,
         sampling: SamplingParams {
@@ -306,6 +312,15 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         t.decode_tok_s,
         result.stop.as_str()
     );
+    if let Some(line) = generator
+        .session()
+        .policy()
+        .stats()
+        .as_ref()
+        .and_then(freekv_model::kv::summary_line)
+    {
+        eprintln!("freekv: {line}");
+    }
     if result.cancelled() {
         std::process::exit(130);
     }
