@@ -9,7 +9,10 @@
 //! none are left. Idle workers spin on that word for about [`SPIN_TIME`] before parking on a
 //! condition variable, so back-to-back calls never enter the kernel; and because the caller claims
 //! chunks too, a worker that is asleep or descheduled (2 cores shared with other processes) delays
-//! nothing: the caller simply runs its chunks.
+//! nothing: the caller simply runs its chunks. Only a worker descheduled *while holding* a chunk
+//! makes the caller wait; when such a stall is seen, calls run on the caller alone for a
+//! doubling period (1 ms · 2^k, relaxing after quiet seconds), so an oversubscribed machine runs
+//! at single-thread speed instead of far below it.
 //!
 //! ```
 //! use freekv_model::qmatmul::parallel::ThreadPool;
@@ -92,7 +95,28 @@ thread_local! {
 pub struct ThreadPool {
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
-    submit: Mutex<()>,
+    /// Serialises submitters; holds the stall back-off state.
+    submit: Mutex<Backoff>,
+}
+
+/// A caller that waited for a worker longer than this, and longer than twice its own share of the
+/// work, saw a stall (the worker was descheduled while holding a chunk).
+const STALL_MIN: Duration = Duration::from_micros(200);
+/// After the `k`-th stall in a row, calls run on the caller alone for `BACKOFF_BASE · 2^k`.
+const BACKOFF_BASE: Duration = Duration::from_millis(1);
+/// Largest back-off exponent (about one second of caller-only calls).
+const BACKOFF_MAX_LEVEL: u32 = 10;
+
+/// On a machine whose cores are shared with other busy processes, a worker can be descheduled
+/// in the middle of a chunk, and the caller then waits for a whole scheduler time slice (several
+/// milliseconds). After such a stall the pool runs calls on the caller alone for a while, doubling
+/// the period on every further stall and relaxing one step per quiet second, so an oversubscribed
+/// machine runs at single-thread speed instead of far below it. An idle machine never stalls.
+#[derive(Debug, Default)]
+struct Backoff {
+    level: u32,
+    until: Option<Instant>,
+    last_change: Option<Instant>,
 }
 
 impl std::fmt::Debug for ThreadPool {
@@ -144,7 +168,7 @@ impl ThreadPool {
         Self {
             shared,
             workers,
-            submit: Mutex::new(()),
+            submit: Mutex::new(Backoff::default()),
         }
     }
 
@@ -167,8 +191,10 @@ impl ThreadPool {
     ///
     /// `0..n` is cut into `min(n, CHUNKS_PER_THREAD · threads())` balanced ranges (lengths differ
     /// by at most one, in increasing order); each thread calls `f` on one or more of them, on
-    /// whichever it claims first. With one thread, `n ≤ 1`, or from inside a chunk, `f(0..n)` runs
-    /// on the caller. A panic inside `f` is propagated to the caller after every chunk has finished.
+    /// whichever it claims first. With one thread, `n ≤ 1`, from inside a chunk, or for a while
+    /// after a worker stalled (see the module docs), `f(0..n)` runs on the caller alone, so `f`
+    /// must never wait for another chunk. A panic inside `f` is propagated to the caller after
+    /// every chunk has finished.
     pub fn for_each_chunk(&self, n: usize, f: &(dyn Fn(Range<usize>) + Sync)) {
         if n <= 1 || self.workers.is_empty() || IN_POOL.with(Cell::get) {
             if n > 0 {
@@ -179,7 +205,15 @@ impl ThreadPool {
         let chunks = n
             .min(CHUNKS_PER_THREAD * self.threads())
             .min(usize::from(u16::MAX));
-        let _guard = self.submit.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.submit.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(until) = guard.until {
+            if Instant::now() < until {
+                drop(guard);
+                f(0..n);
+                return;
+            }
+            guard.until = None;
+        }
         let sh = &*self.shared;
         // SAFETY (lifetime erasure): the job is dereferenced only by threads that claimed a chunk,
         // and this function does not return (or unwind) before all `chunks` chunks are counted in
@@ -199,9 +233,11 @@ impl ThreadPool {
             sh.cv.notify_all();
         }
 
+        let t0 = Instant::now();
         IN_POOL.with(|c| c.set(true));
         let mine = run_chunks(sh, epoch);
         IN_POOL.with(|c| c.set(false));
+        let t1 = Instant::now();
 
         let mut spins = 0u32;
         while sh.done.load(Ordering::Acquire) != chunks {
@@ -213,11 +249,39 @@ impl ThreadPool {
             }
         }
         sh.job.store(std::ptr::null_mut(), Ordering::Relaxed);
+        guard.record(t1 - t0, t1.elapsed());
+        drop(guard);
         if let Some(payload) = mine {
             resume_unwind(payload);
         }
         if sh.panicked.load(Ordering::Relaxed) {
             panic!("a ThreadPool task panicked on a worker thread");
+        }
+    }
+}
+
+impl Backoff {
+    /// Updates the state after a parallel call in which the caller worked for `work` and then
+    /// waited `wait` for the workers.
+    fn record(&mut self, work: Duration, wait: Duration) {
+        let now = Instant::now();
+        if wait > STALL_MIN && wait > 2 * work {
+            self.level = (self.level + 1).min(BACKOFF_MAX_LEVEL);
+            self.until = Some(now + BACKOFF_BASE * (1u32 << self.level));
+            self.last_change = Some(now);
+            tracing::debug!(
+                ?wait,
+                ?work,
+                level = self.level,
+                "thread pool stall; running on the caller for a while"
+            );
+        } else if self.level > 0
+            && self
+                .last_change
+                .is_none_or(|t| now.duration_since(t) > Duration::from_secs(1))
+        {
+            self.level -= 1;
+            self.last_change = Some(now);
         }
     }
 }
@@ -383,6 +447,59 @@ mod tests {
             }
         });
         assert_eq!(ids.into_inner().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_stalled_worker_makes_the_next_calls_run_on_the_caller() {
+        let pool = ThreadPool::new(2);
+        let caller = std::thread::current().id();
+        let worker_started = AtomicBool::new(false);
+        pool.for_each_chunk(2, &|_| {
+            if std::thread::current().id() == caller {
+                // wait (bounded) until the worker holds the other chunk
+                let start = Instant::now();
+                while !worker_started.load(Ordering::Acquire)
+                    && start.elapsed() < Duration::from_secs(10)
+                {
+                    std::hint::spin_loop();
+                }
+            } else {
+                worker_started.store(true, Ordering::Release);
+                std::thread::sleep(Duration::from_millis(50)); // a descheduled worker
+            }
+        });
+        assert!(worker_started.into_inner());
+        let ids = Mutex::new(Vec::new());
+        pool.for_each_chunk(100, &|r| {
+            ids.lock().unwrap().push((std::thread::current().id(), r))
+        });
+        let ids = ids.into_inner().unwrap();
+        assert_eq!(
+            ids,
+            vec![(caller, 0..100)],
+            "the call after a stall runs inline"
+        );
+    }
+
+    #[test]
+    fn backoff_grows_and_relaxes() {
+        let mut b = Backoff::default();
+        b.record(Duration::from_micros(50), Duration::from_micros(20));
+        assert_eq!((b.level, b.until), (0, None), "no stall");
+        b.record(Duration::from_micros(50), Duration::from_millis(5));
+        assert_eq!(b.level, 1);
+        let first = b.until.unwrap();
+        b.record(Duration::from_micros(50), Duration::from_millis(5));
+        assert_eq!(b.level, 2);
+        assert!(b.until.unwrap() > first);
+        b.record(Duration::from_millis(5), Duration::from_millis(1));
+        assert_eq!(
+            b.level, 2,
+            "a long wait after long own work is no stall; relaxing needs a quiet second"
+        );
+        b.last_change = Some(Instant::now() - Duration::from_secs(2));
+        b.record(Duration::from_micros(50), Duration::from_micros(20));
+        assert_eq!(b.level, 1);
     }
 
     #[test]
