@@ -233,22 +233,38 @@ impl LlamaModel {
     }
 
     /// Like [`prefill`](Self::prefill), but returns the logits of every token
-    /// (`tokens.len() × vocab`, token-major), e.g. for teacher-forced evaluation.
+    /// (`tokens.len() × vocab`, token-major), e.g. for teacher-forced evaluation of short texts
+    /// (see [`prefill_with_logits`](Self::prefill_with_logits) for long ones).
     pub fn prefill_all_logits(
         &self,
         s: &mut Session,
         tokens: &[u32],
     ) -> Result<Vec<f32>, ModelError> {
-        let mut all = Vec::new();
-        self.prefill_inner(s, tokens, Some(&mut all))?;
+        let mut all = Vec::with_capacity(tokens.len().saturating_mul(self.cfg.vocab_size));
+        self.prefill_with_logits(s, tokens, &mut |_, l| {
+            all.extend_from_slice(l);
+            Ok(())
+        })?;
         Ok(all)
+    }
+
+    /// Like [`prefill`](Self::prefill), but calls `on_logits(i, logits)` with the logits of every
+    /// token `tokens[i]`, in order, one prefill chunk at a time (memory stays at one chunk's
+    /// logits). An error from the callback stops the prefill and is returned.
+    pub fn prefill_with_logits(
+        &self,
+        s: &mut Session,
+        tokens: &[u32],
+        on_logits: &mut dyn FnMut(usize, &[f32]) -> Result<(), ModelError>,
+    ) -> Result<(), ModelError> {
+        self.prefill_inner(s, tokens, Some(on_logits))
     }
 
     fn prefill_inner(
         &self,
         s: &mut Session,
         tokens: &[u32],
-        mut all_logits: Option<&mut Vec<f32>>,
+        mut on_logits: Option<&mut dyn FnMut(usize, &[f32]) -> Result<(), ModelError>>,
     ) -> Result<(), ModelError> {
         let _span = tracing::debug_span!("prefill", tokens = tokens.len()).entered();
         if tokens.is_empty() {
@@ -263,27 +279,25 @@ impl LlamaModel {
                 s.context_length
             )));
         }
-        if let Some(v) = all_logits.as_deref_mut() {
-            v.clear();
-            v.reserve(tokens.len() * self.cfg.vocab_size);
-        }
         let chunk = s.prefill_chunk.max(1);
+        let v = self.cfg.vocab_size;
         let mut pos = start;
         let n_chunks = tokens.len().div_ceil(chunk);
         for (ci, toks) in tokens.chunks(chunk).enumerate() {
             let last = ci + 1 == n_chunks;
             self.prefill_chunk(s, toks, pos)?;
-            if let Some(v) = all_logits.as_deref_mut() {
-                self.head_rows(s, toks.len(), v)?;
+            if let Some(f) = on_logits.as_deref_mut() {
+                self.head_rows(s, toks.len())?;
+                for (i, l) in s.pre.logits.chunks_exact(v).enumerate() {
+                    f(ci * chunk + i, l)?;
+                }
+                if last && let Some(l) = s.pre.logits.chunks_exact(v).last() {
+                    s.bufs.logits.copy_from_slice(l);
+                }
             } else if last {
                 self.head_last(s, toks.len())?;
             }
             pos += toks.len();
-        }
-        if let Some(v) = all_logits.as_deref()
-            && let Some(l) = v.get(v.len() - self.cfg.vocab_size..)
-        {
-            s.bufs.logits.copy_from_slice(l);
         }
         s.policy.after_prefill(&s.cache)?;
         Ok(())
@@ -362,13 +376,13 @@ impl LlamaModel {
             .matvec(&s.bufs.xn, &mut s.bufs.logits)
     }
 
-    /// Logits of all `t` rows in `s.pre.x`, appended to `out`.
-    fn head_rows(&self, s: &mut Session, t: usize, out: &mut Vec<f32>) -> Result<(), ModelError> {
+    /// Logits of all `t` rows in `s.pre.x`, into `s.pre.logits`.
+    fn head_rows(&self, s: &mut Session, t: usize) -> Result<(), ModelError> {
         let p = &mut s.pre;
         rms_norm_rows(&p.x, &self.output_norm, self.cfg.rms_eps, &mut p.xn);
-        let n0 = out.len();
-        out.resize(n0 + t * self.cfg.vocab_size, 0.0);
-        self.matrix(&self.head)?.matmul(&p.xn, t, &mut out[n0..])
+        p.logits.clear();
+        p.logits.resize(t * self.cfg.vocab_size, 0.0);
+        self.matrix(&self.head)?.matmul(&p.xn, t, &mut p.logits)
     }
 
     /// Run one token at the next position and return its logits. Attention goes through the
@@ -511,6 +525,8 @@ struct PrefillBufs {
     o: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
+    /// Logits of every row of a chunk (only for [`LlamaModel::prefill_with_logits`]).
+    logits: Vec<f32>,
 }
 
 impl PrefillBufs {

@@ -68,6 +68,27 @@ fn prefill_matches_reference_and_token_by_token_decode() {
         let e = rel_l2(&all[i * v..(i + 1) * v], &want[i]);
         assert!(e <= 1e-4, "prefill position {i}: {e}");
     }
+    // The streaming form gives the same logits, in order, and stops on a callback error.
+    let mut t = m.session(32).unwrap();
+    t.set_prefill_chunk(16);
+    let mut seen = Vec::new();
+    m.prefill_with_logits(&mut t, &toks, &mut |i, l| {
+        assert_eq!(l, &all[i * v..(i + 1) * v]);
+        seen.push(i);
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(seen, (0..toks.len()).collect::<Vec<_>>());
+    assert_eq!(t.logits(), &all[(toks.len() - 1) * v..]);
+    let mut u = m.session(32).unwrap();
+    let r = m.prefill_with_logits(&mut u, &toks, &mut |i, _| {
+        if i == 3 {
+            Err(ModelError::Cancelled)
+        } else {
+            Ok(())
+        }
+    });
+    assert!(matches!(r, Err(ModelError::Cancelled)));
     // Prefill of the first 50, then decode the rest, equals decoding everything.
     let mut a = m.session(32).unwrap();
     let last = m.prefill(&mut a, &toks[..50]).unwrap().to_vec();
