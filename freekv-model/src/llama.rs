@@ -30,6 +30,9 @@ pub const DEFAULT_PAGE_SIZE: usize = 32;
 /// Default prompt tokens per prefill chunk.
 pub const DEFAULT_PREFILL_CHUNK: usize = 256;
 
+/// A receiver of per-token logits: `(index of the token in the prompt, its logits)`.
+pub type LogitsSink<'a> = dyn FnMut(usize, &[f32]) -> Result<(), ModelError> + 'a;
+
 /// A weight matrix of the file: its tensor index and shape (`rows` outputs × `cols` inputs).
 #[derive(Debug, Clone, Copy)]
 struct MatRef {
@@ -255,7 +258,7 @@ impl LlamaModel {
         &self,
         s: &mut Session,
         tokens: &[u32],
-        on_logits: &mut dyn FnMut(usize, &[f32]) -> Result<(), ModelError>,
+        on_logits: &mut LogitsSink<'_>,
     ) -> Result<(), ModelError> {
         self.prefill_inner(s, tokens, Some(on_logits))
     }
@@ -264,7 +267,7 @@ impl LlamaModel {
         &self,
         s: &mut Session,
         tokens: &[u32],
-        mut on_logits: Option<&mut dyn FnMut(usize, &[f32]) -> Result<(), ModelError>>,
+        mut on_logits: Option<&mut LogitsSink<'_>>,
     ) -> Result<(), ModelError> {
         let _span = tracing::debug_span!("prefill", tokens = tokens.len()).entered();
         if tokens.is_empty() {
