@@ -9,8 +9,11 @@
 //!   pool [`parallel`]; [`attention`] holds the GQA attention kernels over paged KV blocks and the
 //!   [`KvPolicy`] trait; [`llama::LlamaModel`] runs prefill and decode over a
 //!   [`llama::Session`] (paged KV cache + policy).
-//! * [`sampling`] picks tokens; [`generate`] runs the prefill + decode loop with streaming,
-//!   stop conditions and cancellation; [`testing`] has tiny random models and reference helpers.
+//! * [`kv`] builds the FreeKV policies (`full`, `quest`, `arkvale`, `freekv`) that plug into a
+//!   session; [`eval`] measures them (passkey accuracy, teacher-forced fidelity).
+//! * [`sampling`] picks tokens; [`generate`](mod@generate) runs the prefill + decode loop with
+//!   streaming, stop conditions and cancellation; [`testing`] has tiny random models and
+//!   reference helpers.
 //!
 //! A tiny random model, end to end:
 //!
