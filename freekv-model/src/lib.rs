@@ -37,6 +37,7 @@
 pub mod attention;
 pub mod chat;
 pub mod config;
+pub mod cuda;
 mod error;
 pub mod eval;
 pub mod generate;

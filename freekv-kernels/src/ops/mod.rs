@@ -4,4 +4,5 @@
 
 pub mod attention;
 pub mod elementwise;
+pub mod init;
 pub mod sampling;

@@ -1,0 +1,866 @@
+//! The CUDA Llama decoder: bf16 weights, a paged NHD KV cache on the device, chunked prefill,
+//! batched decode over ragged sequences, and the decode step of a fixed batch replayed as a CUDA
+//! graph.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use freekv_kernels::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use freekv_kernels::cudarc::driver::{CudaGraph, CudaSlice, CudaView, DriverError};
+use freekv_kernels::half::bf16;
+use freekv_kernels::ops::init::InitKernels;
+use freekv_kernels::{
+    AttentionShape, DecodePlan, Gpu, KernelError, KvSource, PageTableLayout, PrefillPlan,
+    RopeConfig, RopeLayout, RopeStyle, SamplingInputs, Strided,
+};
+use freekv_layout::PageGeometry;
+
+use super::blas::Blas;
+use super::synthetic::{synthetic_config, synthetic_name};
+use super::weights::{Weights, dims};
+use crate::ModelError;
+use crate::config::LlamaConfig;
+use crate::gguf::GgufFile;
+use crate::sampling::SamplingParams;
+
+/// Where a [`CudaLlama`]'s weights came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// Dequantized from a GGUF file.
+    Gguf(PathBuf),
+    /// Seeded random weights of a known shape (see [`super::SYNTHETIC_MODELS`]).
+    Synthetic {
+        /// Shape name, e.g. `llama-3.1-8b`.
+        name: String,
+        /// Seed of the weights.
+        seed: u64,
+    },
+}
+
+impl ModelSource {
+    /// True for synthetic (random) weights: every output must say so.
+    pub fn is_synthetic(&self) -> bool {
+        matches!(self, ModelSource::Synthetic { .. })
+    }
+
+    /// A one-line label: the file name, or `synthetic:NAME (random weights, seed S)`.
+    pub fn label(&self) -> String {
+        match self {
+            ModelSource::Gguf(p) => p.display().to_string(),
+            ModelSource::Synthetic { name, seed } => {
+                format!("synthetic:{name} (random weights, seed {seed})")
+            }
+        }
+    }
+}
+
+/// Sizes of a [`CudaBatch`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchOptions {
+    /// Sequences decoded together (every decode step runs all of them).
+    pub max_seqs: usize,
+    /// Most tokens one sequence can hold (prompt + generated); KV pages for this many tokens are
+    /// allocated per sequence up front.
+    pub max_seq_len: usize,
+    /// Tokens per KV page.
+    pub page_size: usize,
+    /// Prompt tokens per prefill chunk.
+    pub prefill_chunk: usize,
+    /// Replay the decode step as a CUDA graph once it has run eagerly once.
+    pub use_graph: bool,
+}
+
+impl Default for BatchOptions {
+    /// One sequence of up to 4096 tokens, pages of 32, prefill chunks of 256, graphs on.
+    fn default() -> Self {
+        Self {
+            max_seqs: 1,
+            max_seq_len: 4096,
+            page_size: 32,
+            prefill_chunk: 256,
+            use_graph: true,
+        }
+    }
+}
+
+/// How the last decode step ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepMode {
+    /// Kernel by kernel from the host.
+    Eager,
+    /// Captured into a CUDA graph now and launched.
+    Captured,
+    /// Replay of the graph captured earlier.
+    Replayed,
+}
+
+/// A Llama-family decoder on one CUDA device.
+pub struct CudaLlama {
+    gpu: Arc<Gpu>,
+    cfg: LlamaConfig,
+    weights: Weights,
+    blas: Blas,
+    source: ModelSource,
+}
+
+impl std::fmt::Debug for CudaLlama {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaLlama")
+            .field("source", &self.source)
+            .field("config", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+fn drv(what: impl Into<String>) -> impl FnOnce(DriverError) -> ModelError {
+    let what = what.into();
+    move |source| ModelError::Kernel(KernelError::Driver { what, source })
+}
+
+/// Checks that the CUDA kernels support `cfg`.
+fn check_config(cfg: &LlamaConfig) -> Result<(), ModelError> {
+    let bad = |m: String| Err(ModelError::Config(format!("CUDA decoder: {m}")));
+    if cfg.head_dim != 64 && cfg.head_dim != 128 {
+        return bad(format!(
+            "head dimension {} (supported: 64, 128)",
+            cfg.head_dim
+        ));
+    }
+    if cfg.rope_dim != cfg.head_dim {
+        return bad(format!(
+            "partial RoPE ({} of {} dimensions) is not supported",
+            cfg.rope_dim, cfg.head_dim
+        ));
+    }
+    let (h, qd, kvd, ff) = dims(cfg);
+    if !(qd + 2 * kvd).is_multiple_of(8) || !h.is_multiple_of(8) || !ff.is_multiple_of(8) {
+        return bad("hidden, head and FFN widths must be multiples of 8".into());
+    }
+    Ok(())
+}
+
+impl CudaLlama {
+    /// Loads `gguf` onto `gpu`: every matrix dequantized on the host and uploaded once as bf16.
+    pub fn from_gguf(gpu: Arc<Gpu>, gguf: &GgufFile) -> Result<Self, ModelError> {
+        let cfg = LlamaConfig::from_gguf(gguf)?;
+        check_config(&cfg)?;
+        let weights = Weights::from_gguf(&gpu, gguf, &cfg)?;
+        let blas = Blas::new(gpu.stream().clone())?;
+        Ok(Self {
+            gpu,
+            cfg,
+            weights,
+            blas,
+            source: ModelSource::Gguf(gguf.path().to_path_buf()),
+        })
+    }
+
+    /// Opens the GGUF file at `path` and loads it onto `gpu`.
+    pub fn open(gpu: Arc<Gpu>, path: impl AsRef<Path>) -> Result<Self, ModelError> {
+        Self::from_gguf(gpu, &GgufFile::open(path)?)
+    }
+
+    /// A synthetic model (see [`super::SYNTHETIC_MODELS`]) with seeded random bf16 weights
+    /// generated on the device.
+    pub fn synthetic(gpu: Arc<Gpu>, name: &str, seed: u64) -> Result<Self, ModelError> {
+        let cfg = synthetic_config(name)?;
+        Self::synthetic_with_config(gpu, cfg, name, seed)
+    }
+
+    /// A model of any supported shape `cfg` with seeded random weights (labelled synthetic).
+    pub fn synthetic_with_config(
+        gpu: Arc<Gpu>,
+        cfg: LlamaConfig,
+        name: &str,
+        seed: u64,
+    ) -> Result<Self, ModelError> {
+        check_config(&cfg)?;
+        let weights = Weights::synthetic(&gpu, &cfg, seed)?;
+        let blas = Blas::new(gpu.stream().clone())?;
+        Ok(Self {
+            gpu,
+            cfg,
+            weights,
+            blas,
+            source: ModelSource::Synthetic {
+                name: name.to_string(),
+                seed,
+            },
+        })
+    }
+
+    /// `synthetic:NAME` (seed `seed`) or a GGUF path.
+    pub fn load(gpu: Arc<Gpu>, model: &str, seed: u64) -> Result<Self, ModelError> {
+        match synthetic_name(model) {
+            Some(name) => Self::synthetic(gpu, name, seed),
+            None => Self::open(gpu, model),
+        }
+    }
+
+    /// Hyperparameters.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    /// Where the weights came from.
+    pub fn source(&self) -> &ModelSource {
+        &self.source
+    }
+
+    /// The device.
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
+    }
+
+    /// Device bytes taken by the weights.
+    pub fn weight_bytes(&self) -> usize {
+        self.weights.bytes()
+    }
+
+    /// Allocates a batch: KV pages for `opts.max_seqs × opts.max_seq_len` tokens in every layer
+    /// and the activations of one step.
+    pub fn new_batch(&self, opts: BatchOptions) -> Result<CudaBatch, ModelError> {
+        CudaBatch::new(self, opts)
+    }
+
+    fn check_tokens(&self, tokens: &[u32]) -> Result<(), ModelError> {
+        if let Some((i, &t)) = tokens
+            .iter()
+            .enumerate()
+            .find(|&(_, &t)| t as usize >= self.cfg.vocab_size)
+        {
+            return Err(ModelError::Prompt(format!(
+                "token id {t} at index {i} is outside the vocabulary of {} tokens",
+                self.cfg.vocab_size
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_batch(&self, b: &CudaBatch) -> Result<(), ModelError> {
+        if b.model_key != model_key(&self.cfg) {
+            return Err(ModelError::Config(
+                "this CUDA batch was allocated for a model of another shape".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Runs `tokens` through the model as the continuation of sequence `seq` (after the tokens it
+    /// already holds), in chunks of `prefill_chunk`, with causal paged attention; leaves the
+    /// logits of the last token in row `seq` of the batch's logits.
+    pub fn prefill(&self, b: &mut CudaBatch, seq: usize, tokens: &[u32]) -> Result<(), ModelError> {
+        let _span = tracing::debug_span!("cuda_prefill", seq, tokens = tokens.len()).entered();
+        self.check_batch(b)?;
+        if seq >= b.opts.max_seqs {
+            return Err(ModelError::Config(format!(
+                "sequence {seq} outside a batch of {}",
+                b.opts.max_seqs
+            )));
+        }
+        if tokens.is_empty() {
+            return Err(ModelError::Prompt("the prompt is empty".into()));
+        }
+        self.check_tokens(tokens)?;
+        let start = b.lens[seq];
+        if start + tokens.len() > b.opts.max_seq_len {
+            return Err(ModelError::Prompt(format!(
+                "{} tokens after {start} cached ones exceed the batch's {} tokens per sequence",
+                tokens.len(),
+                b.opts.max_seq_len
+            )));
+        }
+        let c = b.chunk;
+        for toks in tokens.chunks(c) {
+            let n = toks.len();
+            let pos0 = b.lens[seq];
+            // [ids c | positions c | q_start 2 | seq_len 1]
+            let mut meta = vec![0i32; 2 * c + 3];
+            for (i, &t) in toks.iter().enumerate() {
+                meta[i] = t as i32;
+                meta[c + i] = (pos0 + i) as i32;
+            }
+            meta[2 * c + 1] = n as i32;
+            meta[2 * c + 2] = (pos0 + n) as i32;
+            self.gpu
+                .stream()
+                .memcpy_htod(&meta, &mut b.pmeta)
+                .map_err(drv("uploading prefill metadata"))?;
+            self.forward(b, Phase::Prefill { seq, n })?;
+            b.lens[seq] += n;
+        }
+        Ok(())
+    }
+
+    /// One decode step of every sequence of the batch: `tokens[i]` is fed to sequence `i` at its
+    /// next position; the logits land in the batch's logits (row `i` for sequence `i`). The
+    /// first step runs eagerly; with [`BatchOptions::use_graph`], the second is captured into a
+    /// CUDA graph and later ones replay it (kernel arguments live in fixed device buffers).
+    pub fn decode_step(&self, b: &mut CudaBatch, tokens: &[u32]) -> Result<StepMode, ModelError> {
+        let _span = tracing::debug_span!("cuda_decode_step", batch = tokens.len()).entered();
+        self.check_batch(b)?;
+        let bs = b.opts.max_seqs;
+        if tokens.len() != bs {
+            return Err(ModelError::Config(format!(
+                "a decode step of this batch takes {bs} tokens, got {}",
+                tokens.len()
+            )));
+        }
+        self.check_tokens(tokens)?;
+        if let Some(i) = b.lens.iter().position(|&l| l >= b.opts.max_seq_len) {
+            return Err(ModelError::Prompt(format!(
+                "sequence {i} is full ({} tokens)",
+                b.opts.max_seq_len
+            )));
+        }
+        let mut meta = vec![0i32; 3 * bs];
+        for i in 0..bs {
+            meta[i] = tokens[i] as i32;
+            meta[bs + i] = b.lens[i] as i32;
+            meta[2 * bs + i] = (b.lens[i] + 1) as i32;
+        }
+        let s = self.gpu.stream();
+        s.memcpy_htod(&meta, &mut b.dmeta)
+            .map_err(drv("uploading decode metadata"))?;
+        let mode = if let Some(g) = &b.graph {
+            g.launch().map_err(drv("launching the decode graph"))?;
+            StepMode::Replayed
+        } else if b.opts.use_graph && b.graph_error.is_none() && b.eager_steps > 0 {
+            match self.capture(b) {
+                Ok(g) => {
+                    g.launch().map_err(drv("launching the decode graph"))?;
+                    b.graph = Some(g);
+                    StepMode::Captured
+                }
+                Err(e) => {
+                    tracing::warn!("CUDA graph capture failed, decoding eagerly: {e}");
+                    b.graph_error = Some(e.to_string());
+                    self.forward(b, Phase::Decode)?;
+                    StepMode::Eager
+                }
+            }
+        } else {
+            self.forward(b, Phase::Decode)?;
+            b.eager_steps += 1;
+            StepMode::Eager
+        };
+        for l in &mut b.lens {
+            *l += 1;
+        }
+        Ok(mode)
+    }
+
+    fn capture(&self, b: &mut CudaBatch) -> Result<CudaGraph, ModelError> {
+        let s = self.gpu.stream();
+        s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(drv("beginning the graph capture"))?;
+        let r = self.forward(b, Phase::Decode);
+        let g = s.end_capture(CUgraphInstantiate_flags(0));
+        r?;
+        g.map_err(drv("ending the graph capture"))?
+            .ok_or_else(|| ModelError::Config("graph capture recorded nothing".into()))
+    }
+
+    /// Picks the most likely token of every row of the batch's logits on the device; only the
+    /// ids come back.
+    pub fn argmax(&self, b: &mut CudaBatch) -> Result<Vec<u32>, ModelError> {
+        let s = self.gpu.stream();
+        let rows = b.opts.max_seqs;
+        self.gpu
+            .kernels()
+            .argmax(s, &b.logits, rows, self.cfg.vocab_size, &mut b.out_ids)?;
+        self.read_ids(b)
+    }
+
+    /// Samples one token per row on the device with `params` (temperature, top-k, top-p) and one
+    /// uniform number in `[0, 1)` per row; only the ids come back. Greedy parameters take the
+    /// argmax.
+    pub fn sample(
+        &self,
+        b: &mut CudaBatch,
+        params: &SamplingParams,
+        uniforms: &[f32],
+    ) -> Result<Vec<u32>, ModelError> {
+        params.validate()?;
+        let rows = b.opts.max_seqs;
+        if uniforms.len() != rows {
+            return Err(ModelError::Config(format!(
+                "{} uniform numbers for {rows} rows",
+                uniforms.len()
+            )));
+        }
+        if params.is_greedy() {
+            return self.argmax(b);
+        }
+        let s = self.gpu.stream();
+        let top_k = i32::try_from(params.top_k).unwrap_or(i32::MAX);
+        let mut host = Vec::with_capacity(4 * rows);
+        host.extend(std::iter::repeat_n(
+            params.temperature.to_bits() as i32,
+            rows,
+        ));
+        host.extend(std::iter::repeat_n(top_k, rows));
+        host.extend(std::iter::repeat_n(params.top_p.to_bits() as i32, rows));
+        host.extend(
+            uniforms
+                .iter()
+                .map(|u| u.clamp(0.0, 0.999_999_9).to_bits() as i32),
+        );
+        s.memcpy_htod(&host, &mut b.samp)
+            .map_err(drv("uploading sampling inputs"))?;
+        let temperature = f32_view(b.samp.slice(0..rows), rows)?;
+        let top_k_v = b.samp.slice(rows..2 * rows);
+        let top_p = f32_view(b.samp.slice(2 * rows..3 * rows), rows)?;
+        let uniform = f32_view(b.samp.slice(3 * rows..4 * rows), rows)?;
+        let inputs = SamplingInputs {
+            temperature: &temperature,
+            top_k: &top_k_v,
+            top_p: &top_p,
+            uniform: &uniform,
+        };
+        self.gpu.kernels().sample(
+            s,
+            &b.logits,
+            rows,
+            self.cfg.vocab_size,
+            &inputs,
+            &mut b.out_ids,
+        )?;
+        self.read_ids(b)
+    }
+
+    fn read_ids(&self, b: &mut CudaBatch) -> Result<Vec<u32>, ModelError> {
+        let s = self.gpu.stream();
+        let mut ids = vec![0i32; b.opts.max_seqs];
+        s.memcpy_dtoh(&b.out_ids, &mut ids)
+            .map_err(drv("reading token ids"))?;
+        s.synchronize().map_err(drv("stream synchronize"))?;
+        ids.into_iter()
+            .map(|i| {
+                u32::try_from(i).map_err(|_| {
+                    ModelError::Config(format!("the device picked an invalid token id {i}"))
+                })
+            })
+            .collect()
+    }
+
+    /// The batch's logits (`max_seqs × vocab`, f32) copied to the host (for tests and tools).
+    pub fn logits(&self, b: &CudaBatch) -> Result<Vec<f32>, ModelError> {
+        let s = self.gpu.stream();
+        let mut out = vec![0f32; b.logits.len()];
+        s.memcpy_dtoh(&b.logits, &mut out)
+            .map_err(drv("reading logits"))?;
+        s.synchronize().map_err(drv("stream synchronize"))?;
+        Ok(out)
+    }
+
+    /// Sets the lengths of the sequences to `lens` and fills their KV pages with seeded random
+    /// values instead of running a prefill: a decode step reads the same bytes whatever their
+    /// values, so this sets up long contexts for timing in milliseconds instead of minutes.
+    /// The sequences' contents are meaningless afterwards.
+    pub fn fill_random_context(
+        &self,
+        b: &mut CudaBatch,
+        lens: &[usize],
+        seed: u64,
+    ) -> Result<(), ModelError> {
+        self.check_batch(b)?;
+        if lens.len() != b.opts.max_seqs || lens.iter().any(|&l| l > b.opts.max_seq_len) {
+            return Err(ModelError::Config(format!(
+                "fill_random_context: {} lengths (at most {}) for {} sequences",
+                lens.len(),
+                b.opts.max_seq_len,
+                b.opts.max_seqs
+            )));
+        }
+        let init = InitKernels::load(&self.gpu)?;
+        let s = self.gpu.stream();
+        for (l, pages) in b.kv.iter_mut().enumerate() {
+            init.uniform_bf16(s, pages, seed.wrapping_add(l as u64), 1.0, 0.0)?;
+        }
+        b.lens.copy_from_slice(lens);
+        self.gpu.synchronize()?;
+        Ok(())
+    }
+
+    fn forward(&self, b: &mut CudaBatch, phase: Phase) -> Result<(), ModelError> {
+        let k = self.gpu.kernels();
+        let s = self.gpu.stream();
+        let cfg = &self.cfg;
+        let w = &self.weights;
+        let (h, qd, kvd, ff) = dims(cfg);
+        let qkv_w = qd + 2 * kvd;
+        let bs = b.opts.max_seqs;
+        let c = b.chunk;
+        let pps = b.pages_per_seq;
+        let (t, ids, positions, seq_lens, token_seq, table, table_rows) = match phase {
+            Phase::Decode => (
+                bs,
+                b.dmeta.slice(0..bs),
+                b.dmeta.slice(bs..2 * bs),
+                b.dmeta.slice(2 * bs..3 * bs),
+                b.dseq.slice(0..bs),
+                b.page_table.slice(0..bs * pps),
+                bs,
+            ),
+            Phase::Prefill { seq, n } => (
+                n,
+                b.pmeta.slice(0..n),
+                b.pmeta.slice(c..c + n),
+                b.pmeta.slice(2 * c + 2..2 * c + 3),
+                b.pzeros.slice(0..n),
+                b.page_table.slice(seq * pps..(seq + 1) * pps),
+                1,
+            ),
+        };
+        // SAFETY: token ids are non-negative i32 (checked against the vocabulary on the host);
+        // u32 has the size and alignment of i32.
+        let ids_u = unsafe { ids.transmute::<u32>(t) }
+            .ok_or_else(|| ModelError::Config("token id buffer too small".into()))?;
+        let eps = cfg.rms_eps;
+        let rope = RopeConfig {
+            theta: cfg.rope_theta,
+            style: RopeStyle::Normal,
+            freq_factors: w.freq_factors.as_ref(),
+        };
+        let shape = AttentionShape {
+            q_heads: cfg.n_heads,
+            geom: b.geom,
+            table_stride: pps,
+            q_rows: Strided {
+                offset: 0,
+                stride: qkv_w,
+            },
+            scale: None,
+        };
+        let table_layout = PageTableLayout {
+            num_seqs: table_rows,
+            stride: pps,
+        };
+        k.embedding(s, &w.embd, cfg.vocab_size, h, &ids_u, &mut b.x)?;
+        let n_layers = w.layers.len();
+        for (l, lw) in w.layers.iter().enumerate() {
+            if l == 0 {
+                k.rmsnorm(s, &b.x, &lw.attn_norm, &mut b.xn, t, h, eps)?;
+            } else {
+                k.add_rmsnorm(s, &mut b.x, &b.o, &lw.attn_norm, &mut b.xn, t, h, eps)?;
+            }
+            self.blas.linear(&b.xn, &lw.wqkv, &mut b.qkv, t, h, qkv_w)?;
+            for (heads, offset) in [(cfg.n_heads, 0), (cfg.n_kv_heads, qd)] {
+                let layout = RopeLayout {
+                    tokens: t,
+                    heads,
+                    head_dim: cfg.head_dim,
+                    rows: Strided {
+                        offset,
+                        stride: qkv_w,
+                    },
+                };
+                k.rope(s, &mut b.qkv, &layout, &positions, &rope)?;
+            }
+            let src = KvSource {
+                tokens: t,
+                k: Strided {
+                    offset: qd,
+                    stride: qkv_w,
+                },
+                v: Strided {
+                    offset: qd + kvd,
+                    stride: qkv_w,
+                },
+            };
+            let pages =
+                b.kv.get_mut(l)
+                    .ok_or_else(|| ModelError::Config(format!("no KV pool for layer {l}")))?;
+            k.kv_append(
+                s,
+                pages,
+                &b.geom,
+                &b.qkv,
+                &b.qkv,
+                &src,
+                &table,
+                &table_layout,
+                &token_seq,
+                &positions,
+            )?;
+            match phase {
+                Phase::Decode => k.decode_attention(
+                    s,
+                    &b.plan,
+                    &b.qkv,
+                    pages,
+                    &table,
+                    &seq_lens,
+                    &mut b.att,
+                    &mut b.workspace,
+                )?,
+                Phase::Prefill { n, .. } => {
+                    let plan = PrefillPlan {
+                        shape,
+                        batch: 1,
+                        total_q: n,
+                        max_q: n,
+                    };
+                    let q_start = b.pmeta.slice(2 * c..2 * c + 2);
+                    k.prefill_attention(
+                        s, &plan, &b.qkv, &q_start, pages, &table, &seq_lens, &mut b.att,
+                    )?
+                }
+            }
+            self.blas.linear(&b.att, &lw.wo, &mut b.o, t, qd, h)?;
+            k.add_rmsnorm(s, &mut b.x, &b.o, &lw.ffn_norm, &mut b.xn, t, h, eps)?;
+            self.blas
+                .linear(&b.xn, &lw.w_gate_up, &mut b.gu, t, h, 2 * ff)?;
+            k.swiglu_fused(s, &b.gu, &mut b.act, t, ff)?;
+            self.blas.linear(&b.act, &lw.w_down, &mut b.o, t, ff, h)?;
+            if l + 1 == n_layers {
+                k.add_rmsnorm(s, &mut b.x, &b.o, &w.output_norm, &mut b.xn, t, h, eps)?;
+            }
+        }
+        if n_layers == 0 {
+            k.rmsnorm(s, &b.x, &w.output_norm, &mut b.xn, t, h, eps)?;
+        }
+        let v = cfg.vocab_size;
+        match phase {
+            Phase::Decode => self.blas.linear(&b.xn, w.head(), &mut b.logits, bs, h, v)?,
+            Phase::Prefill { seq, n } => {
+                let last = b.xn.slice((n - 1) * h..n * h);
+                let mut row = b.logits.slice_mut(seq * v..(seq + 1) * v);
+                self.blas.linear(&last, w.head(), &mut row, 1, h, v)?
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `v` read as f32 (the sampling inputs are uploaded as bits in one i32 buffer).
+fn f32_view<'a>(v: CudaView<'a, i32>, rows: usize) -> Result<CudaView<'a, f32>, ModelError> {
+    // SAFETY: i32 and f32 have the same size and alignment; every bit pattern is a valid f32.
+    unsafe { v.transmute::<f32>(rows) }
+        .ok_or_else(|| ModelError::Config("sampling buffer too small".into()))
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    Decode,
+    Prefill { seq: usize, n: usize },
+}
+
+fn model_key(cfg: &LlamaConfig) -> (usize, usize, usize, usize, usize) {
+    (
+        cfg.n_layers,
+        cfg.hidden,
+        cfg.vocab_size,
+        cfg.n_kv_heads * cfg.head_dim,
+        cfg.ffn_hidden,
+    )
+}
+
+/// The device state of a batch of sequences: their KV pages (full KV, every layer), page tables,
+/// lengths, the activations of one step and the captured decode graph.
+///
+/// KV layout (compatible with the FreeKV kernels): per layer one pool
+/// `[pages][2][page_size][kv_heads][head_dim]` bf16 (K then V), and one page table row of
+/// `pages_per_seq` page ids per sequence, shared by every layer.
+pub struct CudaBatch {
+    opts: BatchOptions,
+    model_key: (usize, usize, usize, usize, usize),
+    geom: PageGeometry,
+    pages_per_seq: usize,
+    chunk: usize,
+    kv: Vec<CudaSlice<bf16>>,
+    page_table: CudaSlice<i32>,
+    lens: Vec<usize>,
+    /// Decode metadata: `[ids | positions | lengths after the step]`, `max_seqs` each.
+    dmeta: CudaSlice<i32>,
+    /// Sequence index of every decode row (`0..max_seqs`).
+    dseq: CudaSlice<i32>,
+    /// Prefill metadata: `[ids chunk | positions chunk | q_start 2 | length 1]`.
+    pmeta: CudaSlice<i32>,
+    /// Zeros: the sequence index of every prefill row (one page-table row is passed).
+    pzeros: CudaSlice<i32>,
+    x: CudaSlice<bf16>,
+    xn: CudaSlice<bf16>,
+    qkv: CudaSlice<bf16>,
+    att: CudaSlice<bf16>,
+    o: CudaSlice<bf16>,
+    gu: CudaSlice<bf16>,
+    act: CudaSlice<bf16>,
+    logits: CudaSlice<f32>,
+    out_ids: CudaSlice<i32>,
+    /// Sampling inputs `[temperature | top_k | top_p | uniform]` (f32 stored as bits).
+    samp: CudaSlice<i32>,
+    plan: DecodePlan,
+    workspace: CudaSlice<f32>,
+    graph: Option<CudaGraph>,
+    graph_error: Option<String>,
+    eager_steps: usize,
+}
+
+impl std::fmt::Debug for CudaBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaBatch")
+            .field("opts", &self.opts)
+            .field("lens", &self.lens)
+            .field("graph", &self.graph.is_some())
+            .field("graph_error", &self.graph_error)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CudaBatch {
+    fn new(m: &CudaLlama, opts: BatchOptions) -> Result<Self, ModelError> {
+        let _span = tracing::debug_span!("cuda_new_batch").entered();
+        let cfg = &m.cfg;
+        if opts.max_seqs == 0 || opts.max_seq_len == 0 || opts.page_size == 0 {
+            return Err(ModelError::Config(
+                "a CUDA batch needs at least one sequence, one token and one token per page".into(),
+            ));
+        }
+        if opts.max_seq_len > cfg.context_length {
+            return Err(ModelError::Config(format!(
+                "{} tokens per sequence exceed the model's context of {}",
+                opts.max_seq_len, cfg.context_length
+            )));
+        }
+        let geom = PageGeometry::new(opts.page_size, cfg.n_kv_heads, cfg.head_dim)?;
+        let pages_per_seq = opts.max_seq_len.div_ceil(opts.page_size);
+        let total_pages = pages_per_seq
+            .checked_mul(opts.max_seqs)
+            .filter(|&p| p <= i32::MAX as usize)
+            .ok_or_else(|| ModelError::Config("KV page count overflows".into()))?;
+        let pool_elems = total_pages
+            .checked_mul(geom.page_elems())
+            .ok_or_else(|| ModelError::Config("KV pool size overflows".into()))?;
+        let s = m.gpu.stream();
+        let kv_bytes = 2 * pool_elems as u128 * cfg.n_layers as u128;
+        let oom = |what: String| {
+            move |e: DriverError| {
+                ModelError::Kernel(KernelError::Driver {
+                    what: format!("{what} (lower the batch size or the context)"),
+                    source: e,
+                })
+            }
+        };
+        let mut kv = Vec::with_capacity(cfg.n_layers);
+        for l in 0..cfg.n_layers {
+            kv.push(s.alloc_zeros::<bf16>(pool_elems).map_err(oom(format!(
+                "allocating the KV pool of layer {l} ({:.2} GiB of {:.2} GiB in all)",
+                (2 * pool_elems) as f64 / (1u64 << 30) as f64,
+                kv_bytes as f64 / (1u64 << 30) as f64
+            )))?);
+        }
+        let table: Vec<i32> = (0..total_pages as i32).collect();
+        let page_table = s.clone_htod(&table).map_err(drv("uploading page tables"))?;
+        let chunk = opts.prefill_chunk.max(1);
+        let t_max = chunk.max(opts.max_seqs);
+        let (h, qd, kvd, ff) = dims(cfg);
+        let zeros_bf = |n: usize| {
+            s.alloc_zeros::<bf16>(n)
+                .map_err(oom("allocating activations".into()))
+        };
+        let dseq_host: Vec<i32> = (0..opts.max_seqs as i32).collect();
+        let shape = AttentionShape {
+            q_heads: cfg.n_heads,
+            geom,
+            table_stride: pages_per_seq,
+            q_rows: Strided {
+                offset: 0,
+                stride: qd + 2 * kvd,
+            },
+            scale: None,
+        };
+        let plan = m
+            .gpu
+            .kernels()
+            .plan_decode(shape, opts.max_seqs, opts.max_seq_len)?;
+        let batch = Self {
+            opts,
+            model_key: model_key(cfg),
+            geom,
+            pages_per_seq,
+            chunk,
+            kv,
+            page_table,
+            lens: vec![0; opts.max_seqs],
+            dmeta: s
+                .alloc_zeros::<i32>(3 * opts.max_seqs)
+                .map_err(drv("allocating decode metadata"))?,
+            dseq: s
+                .clone_htod(&dseq_host)
+                .map_err(drv("allocating decode metadata"))?,
+            pmeta: s
+                .alloc_zeros::<i32>(2 * chunk + 3)
+                .map_err(drv("allocating prefill metadata"))?,
+            pzeros: s
+                .alloc_zeros::<i32>(chunk)
+                .map_err(drv("allocating prefill metadata"))?,
+            x: zeros_bf(t_max * h)?,
+            xn: zeros_bf(t_max * h)?,
+            qkv: zeros_bf(t_max * (qd + 2 * kvd))?,
+            att: zeros_bf(t_max * qd)?,
+            o: zeros_bf(t_max * h)?,
+            gu: zeros_bf(t_max * 2 * ff)?,
+            act: zeros_bf(t_max * ff)?,
+            logits: s
+                .alloc_zeros::<f32>(opts.max_seqs * cfg.vocab_size)
+                .map_err(oom("allocating logits".into()))?,
+            out_ids: s
+                .alloc_zeros::<i32>(opts.max_seqs)
+                .map_err(drv("allocating token ids"))?,
+            samp: s
+                .alloc_zeros::<i32>(4 * opts.max_seqs)
+                .map_err(drv("allocating sampling inputs"))?,
+            workspace: s
+                .alloc_zeros::<f32>(plan.workspace_len().max(1))
+                .map_err(oom("allocating the attention workspace".into()))?,
+            plan,
+            graph: None,
+            graph_error: None,
+            eager_steps: 0,
+        };
+        m.gpu.synchronize()?;
+        Ok(batch)
+    }
+
+    /// The sizes the batch was allocated with.
+    pub fn options(&self) -> &BatchOptions {
+        &self.opts
+    }
+
+    /// Tokens held by each sequence.
+    pub fn lens(&self) -> &[usize] {
+        &self.lens
+    }
+
+    /// Forgets the tail of sequence `seq` beyond `len` tokens (e.g. to start it over with 0).
+    pub fn truncate(&mut self, seq: usize, len: usize) -> Result<(), ModelError> {
+        let cur = self
+            .lens
+            .get_mut(seq)
+            .ok_or_else(|| ModelError::Config(format!("sequence {seq} outside the batch")))?;
+        *cur = (*cur).min(len);
+        Ok(())
+    }
+
+    /// Whether a decode graph has been captured.
+    pub fn has_graph(&self) -> bool {
+        self.graph.is_some()
+    }
+
+    /// Why capturing the decode graph failed, if it did (decoding then stays eager).
+    pub fn graph_error(&self) -> Option<&str> {
+        self.graph_error.as_deref()
+    }
+
+    /// The split-K plan of the decode attention (fixed for the batch).
+    pub fn decode_plan(&self) -> &DecodePlan {
+        &self.plan
+    }
+
+    /// Device bytes of the KV pools.
+    pub fn kv_bytes(&self) -> usize {
+        self.kv.iter().map(|p| 2 * p.len()).sum()
+    }
+}
