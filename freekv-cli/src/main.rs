@@ -1,5 +1,6 @@
 //! `freekv`: generate text, evaluate KV policies, tokenize, inspect model files.
 
+mod cuda_gen;
 mod eval;
 mod fetch;
 
@@ -202,12 +203,39 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     if !(a.top_p > 0.0 && a.top_p <= 1.0) {
         bail!("--top-p must be in (0, 1] (got {})", a.top_p);
     }
-    match a.device {
-        DeviceArg::Cuda => {
-            bail!("--device cuda: the CUDA decoder is not part of this build yet; use --device cpu")
+    let sampling = SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        seed: a.seed,
+    };
+    let non_full = (a.kv.kv.len() != 1 || a.kv.kv.first().is_none_or(|k| k != "full"))
+        .then_some("a KV policy other than full");
+    let synthetic = a.model.model.as_deref().and_then(|p| p.to_str()).and_then(freekv_model::cuda::synthetic_name);
+    if let Some(name) = synthetic {
+        // Synthetic models (random weights, no tokenizer) exist on the CUDA decoder only.
+        if a.device == DeviceArg::Cpu {
+            bail!("synthetic models run on the CUDA decoder only; use --device cuda");
         }
-        DeviceArg::Auto | DeviceArg::Cpu => {}
+        let Some(gpu) = cuda_gen::select(true, false, non_full)? else {
+            bail!("synthetic models need a CUDA device");
+        };
+        let Some(ids) = &a.prompt_ids else {
+            bail!("synthetic models have no tokenizer: give the prompt with --prompt-ids");
+        };
+        let model = freekv_model::cuda::CudaLlama::synthetic(gpu, name, a.seed)?;
+        let opts = cuda_gen::options(a.max_new_tokens, sampling);
+        let out = cuda_gen::Output { json: a.json, tokenizer: None };
+        if cuda_gen::run(&model, ids, &opts, cuda_gen::cancel_flag(), out)? {
+            std::process::exit(130);
+        }
+        return Ok(());
     }
+    let gpu = cuda_gen::select(
+        a.device == DeviceArg::Cuda,
+        a.device == DeviceArg::Auto,
+        non_full,
+    )?;
     // Read the prompt before loading anything, so a missing prompt fails fast.
     let text = if a.prompt_ids.is_some() {
         None
@@ -233,6 +261,15 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         }
         (None, None) => bail!("no prompt"),
     };
+    if let Some(gpu) = gpu {
+        let model = freekv_model::cuda::CudaLlama::from_gguf(gpu, &gguf)?;
+        let opts = cuda_gen::options(a.max_new_tokens, sampling);
+        let out = cuda_gen::Output { json: a.json, tokenizer: Some(&tok) };
+        if cuda_gen::run(&model, &prompt_ids, &opts, cuda_gen::cancel_flag(), out)? {
+            std::process::exit(130);
+        }
+        return Ok(());
+    }
     let model = LlamaModel::new(gguf.clone())?;
     let kv_cfg = a.kv.single(model.config().n_layers)?;
     let policy = freekv_model::kv::build_policy(&kv_cfg, model.config().n_layers)?;

@@ -44,6 +44,9 @@ mod weights;
 
 use std::sync::Arc;
 
+/// The device handle and its error type, re-exported for callers of this module.
+pub use freekv_kernels::{Gpu, KernelError};
+
 pub use decoder::{BatchOptions, CudaBatch, CudaLlama, ModelSource, StepMode};
 pub use synthetic::{
     SYNTHETIC_MODELS, SYNTHETIC_PREFIX, decode_weight_bytes, kv_bytes_per_token, synthetic_config,

@@ -1,0 +1,143 @@
+//! `--device auto|cpu|cuda` for `generate`: picking the device, and generation on the CUDA
+//! decoder (GGUF models and `synthetic:NAME` models).
+
+use std::io::Write;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use anyhow::{Context, Result, bail};
+use freekv_model::cuda::{CudaLlama, Gpu};
+use freekv_model::generate::GenerateOptions;
+use freekv_model::tokenizer::{StreamDecoder, Tokenizer};
+
+/// The GPU to use, or `None` for the CPU. `cuda`: the GPU or an error naming what is missing;
+/// `auto`: the GPU when one is usable, else the CPU with one line on stderr; `cpu`: the CPU.
+/// `cpu_only` names a reason the run needs the CPU (e.g. a KV policy the CUDA decoder lacks).
+pub fn select(cuda: bool, auto: bool, cpu_only: Option<&str>) -> Result<Option<Arc<Gpu>>> {
+    if !cuda && !auto {
+        return Ok(None);
+    }
+    if let Some(why) = cpu_only {
+        if cuda {
+            bail!("--device cuda: {why} runs on the CPU only for now; use --device cpu");
+        }
+        eprintln!("freekv: {why} runs on the CPU only for now; using the CPU");
+        return Ok(None);
+    }
+    match freekv_model::cuda::gpu() {
+        Ok(g) => Ok(Some(g)),
+        Err(e) if e.is_unavailable() && auto => {
+            eprintln!("freekv: no CUDA device ({e}); using the CPU");
+            Ok(None)
+        }
+        Err(e) => Err(e).context("--device cuda: the CUDA backend is unavailable"),
+    }
+}
+
+/// What `generate` prints, shared by both model kinds.
+pub struct Output<'a> {
+    pub json: bool,
+    pub tokenizer: Option<&'a Tokenizer>,
+}
+
+/// Runs a generation on `model` and prints it like the CPU path (streamed text, or one JSON
+/// object with `--json`), then the timing line on stderr. Returns whether it was cancelled.
+pub fn run(
+    model: &CudaLlama,
+    prompt_ids: &[u32],
+    opts: &GenerateOptions,
+    cancel: &AtomicBool,
+    out: Output<'_>,
+) -> Result<bool> {
+    let mut stream = StreamDecoder::new();
+    let mut stdout = std::io::stdout().lock();
+    let mut write_err = None;
+    let synthetic = model.source().is_synthetic();
+    let result = model.generate(out.tokenizer, prompt_ids, opts, cancel, &mut |id| {
+        if out.json || write_err.is_some() {
+            return;
+        }
+        let piece = match out.tokenizer {
+            Some(tok) if !synthetic => match stream.push(tok, id) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!("cannot decode token {id}: {e}");
+                    return;
+                }
+            },
+            _ => format!("{id} "),
+        };
+        if let Err(e) = stdout
+            .write_all(piece.as_bytes())
+            .and_then(|_| stdout.flush())
+        {
+            write_err = Some(e);
+        }
+    })?;
+    if let Some(e) = write_err {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            return Err(e).context("cannot write to standard output");
+        }
+        return Ok(result.cancelled());
+    }
+    let t = &result.timings;
+    if out.json {
+        let obj = serde_json::json!({
+            "prompt_ids": result.prompt_ids,
+            "generated_ids": result.generated_ids,
+            "text": result.text,
+            "top_logprobs": result.top_logprobs,
+            "stop": result.stop.as_str(),
+            "timings": t,
+            "kv_policy": "full",
+            "device": "cuda",
+            "model": model.source().label(),
+            "synthetic": synthetic,
+        });
+        writeln!(stdout, "{obj}")?;
+    } else {
+        if out.tokenizer.is_some() && !synthetic {
+            write!(stdout, "{}", stream.finish())?;
+        }
+        writeln!(stdout)?;
+    }
+    drop(stdout);
+    eprintln!(
+        "freekv: {} on {}: prompt {} tokens, prefill {:.1} tok/s ({:.2} s); decode {} tokens, {:.1} tok/s; stop: {}",
+        model.source().label(),
+        model.gpu().info().name,
+        t.prompt_tokens,
+        t.prefill_tok_s,
+        t.prefill_s,
+        t.decode_tokens,
+        t.decode_tok_s,
+        result.stop.as_str()
+    );
+    Ok(result.cancelled())
+}
+
+/// Generation options of `generate` on the CUDA decoder (greedy unless a temperature is given;
+/// no top log-probabilities: logits stay on the device).
+pub fn options(
+    max_new_tokens: usize,
+    sampling: freekv_model::sampling::SamplingParams,
+) -> GenerateOptions {
+    GenerateOptions {
+        max_new_tokens,
+        sampling,
+        stop_at_eog: true,
+        top_logprobs: 0,
+    }
+}
+
+/// A cancel flag raised by Ctrl-C (a second Ctrl-C exits at once).
+pub fn cancel_flag() -> &'static AtomicBool {
+    use std::sync::atomic::Ordering;
+    static CANCEL: AtomicBool = AtomicBool::new(false);
+    let _ = ctrlc::set_handler(|| {
+        if CANCEL.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+    });
+    &CANCEL
+}
