@@ -24,14 +24,16 @@ pub struct KvArgs {
     #[arg(long, default_value = "2048", value_delimiter = ',')]
     pub budget: Vec<usize>,
     /// Attention-sink tokens at the start of the sequence, always attended (rounded up to whole
-    /// pages). Default 128: 4 pages, covering the chat template's system prompt.
+    /// pages). Default 16: 2 pages; small, so that a 128-token budget still retrieves 10 pages.
     #[arg(long, default_value_t = kv::DEFAULT_SINK)]
     pub sink: usize,
     /// Recent-window tokens, always attended, the page being written included (rounded up to
-    /// whole pages). Default 256: 8 pages, an eighth of the default budget.
+    /// whole pages). Default 32: 4 pages of local context; recent pages that matter more are
+    /// retrieved by selection.
     #[arg(long, default_value_t = kv::DEFAULT_WINDOW)]
     pub window: usize,
-    /// Tokens per KV page. Default 32: the paper's and the decoder's page size.
+    /// Tokens per KV page. Default 8: small pages make selection precise on the default model
+    /// (pages of 16 lost passkeys that pages of 8 found; docs/accuracy.md).
     #[arg(long, default_value_t = kv::DEFAULT_PAGE_SIZE)]
     pub page_size: usize,
     /// freekv correction threshold: a KV head whose mean query cosine (step t vs t-1) is below
@@ -47,9 +49,10 @@ pub struct KvArgs {
     /// default), max-score, mean-score, max-softmax.
     #[arg(long, default_value = "mean-softmax")]
     pub group_policy: String,
-    /// Page summaries: minmax (exact element-wise min/max of the post-RoPE keys, an upper bound
-    /// of every score; default) or arkvale (centre ± mean deviation).
-    #[arg(long, default_value = "minmax")]
+    /// Page summaries: arkvale (centre ± mean absolute deviation of the post-RoPE keys; default:
+    /// it ranked the passkey page higher on the default model) or minmax (exact element-wise
+    /// min/max, an upper bound of every score).
+    #[arg(long, default_value = "arkvale")]
     pub summary: String,
     /// Where freekv's speculative recall runs: threads (the executor's worker threads,
     /// overlapping the rest of the step; default) or inline (right after attention).

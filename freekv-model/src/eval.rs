@@ -128,7 +128,7 @@ pub fn parse_cases(text: &str) -> Result<Vec<EvalCase>, ModelError> {
             None | Some(Value::Null) => None,
             Some(x) => Some(
                 x.as_u64()
-                    .filter(|&m| m >= 1 && m <= 1 << 20)
+                    .filter(|m| (1..=1 << 20).contains(m))
                     .ok_or_else(|| bad("\"max_new_tokens\" must be an integer ≥ 1".into()))?
                     as usize,
             ),
@@ -212,7 +212,7 @@ pub fn make_passkey_cases(
             "--depth must be in [0, 1] (got {d})"
         )));
     }
-    let mut rng = SplitMix(spec.seed ^ 0x5EED_0F_FA55_4E7);
+    let mut rng = SplitMix(spec.seed ^ 0x0005_EED0_FFA5_54E7);
     let unit_len = tok.encode(FILLER, false)?.len().max(1);
     let mut out = Vec::with_capacity(spec.n);
     for i in 0..spec.n {

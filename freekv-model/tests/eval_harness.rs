@@ -92,17 +92,15 @@ fn shared_prefill_equals_a_fresh_session_per_policy() {
             .unwrap();
         assert_eq!(out.text, r.text, "{} {}", r.id, r.policy);
     }
-    // Sparse policies do change something at this budget (the comparison above can fail).
-    let full: Vec<&str> = res
-        .iter()
-        .filter(|r| r.policy == "full")
-        .map(|r| r.text.as_str())
-        .collect();
-    assert!(
-        res.iter()
-            .any(|r| r.kv_stats.is_some() && r.policy != "full"),
-        "sparse policies report statistics"
-    );
+    // The sparse policies did run sparse at budget 32 (the comparison above covers them).
+    for r in res.iter().filter(|r| r.policy.ends_with("@32")) {
+        let st = r.kv_stats.as_ref().unwrap();
+        assert!(
+            st["sparse_layer_steps"].as_u64().unwrap() > 0,
+            "{}",
+            r.policy
+        );
+    }
     let acc = eval::accuracy(&res);
     assert_eq!(acc.len(), 7);
     assert!(acc.iter().all(|(_, ok, n)| *ok == 0 && *n == 2));

@@ -10,15 +10,16 @@ use freekv_select::{CorrectionAggregate, CorrectionPolicy, GroupPolicy, SummaryK
 
 use crate::ModelError;
 
-/// Default tokens per page (the decoder's and the paper's page size).
-pub const DEFAULT_PAGE_SIZE: usize = 32;
+/// Default tokens per page: small pages make selection precise on the default model (pages of 16
+/// lost passkeys that pages of 8 found; docs/accuracy.md).
+pub const DEFAULT_PAGE_SIZE: usize = 8;
 /// Default resident tokens per sparse layer, sink and window included (the paper's `B = 2048`;
 /// a quarter of the default model's 8K context).
 pub const DEFAULT_BUDGET: usize = 2048;
-/// Default attention-sink tokens (4 pages of 32).
-pub const DEFAULT_SINK: usize = 128;
-/// Default recent-window tokens, the page being written included (8 pages of 32).
-pub const DEFAULT_WINDOW: usize = 256;
+/// Default attention-sink tokens (2 pages of 8).
+pub const DEFAULT_SINK: usize = 16;
+/// Default recent-window tokens, the page being written included (4 pages of 8).
+pub const DEFAULT_WINDOW: usize = 32;
 /// Default correction threshold (the paper's value for long-input tasks).
 pub const DEFAULT_TAU: f32 = 0.8;
 
@@ -160,7 +161,7 @@ impl Default for KvConfig {
                 .unwrap_or_else(|_| CorrectionPolicy::always(CorrectionAggregate::Mean)),
             dense_layers: vec![0],
             group_policy: GroupPolicy::MeanSoftmax,
-            summary: SummaryKind::MinMax,
+            summary: SummaryKind::ArkVale,
             spec_recall: SpecRecall::Threads,
             debug_checks: false,
         }
@@ -249,9 +250,9 @@ mod tests {
     fn validation_errors_are_clear() {
         let mut c = KvConfig::new(KvKind::FreeKv);
         c.validate(30).unwrap();
-        c.budget = 300;
+        c.budget = 40;
         let e = c.validate(30).unwrap_err().to_string();
-        assert!(e.contains("smaller than sink 128 + window 256"), "{e}");
+        assert!(e.contains("smaller than sink 16 + window 32"), "{e}");
         c.budget = 2048;
         c.page_size = 0;
         assert!(

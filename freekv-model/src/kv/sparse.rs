@@ -67,6 +67,10 @@ pub struct AttendedPages {
     pub pages: Vec<usize>,
 }
 
+/// Per KV head, the attended middle pages `(page, Some(slot))` (resident) or `(page, None)` (read
+/// from the cache), ascending page.
+type MiddlePages = Vec<Vec<(usize, Option<usize>)>>;
+
 /// A shared recorder of [`AttendedPages`] (see [`SparseKv::with_trace`]).
 pub type SelectionTrace = Arc<Mutex<Vec<AttendedPages>>>;
 
@@ -381,7 +385,7 @@ impl SparseKv {
     }
 
     /// Queries of KV head `head`'s group.
-    fn group_q<'q>(q: &'q [f32], head: usize, hkv: usize) -> Result<&'q [f32], ModelError> {
+    fn group_q(q: &[f32], head: usize, hkv: usize) -> Result<&[f32], ModelError> {
         let g = q.len() / hkv.max(1);
         q.get(head * g..(head + 1) * g)
             .ok_or_else(|| ModelError::Shape(format!("no queries for KV head {head}")))
@@ -480,10 +484,7 @@ impl SparseKv {
     }
 
     /// The resident middle pages of every KV head, ascending page, with their slots.
-    fn resident_middle(
-        &self,
-        layer: usize,
-    ) -> Result<Vec<Vec<(usize, Option<usize>)>>, ModelError> {
+    fn resident_middle(&self, layer: usize) -> Result<MiddlePages, ModelError> {
         let res = self
             .layers
             .get(layer)
@@ -547,7 +548,7 @@ impl SparseKv {
         for (h, s) in sels.iter().enumerate() {
             Self::note_selection(&mut self.stats, st, h, s.pages());
         }
-        let middle: Vec<Vec<(usize, Option<usize>)>> = sels
+        let middle: MiddlePages = sels
             .iter()
             .map(|s| s.pages().iter().map(|&p| (p, None)).collect())
             .collect();
