@@ -562,6 +562,7 @@ pub fn decode_attention<S: KvBlocks + ?Sized>(
         };
         let mut guard = lock(slot);
         let slot = &mut *guard;
+        slot.err = None;
         slot.state.reset(g, d);
         let qh = &q[h * g * d..(h + 1) * g * d];
         if let Err(e) = attend_rows(
@@ -661,6 +662,7 @@ pub fn prefill_attention<S: KvBlocks + ?Sized>(
         };
         let mut guard = lock(slot);
         let slot = &mut *guard;
+        slot.err = None;
         let nq = toks.len() * g;
         // Gather this group's queries, token-major.
         slot.queries.clear();
@@ -1665,6 +1667,44 @@ mod tests {
         let mut out2 = vec![0.0; 32];
         assert!(prefill_attention(&src, &q, 2, &shape, &mut out2, &mut scratch).is_err());
         assert!(prefill_attention(&src, &q, 1, &shape, &mut out2, &mut scratch).is_ok());
+    }
+
+    /// A source that claims rows but cannot produce its blocks.
+    struct Broken;
+    impl KvBlocks for Broken {
+        fn num_rows(&self, _: usize) -> usize {
+            600
+        }
+        fn num_blocks(&self, _: usize) -> usize {
+            1
+        }
+        fn block(&self, _: usize, _: usize) -> Result<KvBlock<'_>, ModelError> {
+            Err(ModelError::Shape("broken".into()))
+        }
+    }
+
+    #[test]
+    fn errors_do_not_leak_into_later_calls() {
+        let shape = AttnShape::new(2, 1, 8).unwrap();
+        let mut scratch = AttnScratch::new();
+        let mut out = vec![0.0; 16];
+        let q = vec![0.5; 16];
+        assert!(decode_attention(&Broken, &q, &shape, &mut out, &mut scratch).is_err());
+        let (c, _, _) = filled_cache(4, 4, 1, 8, 600);
+        decode_attention(&CacheLayer::new(&c, 0), &q, &shape, &mut out, &mut scratch).unwrap();
+        let mut q2 = vec![0.5; 2 * 16];
+        assert!(prefill_attention(&Broken, &q2, 0, &shape, &mut q2.clone(), &mut scratch).is_err());
+        let mut out2 = vec![0.0; 32];
+        q2[0] = 1.0;
+        prefill_attention(
+            &CacheLayer::new(&c, 0),
+            &q2,
+            3,
+            &shape,
+            &mut out2,
+            &mut scratch,
+        )
+        .unwrap();
     }
 
     #[test]
