@@ -6,8 +6,10 @@
 //! workers alive; the calling thread always takes part. A call splits `0..n` into up to
 //! [`CHUNKS_PER_THREAD`]` × threads()` contiguous chunks and publishes them in one atomic word
 //! (epoch, next chunk, chunk count); every participant claims chunks with a compare-and-swap until
-//! none are left. Idle workers spin on that word for about [`SPIN_TIME`] before parking on a
-//! condition variable, so back-to-back calls never enter the kernel; and because the caller claims
+//! none are left. Idle workers poll that word for about [`SPIN_TIME`] (busy for a few
+//! microseconds, then yielding their core between polls, so that a core shared with the caller or
+//! with other processes is not burnt) before parking on a condition variable, so back-to-back
+//! calls never wait for a wake-up; and because the caller claims
 //! chunks too, a worker that is asleep or descheduled (2 cores shared with other processes) delays
 //! nothing: the caller simply runs its chunks. Only a worker descheduled *while holding* a chunk
 //! makes the caller wait; when such a stall is seen, calls run on the caller alone for a
@@ -33,6 +35,10 @@ use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+/// Checks of the job word an idle worker makes back to back before it starts yielding its core
+/// between checks (a few microseconds).
+const FAST_SPINS: u32 = 256;
 
 /// How long an idle worker spins on the job word before it parks.
 pub const SPIN_TIME: Duration = Duration::from_micros(100);
@@ -334,8 +340,14 @@ fn worker_loop(sh: &Shared) {
             let start = Instant::now();
             let mut spins = 0u32;
             while e == seen {
-                std::hint::spin_loop();
-                spins = spins.wrapping_add(1);
+                // Busy-spin briefly, then yield the core between checks: if it is shared with
+                // the submitting thread or other processes, they run instead of this loop.
+                if spins < FAST_SPINS {
+                    std::hint::spin_loop();
+                } else {
+                    std::thread::yield_now();
+                }
+                spins = spins.saturating_add(1);
                 if spins.is_multiple_of(64) && start.elapsed() > SPIN_TIME {
                     let mut g = sh.park_lock.lock().unwrap_or_else(|e| e.into_inner());
                     sh.sleepers.fetch_add(1, Ordering::SeqCst);

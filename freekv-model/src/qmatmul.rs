@@ -25,12 +25,14 @@
 //! let w: Vec<f32> = (0..3 * 64).map(|i| (i % 7) as f32 - 3.0).collect();
 //! let bytes = quant::quantize(GgmlType::Q8_0, &w).unwrap();
 //! let m = QMatrix::new(GgmlType::Q8_0, 3, 64, &bytes).unwrap();
-//! let x = vec![1.0f32; 64];
+//! let x: Vec<f32> = (0..64).map(|i| i as f32 / 64.0).collect();
 //! let mut y = vec![0.0f32; 3];
 //! m.matvec(&x, &mut y).unwrap();
+//! // exactly the product with the dequantized weights, up to f32 rounding
+//! let wq = quant::dequantize_to_vec(GgmlType::Q8_0, &bytes, 3 * 64).unwrap();
 //! for r in 0..3 {
-//!     let want: f32 = w[r * 64..(r + 1) * 64].iter().sum();
-//!     assert!((y[r] - want).abs() < 1e-3);
+//!     let want: f64 = (0..64).map(|c| wq[r * 64 + c] as f64 * x[c] as f64).sum();
+//!     assert!((y[r] as f64 - want).abs() < 1e-5 * want.abs().max(1.0));
 //! }
 //! ```
 
@@ -125,10 +127,10 @@ fn avx2_detected() -> bool {
 /// at those indices, and the kernel's CPU features are present.
 type RowsFn = unsafe fn(&[u8], usize, Range<usize>, &[f32], usize, *mut f32, usize);
 
-/// The tile size for `left` remaining tokens: 8, 4, 2 or 1.
+/// The tile size for `left` remaining tokens: 8 (`TILE`), 4, 2 or 1.
 fn tile_len(left: usize) -> usize {
     match left {
-        l if l >= 8 => 8,
+        l if l >= TILE => TILE,
         l if l >= 4 => 4,
         l if l >= 2 => 2,
         _ => 1,
