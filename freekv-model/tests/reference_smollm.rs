@@ -4,6 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use std::sync::atomic::AtomicBool;
+
+use freekv_model::generate::{GenerateOptions, Generator, StopReason};
 use freekv_model::gguf::GgufFile;
 use freekv_model::llama::LlamaModel;
 use freekv_model::sampling::argmax;
@@ -87,6 +90,7 @@ fn chat_short_matches_reference() {
     let Some(f) = fixture() else { return };
     let (mut s, r) = check_prompt(&f, "chat_short");
     let want = ids(&r["generated_ids"]);
+    // Greedy by hand on the session...
     let mut got = Vec::new();
     let mut logits = s.logits().to_vec();
     loop {
@@ -98,8 +102,37 @@ fn chat_short_matches_reference() {
         logits = f.model.decode(&mut s, t).unwrap().to_vec();
     }
     assert_eq!(got, want);
-    let text = f.tok.decode(&got[..got.len() - 1]).unwrap();
-    assert_eq!(text, "The capital of France is Paris.");
+    // ...and through the generation API, from the prompt text.
+    let prompt = f
+        .tok
+        .encode(r["prompt_text"].as_str().unwrap(), true)
+        .unwrap();
+    let opts = GenerateOptions {
+        max_new_tokens: 64,
+        ..GenerateOptions::default()
+    };
+    let mut streamed = Vec::new();
+    let out = Generator::new(&f.model, &f.tok)
+        .unwrap()
+        .generate(&prompt, &opts, &AtomicBool::new(false), &mut |t| {
+            streamed.push(t)
+        })
+        .unwrap();
+    assert_eq!(out.generated_ids, want);
+    assert_eq!(out.stop, StopReason::Eog);
+    assert_eq!(out.text, "The capital of France is Paris.");
+    assert_eq!(streamed, want[..want.len() - 1]);
+    // The reported log-probabilities are the reference's log-softmax at the first step.
+    let st = &r["steps_top5"][0];
+    let lse = st["logsumexp"].as_f64().unwrap();
+    for (k, tl) in out.top_logprobs[0].iter().enumerate() {
+        assert_eq!(tl.id as u64, st["top_ids"][k].as_u64().unwrap());
+        let want_lp = st["top_logits"][k].as_f64().unwrap() - lse;
+        assert!(
+            (tl.logprob as f64 - want_lp).abs() < 2e-3,
+            "{tl:?} vs {want_lp}"
+        );
+    }
 }
 
 #[test]
