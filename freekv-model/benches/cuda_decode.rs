@@ -61,6 +61,7 @@ struct Row {
     weight_gb: f64,
     kv_gb: f64,
     graph: bool,
+    matmul_ms: Option<f64>,
     note: String,
 }
 
@@ -119,6 +120,7 @@ fn main() {
             weight_gb: wbytes / 1e9,
             kv_gb: kvb / 1e9,
             graph: false,
+            matmul_ms: None,
             note: String::new(),
         };
         if loaded.as_ref().is_none_or(|(n, _)| *n != name) {
@@ -192,19 +194,21 @@ fn main() {
         let mut v = all[all.len().saturating_sub(10)..].to_vec();
         v.sort_by(f64::total_cmp);
         row.ms_per_step = v.get(v.len() / 2).map(|s| s * 1e3);
+        // Diagnostics: the step's matrix products alone (same shapes), timed with CUDA events.
+        row.matmul_ms = model.matmul_time_ms(&mut b, 20).ok();
         rows.push(row);
     }
     drop(loaded);
     c.final_summary();
     println!();
     println!(
-        "| model | batch | context | ms/step | tokens/s | HBM floor ms | ratio to floor | weights GB | KV GB | graph | note |"
+        "| model | batch | context | ms/step | tokens/s | HBM floor ms | ratio to floor | weights GB | KV GB | graph | GEMMs alone ms | note |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         match r.ms_per_step {
             Some(ms) => println!(
-                "| {} | {} | {} | {:.3} | {:.0} | {:.3} | {:.2} | {:.2} | {:.2} | {} | {} |",
+                "| {} | {} | {} | {:.3} | {:.0} | {:.3} | {:.2} | {:.2} | {:.2} | {} | {} | {} |",
                 r.model,
                 r.batch,
                 r.context,
@@ -215,10 +219,11 @@ fn main() {
                 r.weight_gb,
                 r.kv_gb,
                 r.graph,
+                r.matmul_ms.map_or("-".to_string(), |m| format!("{m:.3}")),
                 r.note
             ),
             None => println!(
-                "| {} | {} | {} | - | - | {:.3} | - | {:.2} | {:.2} | - | {} |",
+                "| {} | {} | {} | - | - | {:.3} | - | {:.2} | {:.2} | - | - | {} |",
                 r.model, r.batch, r.context, r.floor_ms, r.weight_gb, r.kv_gb, r.note
             ),
         }
@@ -231,7 +236,8 @@ fn main() {
             "rows": rows.iter().map(|r| serde_json::json!({
                 "model": r.model, "batch": r.batch, "context": r.context,
                 "ms_per_step": r.ms_per_step, "floor_ms": r.floor_ms,
-                "weight_gb": r.weight_gb, "kv_gb": r.kv_gb, "graph": r.graph, "note": r.note,
+                "weight_gb": r.weight_gb, "kv_gb": r.kv_gb, "graph": r.graph,
+                "matmul_ms": r.matmul_ms, "note": r.note,
             })).collect::<Vec<_>>(),
         });
         std::fs::write(&path, serde_json::to_string_pretty(&json).unwrap()).unwrap();

@@ -1,24 +1,30 @@
-//! The CUDA decoder against the CPU decoder (tiny random GGUF models generated in the test, the
-//! default model and the shared reference outputs when present), batched against per-sequence
-//! decode, graph replay against eager decode, chunked against whole prefill, device sampling.
-//! Every test prints one "skipped: no CUDA device" line and passes where there is no GPU.
+//! The CUDA decoder against exact bf16 arithmetic (the emulator of tests/common_bf16) and the
+//! f32 CPU decoder (tiny random GGUF models generated in the test, the default model and the
+//! shared reference outputs when present), batched against per-sequence decode, graph replay
+//! against eager decode, chunked against whole prefill, device sampling. Every test prints one
+//! "skipped: no CUDA device" line and passes where there is no GPU.
 //!
-//! Tolerances (bf16 storage of weights, activations, residual stream and KV; fp32 accumulation):
-//! against the f32 CPU path, relative L2 error of the logits ≤ 3e-2 on the tiny models; on the
-//! default model max |Δlogit| ≤ 0.35 on logits of magnitude ~25 (bf16 has 8 significant bits:
-//! a 2^-8 relative step on values ~25 is 0.1, and 30 layers of bf16 rounding compound), the same
-//! argmax wherever the reference margin exceeds 0.1, and at least 8 of the reference top 10 in
-//! the CUDA top 10. Paths that run the same kernels in another arrangement (batch vs single,
-//! chunked prefill) must agree to 1e-2 relative L2; graph replay must equal eager to 1e-4.
+//! Tolerances. The CUDA decoder stores weights, activations, the residual stream and the KV in
+//! bf16 (fp32 accumulation). Against the bf16 emulator, which rounds at the same points, the
+//! logits must agree to 1e-2 relative L2 (only summation order differs). Against the f32 CPU
+//! path the deviation is that of bf16 itself: tests/cuda_bf16_emulation.rs measures the emulator
+//! at rel L2 3.8e-2, max |Δlogit| 0.64 from the f32 path on chat_short (logits ~25), so the
+//! CUDA logits may be at most 1.5× the emulator's distance (+1e-3) from f32 there, and within
+//! rel L2 0.08 / max |Δlogit| 1.5 on both reference prompts; the reference's top 10 must hold at
+//! least 8 of the CUDA top 10, and the argmax must agree wherever the reference margin exceeds
+//! 0.1. Paths that run the same kernels in another arrangement (batch vs single, chunked
+//! prefill) must agree to 1e-2 relative L2; graph replay must equal eager to 1e-4.
+
+mod common_bf16;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
+use common_bf16::{Bf16Emulator, max_abs, rel_l2, tiny_configs};
 use freekv_kernels::testing::gpu;
 use freekv_model::cuda::{BatchOptions, CudaLlama, StepMode};
 use freekv_model::generate::GenerateOptions;
-use freekv_model::ggml::GgmlType;
 use freekv_model::gguf::GgufFile;
 use freekv_model::llama::LlamaModel;
 use freekv_model::sampling::{SamplingParams, argmax};
@@ -27,62 +33,11 @@ use freekv_model::tokenizer::Tokenizer;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let (mut num, mut den) = (0f64, 0f64);
-    for (&x, &y) in a.iter().zip(b) {
-        assert!(x.is_finite(), "non-finite CUDA value {x}");
-        num += (x as f64 - y as f64).powi(2);
-        den += (y as f64).powi(2);
-    }
-    assert!(den > 0.0, "reference is all zeros");
-    (num / den).sqrt()
-}
-
-fn max_abs(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
 fn top_k(l: &[f32], k: usize) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..l.len()).collect();
     idx.sort_by(|&a, &b| l[b].total_cmp(&l[a]).then(a.cmp(&b)));
     idx.truncate(k);
     idx
-}
-
-/// Tiny shapes the CUDA kernels support: head dim 64 (GQA 2, tied Q8_0 head) and 128 (GQA 2,
-/// untied Q8_0 head, Q4_1 matrices).
-fn tiny_configs() -> Vec<(&'static str, TinyConfig)> {
-    vec![
-        (
-            "d64",
-            TinyConfig {
-                n_layers: 3,
-                hidden: 256,
-                n_heads: 4,
-                n_kv_heads: 2,
-                ffn_hidden: 512,
-                matrix_type: GgmlType::Q8_0,
-                ..TinyConfig::default()
-            },
-        ),
-        (
-            "d128",
-            TinyConfig {
-                n_layers: 2,
-                hidden: 256,
-                n_heads: 2,
-                n_kv_heads: 1,
-                ffn_hidden: 384,
-                matrix_type: GgmlType::Q4_1,
-                tied: false,
-                ..TinyConfig::default()
-            },
-        ),
-    ]
 }
 
 fn tiny(seed: u64, cfg: &TinyConfig) -> Arc<GgufFile> {
@@ -94,7 +49,7 @@ fn row(l: &[f32], vocab: usize, i: usize) -> &[f32] {
 }
 
 #[test]
-fn tiny_models_match_cpu_prefill_and_decode() {
+fn tiny_models_match_bf16_emulation_and_cpu() {
     let Some(g) = gpu() else { return };
     for (name, cfg) in tiny_configs() {
         let gguf = tiny(11, &cfg);
@@ -103,8 +58,10 @@ fn tiny_models_match_cpu_prefill_and_decode() {
         let vocab = cpu.vocab_size();
         let mut r = StdRng::seed_from_u64(5);
         let prompt: Vec<u32> = (0..45).map(|_| r.random_range(3..vocab as u32)).collect();
-        let mut s = cpu.session(16).unwrap();
-        let mut want = cpu.prefill(&mut s, &prompt).unwrap().to_vec();
+        let cpu_l = cpu
+            .prefill(&mut cpu.session(16).unwrap(), &prompt)
+            .unwrap()
+            .to_vec();
         let mut b = cuda
             .new_batch(BatchOptions {
                 max_seq_len: 128,
@@ -114,18 +71,35 @@ fn tiny_models_match_cpu_prefill_and_decode() {
             })
             .unwrap();
         cuda.prefill(&mut b, 0, &prompt).unwrap();
-        let mut worst = 0f64;
-        for step in 0..10 {
-            let got = cuda.logits(&b).unwrap();
-            let e = rel_l2(&got, &want);
-            worst = worst.max(e);
-            assert!(e <= 3e-2, "{name} step {step}: rel L2 {e}");
-            // Teacher-forced on the CPU's greedy choice.
-            let t = argmax(&want).unwrap() as u32;
-            want = cpu.decode(&mut s, t).unwrap().to_vec();
-            cuda.decode_step(&mut b, &[t]).unwrap();
+        // Prefill, then 9 decode steps fed with the CUDA decoder's own greedy choices.
+        let mut tokens = prompt.clone();
+        let mut got = vec![cuda.logits(&b).unwrap()];
+        for _ in 0..9 {
+            let t = cuda.argmax(&mut b).unwrap();
+            tokens.push(t[0]);
+            cuda.decode_step(&mut b, &t).unwrap();
+            got.push(cuda.logits(&b).unwrap());
         }
-        println!("tiny {name}: worst rel L2 vs CPU over prefill + 9 decode steps = {worst:.2e}");
+        let at: Vec<usize> = (prompt.len() - 1..tokens.len()).collect();
+        let emu = Bf16Emulator::new(&gguf).logits(&tokens, &at);
+        let mut worst = 0f64;
+        for (step, (gl, el)) in got.iter().zip(&emu).enumerate() {
+            let e = rel_l2(gl, el);
+            worst = worst.max(e);
+            assert!(
+                e <= 1e-2,
+                "{name} step {step}: rel L2 {e} vs the bf16 emulator"
+            );
+        }
+        let (e_cpu, e_emu) = (rel_l2(&got[0], &cpu_l), rel_l2(&emu[0], &cpu_l));
+        println!(
+            "tiny {name}: CUDA vs bf16 emulator worst rel L2 {worst:.2e} over prefill + 9 decode steps; \
+             prefill vs f32 CPU: CUDA {e_cpu:.2e}, emulator {e_emu:.2e}"
+        );
+        assert!(
+            e_cpu <= 1.5 * e_emu + 1e-3,
+            "{name}: CUDA {e_cpu} vs emulator {e_emu} from f32"
+        );
     }
 }
 
@@ -420,7 +394,26 @@ fn default_model_matches_cpu_and_reference() {
             argmax(&cpu_l).unwrap(),
             argmax(&hf).unwrap()
         );
-        assert!(d_cpu <= 0.35 && d_hf <= 0.35, "{name}: logits too far");
+        let (e_cpu, e_hf) = (rel_l2(&gl, &cpu_l), rel_l2(&gl, &hf));
+        assert!(
+            d_cpu <= 1.5 && d_hf <= 1.5 && e_cpu <= 0.08 && e_hf <= 0.08,
+            "{name}: logits too far from f32"
+        );
+        if name == "chat_short" {
+            let emu = Bf16Emulator::new(&gguf)
+                .logits(&prompt, &[prompt.len() - 1])
+                .remove(0);
+            let (e_emu, e_emu_cpu) = (rel_l2(&gl, &emu), rel_l2(&emu, &cpu_l));
+            println!(
+                "{name}: CUDA vs bf16 emulator rel L2 {e_emu:.2e}, max |Δlogit| {:.4}; emulator vs f32 CPU rel L2 {e_emu_cpu:.2e}",
+                max_abs(&gl, &emu)
+            );
+            assert!(e_emu <= 1e-2, "{name}: CUDA vs bf16 emulator {e_emu}");
+            assert!(
+                e_cpu <= 1.5 * e_emu_cpu + 1e-3,
+                "{name}: CUDA {e_cpu} vs emulator {e_emu_cpu}"
+            );
+        }
         assert!(agree >= 8, "{name}: top-10 agreement {agree}");
         let margin = r["steps_top5"][0]["margin12"].as_f64().unwrap();
         if margin > 0.1 {

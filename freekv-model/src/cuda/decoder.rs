@@ -483,6 +483,44 @@ impl CudaLlama {
         Ok(())
     }
 
+    /// Diagnostics for speed work: the mean time in milliseconds of the matrix products of one
+    /// decode step of `b` alone (every layer's four products and the output head, the same
+    /// shapes as [`CudaLlama::decode_step`]), over `reps` repetitions timed with CUDA events.
+    /// The activations are overwritten; the KV and the lengths are untouched.
+    pub fn matmul_time_ms(&self, b: &mut CudaBatch, reps: usize) -> Result<f64, ModelError> {
+        use freekv_kernels::cudarc::driver::sys::CUevent_flags;
+        self.check_batch(b)?;
+        let s = self.gpu.stream();
+        let (h, qd, kvd, ff) = dims(&self.cfg);
+        let t = b.opts.max_seqs;
+        let run = |b: &mut CudaBatch| -> Result<(), ModelError> {
+            for lw in &self.weights.layers {
+                self.blas
+                    .linear(&b.xn, &lw.wqkv, &mut b.qkv, t, h, qd + 2 * kvd)?;
+                self.blas.linear(&b.att, &lw.wo, &mut b.o, t, qd, h)?;
+                self.blas
+                    .linear(&b.xn, &lw.w_gate_up, &mut b.gu, t, h, 2 * ff)?;
+                self.blas.linear(&b.act, &lw.w_down, &mut b.o, t, ff, h)?;
+            }
+            let v = self.cfg.vocab_size;
+            self.blas
+                .linear(&b.xn, self.weights.head(), &mut b.logits, t, h, v)
+        };
+        run(b)?;
+        let ev = |what: &str| {
+            s.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(drv(what.to_string()))
+        };
+        let t0 = ev("timing event")?;
+        for _ in 0..reps.max(1) {
+            run(b)?;
+        }
+        let t1 = ev("timing event")?;
+        t1.synchronize().map_err(drv("event synchronize"))?;
+        let ms = t0.elapsed_ms(&t1).map_err(drv("event elapsed time"))? as f64;
+        Ok(ms / reps.max(1) as f64)
+    }
+
     fn forward(&self, b: &mut CudaBatch, phase: Phase) -> Result<(), ModelError> {
         let k = self.gpu.kernels();
         let s = self.gpu.stream();
@@ -546,18 +584,17 @@ impl CudaLlama {
                 k.add_rmsnorm(s, &mut b.x, &b.o, &lw.attn_norm, &mut b.xn, t, h, eps)?;
             }
             self.blas.linear(&b.xn, &lw.wqkv, &mut b.qkv, t, h, qkv_w)?;
-            for (heads, offset) in [(cfg.n_heads, 0), (cfg.n_kv_heads, qd)] {
-                let layout = RopeLayout {
-                    tokens: t,
-                    heads,
-                    head_dim: cfg.head_dim,
-                    rows: Strided {
-                        offset,
-                        stride: qkv_w,
-                    },
-                };
-                k.rope(s, &mut b.qkv, &layout, &positions, &rope)?;
-            }
+            // K heads follow the Q heads in each fused row: one launch rotates both.
+            let layout = RopeLayout {
+                tokens: t,
+                heads: cfg.n_heads + cfg.n_kv_heads,
+                head_dim: cfg.head_dim,
+                rows: Strided {
+                    offset: 0,
+                    stride: qkv_w,
+                },
+            };
+            k.rope(s, &mut b.qkv, &layout, &positions, &rope)?;
             let src = KvSource {
                 tokens: t,
                 k: Strided {
