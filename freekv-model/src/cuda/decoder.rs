@@ -701,6 +701,8 @@ fn model_key(cfg: &LlamaConfig) -> (usize, usize, usize, usize, usize) {
 /// `[pages][2][page_size][kv_heads][head_dim]` bf16 (K then V), and one page table row of
 /// `pages_per_seq` page ids per sequence, shared by every layer.
 pub struct CudaBatch {
+    /// Declared first so that it is destroyed before the buffers its nodes point to.
+    graph: Option<CudaGraph>,
     opts: BatchOptions,
     model_key: (usize, usize, usize, usize, usize),
     geom: PageGeometry,
@@ -730,7 +732,6 @@ pub struct CudaBatch {
     samp: CudaSlice<i32>,
     plan: DecodePlan,
     workspace: CudaSlice<f32>,
-    graph: Option<CudaGraph>,
     graph_error: Option<String>,
     eager_steps: usize,
 }
