@@ -1,6 +1,7 @@
-//! Decode-step time of the KV policies on the CPU: `full`, `quest`, `arkvale` and `freekv` on
-//! the default model with a 2K-token prompt (or a tiny random model when the default model is
-//! not cached), page 8, budget 512 (a quarter of the context), sink 16, window 32.
+//! Decode-step time of the KV policies on the CPU: `full`, `quest`, `arkvale` and `freekv`
+//! (speculative recall on the executor's threads, and inline) on the default model with a
+//! 2K-token prompt (or a tiny random model when the default model is not cached), page 8,
+//! budget 512 (a quarter of the context), sink 16, window 32.
 //!
 //! `cargo bench -p freekv-model --bench kv`. One sample is one decode step; every 8 steps the
 //! cache is truncated back to the prompt and the policy is replaced (untimed), and one untimed
@@ -11,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, SamplingMode, criterion_group, criterion_main};
-use freekv_model::kv::{KvConfig, KvKind, SharedKv, build_policy};
+use freekv_model::kv::{KvConfig, KvKind, SharedKv, SpecRecall, build_policy};
 use freekv_model::testing::{TinyConfig, default_model_path, tiny_random_model};
 use freekv_model::{DenseKv, GgufFile, LlamaModel};
 
@@ -56,9 +57,17 @@ fn bench(c: &mut Criterion) {
         .sampling_mode(SamplingMode::Flat)
         .sample_size(10)
         .measurement_time(Duration::from_secs(8));
-    for kind in [KvKind::Full, KvKind::Quest, KvKind::ArkVale, KvKind::FreeKv] {
+    let variants = [
+        (KvKind::Full, SpecRecall::Threads),
+        (KvKind::Quest, SpecRecall::Threads),
+        (KvKind::ArkVale, SpecRecall::Threads),
+        (KvKind::FreeKv, SpecRecall::Threads),
+        (KvKind::FreeKv, SpecRecall::Inline),
+    ];
+    for (kind, spec_recall) in variants {
         let cfg = KvConfig {
             kind,
+            spec_recall,
             budget: n / 4,
             sink: 16,
             window: 32,
@@ -68,6 +77,9 @@ fn bench(c: &mut Criterion) {
         };
         let label = match kind {
             KvKind::Full => "full".to_string(),
+            KvKind::FreeKv if spec_recall == SpecRecall::Inline => {
+                format!("freekv-inline@{}", cfg.budget)
+            }
             k => format!("{k}@{}", cfg.budget),
         };
         group.bench_function(label, |b| {
