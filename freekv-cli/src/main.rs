@@ -211,7 +211,12 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     };
     let non_full = (a.kv.kv.len() != 1 || a.kv.kv.first().is_none_or(|k| k != "full"))
         .then_some("a KV policy other than full");
-    let synthetic = a.model.model.as_deref().and_then(|p| p.to_str()).and_then(freekv_model::cuda::synthetic_name);
+    let synthetic = a
+        .model
+        .model
+        .as_deref()
+        .and_then(|p| p.to_str())
+        .and_then(freekv_model::cuda::synthetic_name);
     if let Some(name) = synthetic {
         // Synthetic models (random weights, no tokenizer) exist on the CUDA decoder only.
         if a.device == DeviceArg::Cpu {
@@ -225,7 +230,10 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         };
         let model = freekv_model::cuda::CudaLlama::synthetic(gpu, name, a.seed)?;
         let opts = cuda_gen::options(a.max_new_tokens, sampling);
-        let out = cuda_gen::Output { json: a.json, tokenizer: None };
+        let out = cuda_gen::Output {
+            json: a.json,
+            tokenizer: None,
+        };
         if cuda_gen::run(&model, ids, &opts, cuda_gen::cancel_flag(), out)? {
             std::process::exit(130);
         }
@@ -264,7 +272,10 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     if let Some(gpu) = gpu {
         let model = freekv_model::cuda::CudaLlama::from_gguf(gpu, &gguf)?;
         let opts = cuda_gen::options(a.max_new_tokens, sampling);
-        let out = cuda_gen::Output { json: a.json, tokenizer: Some(&tok) };
+        let out = cuda_gen::Output {
+            json: a.json,
+            tokenizer: Some(&tok),
+        };
         if cuda_gen::run(&model, &prompt_ids, &opts, cuda_gen::cancel_flag(), out)? {
             std::process::exit(130);
         }
