@@ -21,7 +21,12 @@ pub fn select(cuda: bool, auto: bool, cpu_only: Option<&str>) -> Result<Option<A
         if cuda {
             bail!("--device cuda: {why} runs on the CPU only for now; use --device cpu");
         }
-        eprintln!("freekv: {why} runs on the CPU only for now; using the CPU");
+        // A light probe (no kernel compilation): only the message depends on it.
+        if freekv_model::cuda::cuda_available() {
+            eprintln!("freekv: {why} runs on the CPU only for now; using the CPU");
+        } else {
+            eprintln!("freekv: no CUDA device; using the CPU");
+        }
         return Ok(None);
     }
     match freekv_model::cuda::gpu() {

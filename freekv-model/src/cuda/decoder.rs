@@ -902,3 +902,43 @@ impl CudaBatch {
         self.kv.iter().map(|p| 2 * p.len()).sum()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_checks_and_labels() {
+        let mut c = synthetic_config("smollm2-135m").unwrap();
+        assert!(check_config(&c).is_ok());
+        c.rope_dim = 32;
+        assert!(
+            check_config(&c)
+                .unwrap_err()
+                .to_string()
+                .contains("partial RoPE")
+        );
+        let mut c = synthetic_config("llama-3.1-8b").unwrap();
+        c.head_dim = 96;
+        c.rope_dim = 96;
+        assert!(
+            check_config(&c)
+                .unwrap_err()
+                .to_string()
+                .contains("head dimension 96")
+        );
+        let s = ModelSource::Synthetic {
+            name: "qwen-2.5-7b".into(),
+            seed: 3,
+        };
+        assert!(s.is_synthetic());
+        assert_eq!(s.label(), "synthetic:qwen-2.5-7b (random weights, seed 3)");
+        assert!(!ModelSource::Gguf("m.gguf".into()).is_synthetic());
+        let o = BatchOptions::default();
+        assert_eq!((o.max_seqs, o.page_size, o.use_graph), (1, 32, true));
+        assert_ne!(
+            model_key(&synthetic_config("qwen-2.5-7b").unwrap()),
+            model_key(&synthetic_config("llama-3.1-8b").unwrap())
+        );
+    }
+}

@@ -45,6 +45,7 @@ mod weights;
 use std::sync::Arc;
 
 /// The device handle and its error type, re-exported for callers of this module.
+pub use freekv_kernels::probe::cuda_available;
 pub use freekv_kernels::{Gpu, KernelError};
 
 pub use decoder::{BatchOptions, CudaBatch, CudaLlama, ModelSource, StepMode};
