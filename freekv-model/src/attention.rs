@@ -845,10 +845,13 @@ pub(crate) mod kernels {
         }
     }
 
+    /// Whether the AVX2+FMA kernels run: the CPU has them and `FREEKV_NO_SIMD` does not ask for
+    /// the portable ones (the same switch as the matrix products, see
+    /// [`Isa::active`](crate::qmatmul::Isa::active)).
     #[cfg(target_arch = "x86_64")]
     #[inline]
     fn has_fma() -> bool {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        crate::qmatmul::Isa::active() == crate::qmatmul::Isa::Avx2
     }
 
     /// Dot product, 16 lanes.
@@ -1516,9 +1519,21 @@ mod tests {
 
     #[test]
     fn decode_matches_naive_and_is_page_size_independent() {
-        let (nh, kv, d) = (6, 2, 16);
+        // Head dims of every kernel variant: const 64 and 128, dynamic multiple of 8, generic.
+        for (d, sizes) in [
+            (16, &[1usize, 5, 33, 300, 1100][..]),
+            (64, &[7, 300][..]),
+            (128, &[13, 520][..]),
+            (12, &[9, 270][..]),
+        ] {
+            decode_case(d, sizes);
+        }
+    }
+
+    fn decode_case(d: usize, sizes: &[usize]) {
+        let (nh, kv) = (6, 2);
         let shape = AttnShape::new(nh, kv, d).unwrap();
-        for n in [1usize, 5, 33, 300, 1100] {
+        for &n in sizes {
             let mut rng = StdRng::seed_from_u64(n as u64);
             let q = random(&mut rng, nh * d, 1.0);
             let mut outs = Vec::new();
@@ -1538,12 +1553,12 @@ mod tests {
                         shape.scale as f64,
                     );
                     let e = rel_err(&out[h * d..(h + 1) * d], &want);
-                    assert!(e < 1e-5, "n={n} page={page} head={h}: rel err {e}");
+                    assert!(e < 1e-5, "d={d} n={n} page={page} head={h}: rel err {e}");
                 }
                 outs.push(out);
             }
-            assert_eq!(outs[0], outs[1], "n={n}: page 1 vs 3");
-            assert_eq!(outs[0], outs[2], "n={n}: page 1 vs 32");
+            assert_eq!(outs[0], outs[1], "d={d} n={n}: page 1 vs 3");
+            assert_eq!(outs[0], outs[2], "d={d} n={n}: page 1 vs 32");
         }
     }
 
@@ -1588,7 +1603,12 @@ mod tests {
 
     #[test]
     fn prefill_matches_decode_per_position() {
-        let (nh, kv, d, n) = (6, 3, 16, 45);
+        prefill_case(16);
+        prefill_case(64);
+    }
+
+    fn prefill_case(d: usize) {
+        let (nh, kv, n) = (6, 3, 45);
         let shape = AttnShape::new(nh, kv, d).unwrap();
         let (c, ks, vs) = filled_cache(11, 8, kv, d, n);
         let mut rng = StdRng::seed_from_u64(5);
