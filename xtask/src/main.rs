@@ -1,46 +1,38 @@
-//! Project tasks: `cargo xtask bench [--quick] [criterion args]`.
+//! Project tasks. `cargo xtask bench`: every benchmark figure of the project in one command —
+//! criterion micro-benchmarks, the end-to-end matrix (backend × KV policy × batch × context),
+//! hardware ceilings measured in the same run, optional peers — written as raw JSON, a markdown
+//! report and SVG plots under `docs/bench/` (see `docs/bench/README.md`).
 
-use anyhow::{Context, Result, bail};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod bench;
+mod criterion;
+mod probe;
+mod report;
+mod svg;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
-}
-
-fn cargo() -> Command {
-    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    c.current_dir(root());
-    c
-}
-
-fn run(mut c: Command) -> Result<()> {
-    let status = c.status().with_context(|| format!("cannot run {c:?}"))?;
-    if !status.success() {
-        bail!("{c:?} failed: {status}");
-    }
-    Ok(())
-}
+use anyhow::{Result, bail};
 
 fn usage() -> &'static str {
     "usage: cargo xtask <task>\n\
      tasks:\n  \
-       bench [--quick] [-- criterion args]   run every criterion benchmark of the workspace\n"
+       bench [options]   criterion micro-benchmarks, the end-to-end matrix, ceilings, peers;\n                    \
+                         writes results-<host>.json, README.md and SVG plots\n\
+     bench options:\n  \
+       --quick           short criterion times and a subset of the matrix (about two minutes on 2 cores)\n  \
+       --cpu-only        skip everything that needs a GPU\n  \
+       --gpu-only        only the GPU parts (error without a GPU)\n  \
+       --peer hf         also run Hugging Face transformers (GPU, python3 with torch + transformers)\n  \
+       --peer llamacpp   also run llama-cpp-python on the CPU with the same GGUF and prompts\n  \
+       --out DIR         output folder (default docs/bench)\n  \
+       --no-criterion    skip the criterion micro-benchmarks\n  \
+       --no-e2e          skip the end-to-end matrix\n"
 }
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("bench") => {
-            let rest = &args[1..];
-            let quick = rest.iter().any(|a| a == "--quick");
-            let mut c = cargo();
-            c.args(["bench", "--workspace", "--bench", "*", "--"]);
-            if quick {
-                c.args(["--warm-up-time", "0.5", "--measurement-time", "1"]);
-            }
-            c.args(rest.iter().filter(|a| *a != "--quick" && *a != "--"));
-            run(c)
+            let opts = bench::Options::parse(&args[1..])?;
+            bench::run(&opts)
         }
         Some("-h" | "--help" | "help") | None => {
             print!("{}", usage());

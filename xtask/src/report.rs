@@ -1,0 +1,625 @@
+//! Markdown rendering of a results file (the JSON written by `cargo xtask bench`).
+
+use crate::criterion::Estimate;
+use serde_json::Value;
+use std::fmt::Write;
+
+/// A markdown table: header cells, then rows; cells are escaped for `|`.
+pub fn table(header: &[&str], rows: &[Vec<String>], right_align_from: usize) -> String {
+    let cell = |s: &str| s.replace('|', "\\|").replace('\n', " ");
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| {} |",
+        header
+            .iter()
+            .map(|h| cell(h))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    let seps: Vec<&str> = (0..header.len())
+        .map(|i| if i >= right_align_from { "---:" } else { "---" })
+        .collect();
+    let _ = writeln!(out, "|{}|", seps.join("|"));
+    for r in rows {
+        let mut cells: Vec<String> = r.iter().map(|c| cell(c)).collect();
+        cells.resize(header.len(), String::new());
+        let _ = writeln!(out, "| {} |", cells.join(" | "));
+    }
+    out
+}
+
+/// A duration in ns with a readable unit.
+pub fn fmt_time(ns: f64) -> String {
+    if !ns.is_finite() {
+        "-".into()
+    } else if ns >= 1e9 {
+        format!("{:.3} s", ns / 1e9)
+    } else if ns >= 1e6 {
+        format!("{:.3} ms", ns / 1e6)
+    } else if ns >= 1e3 {
+        format!("{:.2} µs", ns / 1e3)
+    } else {
+        format!("{ns:.1} ns")
+    }
+}
+
+fn f(v: &Value, k: &str) -> Option<f64> {
+    v.get(k).and_then(Value::as_f64)
+}
+
+fn s<'a>(v: &'a Value, k: &str) -> &'a str {
+    v.get(k).and_then(Value::as_str).unwrap_or("")
+}
+
+/// Median of a list (upper median for even lengths); `None` when empty.
+pub fn median(xs: &[f64]) -> Option<f64> {
+    let mut v: Vec<f64> = xs.iter().copied().filter(|x| x.is_finite()).collect();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied()
+}
+
+fn nums(v: &Value, k: &str) -> Vec<f64> {
+    v.get(k)
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_f64).collect())
+        .unwrap_or_default()
+}
+
+fn opt(x: Option<f64>, prec: usize) -> String {
+    x.filter(|x| x.is_finite())
+        .map_or("-".into(), |x| format!("{x:.prec$}"))
+}
+
+/// Groups whose benchmarks run on the GPU (their bandwidth ceiling is the device's).
+pub fn is_gpu_group(group: &str) -> bool {
+    [
+        "decode_attention_",
+        "prefill_attention_",
+        "elementwise_",
+        "sampling_",
+        "gemm_",
+        "cuda_decode",
+    ]
+    .iter()
+    .any(|p| group.starts_with(p))
+}
+
+/// Bytes one CPU decode step reads at `context` tokens: every weight once plus the KV of the
+/// tokens attended (`attended` per sparse layer; dense layers read the whole context).
+pub fn step_bytes(model: &Value, context: f64, attended_sparse: Option<f64>) -> Option<f64> {
+    let w = f(model, "weight_bytes")?;
+    let layers = f(model, "layers")?;
+    let per = f(model, "kv_bytes_per_token_layer")?;
+    let dense = f(model, "dense_layers").unwrap_or(1.0).min(layers);
+    let kv = match attended_sparse {
+        None => layers * context * per,
+        Some(b) => (dense * context + (layers - dense) * b.min(context)) * per,
+    };
+    Some(w + kv)
+}
+
+/// The e2e row's decode tok/s median.
+fn row_tok_s(r: &Value) -> Option<f64> {
+    median(&nums(r, "decode_tok_s"))
+}
+
+fn find_row<'a>(rows: &'a [Value], policy: &str, ctx: u64) -> Option<&'a Value> {
+    rows.iter().find(|r| {
+        s(r, "policy") == policy && r.get("target_context").and_then(Value::as_u64) == Some(ctx)
+    })
+}
+
+/// Renders one results file as a markdown section.
+pub fn render(res: &Value) -> String {
+    let mut out = String::new();
+    let host = s(res, "host_kind");
+    let m = res.get("machine").cloned().unwrap_or(Value::Null);
+    let c = res.get("ceilings").cloned().unwrap_or(Value::Null);
+    let _ = writeln!(out, "## Host `{host}`: {}\n", s(res, "date"));
+    let _ = writeln!(
+        out,
+        "Machine: {} ({} threads), {} GiB RAM, kernel {}{}. Commit {}. {}.\n",
+        s(&m, "cpu"),
+        m.get("cores").and_then(Value::as_u64).unwrap_or(0),
+        opt(f(&m, "mem_gib"), 0),
+        s(&m, "kernel"),
+        m.get("gpu")
+            .and_then(Value::as_str)
+            .map(|g| format!("; GPU {g}"))
+            .unwrap_or_default(),
+        s(res, "git"),
+        if res.get("quick").and_then(Value::as_bool) == Some(true) {
+            "`--quick` run (short criterion times, a subset of the matrix)"
+        } else {
+            "Full run"
+        }
+    );
+    if let Some(notes) = res.get("notes").and_then(Value::as_array) {
+        for n in notes.iter().filter_map(Value::as_str) {
+            let _ = writeln!(out, "* {n}");
+        }
+        out.push('\n');
+    }
+    // Ceilings.
+    let _ = writeln!(out, "### Ceilings measured in this run\n");
+    let mut rows = Vec::new();
+    let cpu_read = f(&c, "cpu_read_gbs");
+    let cpu_copy = f(&c, "cpu_copy_gbs");
+    let gpu_copy = f(&c, "gpu_copy_gbs");
+    rows.push(vec![
+        "CPU streaming read, all threads".into(),
+        opt(cpu_read, 1),
+        "GB/s read".into(),
+    ]);
+    rows.push(vec![
+        "CPU copy, all threads".into(),
+        opt(cpu_copy, 1),
+        "GB/s read + written".into(),
+    ]);
+    if m.get("gpu").and_then(Value::as_str).is_some() {
+        rows.push(vec![
+            "GPU device-to-device copy".into(),
+            opt(gpu_copy, 0),
+            "GB/s read + written".into(),
+        ]);
+        rows.push(vec![
+            "host → device, pinned".into(),
+            opt(f(&c, "h2d_pinned_gbs"), 1),
+            "GB/s".into(),
+        ]);
+    }
+    out.push_str(&table(&["ceiling", "value", "unit"], &rows, 1));
+    out.push('\n');
+
+    // End-to-end CPU matrix.
+    let model = res.get("model").cloned().unwrap_or(Value::Null);
+    let e2e: Vec<Value> = res
+        .get("e2e_cpu")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    if !e2e.is_empty() {
+        let _ = writeln!(
+            out,
+            "### End to end on the CPU: `freekv generate`, {} (batch 1, greedy)
+",
+            s(&model, "name")
+        );
+        let mut rows = Vec::new();
+        for r in &e2e {
+            let ctx = r.get("target_context").and_then(Value::as_u64).unwrap_or(0);
+            let tps = row_tok_s(r);
+            let all = nums(r, "decode_tok_s");
+            let spread = if all.len() > 1 {
+                let lo = all.iter().copied().fold(f64::MAX, f64::min);
+                let hi = all.iter().copied().fold(0f64, f64::max);
+                format!("{lo:.1}–{hi:.1} (n={})", all.len())
+            } else {
+                "n=1".into()
+            };
+            let ratio = |base: &str| -> String {
+                match (tps, find_row(&e2e, base, ctx).and_then(row_tok_s)) {
+                    (Some(a), Some(b)) if b > 0.0 && s(r, "policy") != base => {
+                        format!("{:.2}×", a / b)
+                    }
+                    _ => "-".into(),
+                }
+            };
+            let policy = s(r, "policy");
+            let attended = if policy == "full" {
+                None
+            } else {
+                f(r, "budget")
+            };
+            let prompt = f(r, "prompt_tokens").unwrap_or(ctx as f64);
+            let bytes = step_bytes(&model, prompt, attended);
+            let bound = match (cpu_read, bytes) {
+                (Some(bw), Some(b)) if b > 0.0 => Some(bw * 1e9 / b),
+                _ => None,
+            };
+            rows.push(vec![
+                policy.to_string(),
+                format!("{}", prompt as u64),
+                if policy == "full" {
+                    "-".into()
+                } else {
+                    opt(f(r, "budget"), 0)
+                },
+                opt(tps, 1),
+                spread,
+                opt(tps.map(|t| 1e3 / t), 2),
+                ratio("full"),
+                ratio("arkvale"),
+                opt(bound, 0),
+                match (tps, bound) {
+                    (Some(t), Some(b)) if b > 0.0 => format!("{:.0} %", 100.0 * t / b),
+                    _ => "-".into(),
+                },
+                opt(median(&nums(r, "prefill_tok_s")), 0),
+                opt(f(r, "pages_per_step"), 1),
+                f(r, "correction_rate").map_or("-".into(), |x| format!("{:.1} %", 100.0 * x)),
+            ]);
+        }
+        out.push_str(&table(
+            &[
+                "policy",
+                "prompt tokens",
+                "budget",
+                "decode tok/s (median)",
+                "spread (min–max)",
+                "ms/step",
+                "vs full",
+                "vs arkvale",
+                "bandwidth bound tok/s",
+                "of bound",
+                "prefill tok/s",
+                "pages recalled/step",
+                "correction rate",
+            ],
+            &rows,
+            1,
+        ));
+        let _ = writeln!(
+            out,
+            "\nBandwidth bound = CPU streaming-read bandwidth ÷ bytes one decode step must read: the \
+             model's weights ({} MB) plus the f32 KV attended (full: every layer × context; sparse \
+             policies: dense layers × context + the other layers × budget; page summaries and \
+             selection not counted). `vs full` / `vs arkvale`: tok/s ratio at the same prompt \
+             (> 1 is faster). No `oracle` policy on the CPU path.\n",
+            opt(f(&model, "weight_bytes").map(|b| b / 1e6), 1)
+        );
+    }
+
+    // Peers on the CPU.
+    if let Some(lc) = res.get("peers").and_then(|p| p.get("llamacpp")) {
+        let rows_v = lc
+            .get("rows")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "### Peer: llama.cpp (llama-cpp-python), same GGUF and prompts\n"
+        );
+        if rows_v.is_empty() {
+            let _ = writeln!(out, "{}\n", s(lc, "status"));
+        } else {
+            let mut rows = Vec::new();
+            for r in &rows_v {
+                let ctx = r.get("target_context").and_then(Value::as_u64).unwrap_or(0);
+                let ours = find_row(&e2e, "full", ctx).and_then(row_tok_s);
+                let theirs = f(r, "decode_tok_s");
+                rows.push(vec![
+                    format!("{}", f(r, "prompt_tokens").unwrap_or(0.0) as u64),
+                    opt(f(r, "prefill_tok_s"), 0),
+                    opt(theirs, 1),
+                    opt(ours, 1),
+                    match (ours, theirs) {
+                        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}×", a / b),
+                        _ => "-".into(),
+                    },
+                ]);
+            }
+            out.push_str(&table(
+                &[
+                    "prompt tokens",
+                    "llama.cpp prefill tok/s",
+                    "llama.cpp decode tok/s",
+                    "FreeKV-rs full decode tok/s",
+                    "FreeKV-rs / llama.cpp",
+                ],
+                &rows,
+                0,
+            ));
+            out.push('\n');
+        }
+    }
+
+    // CUDA decode matrix.
+    if let Some(cd) = res.get("cuda_decode").filter(|v| !v.is_null()) {
+        let _ = writeln!(
+            out,
+            "### CUDA decode step (synthetic models: random bf16 weights of the named shape), full KV on the GPU\n\n\
+             Device-copy bandwidth in the same run: {} GB/s. Floor = (weight bytes + KV bytes) ÷ that bandwidth.\n",
+            opt(f(cd, "copy_bandwidth_gbs"), 0)
+        );
+        let hf: Vec<Value> = res
+            .get("peers")
+            .and_then(|p| p.get("hf"))
+            .and_then(|h| h.get("rows"))
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        let hf_ms = |form: &str, b: u64, ctx: u64| {
+            hf.iter()
+                .find(|r| {
+                    s(r, "form") == form
+                        && r.get("batch").and_then(Value::as_u64) == Some(b)
+                        && r.get("context").and_then(Value::as_u64) == Some(ctx)
+                })
+                .and_then(|r| f(r, "ms_per_step"))
+        };
+        let mut rows = Vec::new();
+        for r in cd
+            .get("rows")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default()
+        {
+            let b = r.get("batch").and_then(Value::as_u64).unwrap_or(0);
+            let ctx = r.get("context").and_then(Value::as_u64).unwrap_or(0);
+            let ms = f(&r, "ms_per_step");
+            let floor = f(&r, "floor_ms");
+            let hc = hf_ms("compiled", b, ctx);
+            rows.push(vec![
+                s(&r, "model").to_string(),
+                b.to_string(),
+                ctx.to_string(),
+                opt(ms, 3),
+                opt(ms.map(|m| b as f64 * 1e3 / m), 0),
+                opt(floor, 3),
+                match (ms, floor) {
+                    (Some(a), Some(fl)) if fl > 0.0 => format!("{:.2}", a / fl),
+                    _ => "-".into(),
+                },
+                opt(hf_ms("eager", b, ctx), 2),
+                opt(hc, 2),
+                match (ms, hc) {
+                    (Some(a), Some(h)) if a > 0.0 => format!("{:.2}×", h / a),
+                    _ => "-".into(),
+                },
+                s(&r, "note").to_string(),
+            ]);
+        }
+        out.push_str(&table(
+            &[
+                "model",
+                "batch",
+                "context",
+                "ms/step",
+                "tokens/s",
+                "HBM floor ms",
+                "ratio to floor",
+                "HF eager ms",
+                "HF compiled ms",
+                "speedup vs HF compiled",
+                "note",
+            ],
+            &rows,
+            1,
+        ));
+        out.push('\n');
+    }
+    if let Some(hf) = res.get("peers").and_then(|p| p.get("hf"))
+        && hf.get("rows").is_none()
+    {
+        let _ = writeln!(out, "Peer hf: {}\n", s(hf, "status"));
+    }
+
+    // Criterion micro-benchmarks.
+    let ests: Vec<Estimate> = res
+        .get("criterion")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| Estimate::from_json(v).ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    if !ests.is_empty() {
+        let _ = writeln!(out, "### Criterion micro-benchmarks\n");
+        let mut rows = Vec::new();
+        for e in &ests {
+            let gpu = is_gpu_group(&e.group);
+            let ceiling = if gpu {
+                gpu_copy.map(|x| x / 2.0)
+            } else {
+                cpu_read
+            };
+            let (thr, of) = if let Some(bps) = e.bytes_per_s() {
+                (
+                    format!("{:.2} GB/s", bps / 1e9),
+                    ceiling.map_or("-".into(), |c| format!("{:.0} %", 100.0 * bps / 1e9 / c)),
+                )
+            } else if let Some(eps) = e.elements_per_s() {
+                let unit = if matches!(e.group.as_str(), "decode" | "prefill" | "attention_decode")
+                {
+                    "tok/s"
+                } else {
+                    "elem/s"
+                };
+                let of = if e.group == "decode" {
+                    let n: Option<f64> = e.id.rsplit('/').next().and_then(|x| x.parse().ok());
+                    match (n.and_then(|n| step_bytes(&model, n, None)), cpu_read) {
+                        (Some(b), Some(bw)) => format!(
+                            "{:.0} % of {:.0} tok/s",
+                            100.0 * eps * b / (bw * 1e9),
+                            bw * 1e9 / b
+                        ),
+                        _ => "-".into(),
+                    }
+                } else {
+                    "-".into()
+                };
+                (
+                    if eps >= 1e6 {
+                        format!("{:.1} M{unit}", eps / 1e6)
+                    } else {
+                        format!("{eps:.1} {unit}")
+                    },
+                    of,
+                )
+            } else {
+                ("-".into(), "-".into())
+            };
+            rows.push(vec![
+                e.id.clone(),
+                fmt_time(e.median_ns),
+                format!("±{:.1} %", e.spread_pct()),
+                format!(
+                    "{} – {}",
+                    fmt_time(e.median_ci_ns.0),
+                    fmt_time(e.median_ci_ns.1)
+                ),
+                thr,
+                of,
+            ]);
+        }
+        out.push_str(&table(
+            &[
+                "benchmark",
+                "median",
+                "MAD",
+                "95 % CI of median",
+                "throughput",
+                "of ceiling",
+            ],
+            &rows,
+            1,
+        ));
+        let _ = writeln!(
+            out,
+            "\nCeiling for byte throughputs: the CPU streaming-read bandwidth (CPU benches) or half the \
+             device copy bandwidth, i.e. one direction (GPU benches). For `decode/N`: the \
+             bandwidth bound of a full-attention step at N tokens.\n"
+        );
+        // KV-policy ratios from the kv bench, when present.
+        for g in ests
+            .iter()
+            .map(|e| e.group.as_str())
+            .filter(|g| g.starts_with("kv_decode_"))
+            .collect::<std::collections::BTreeSet<_>>()
+        {
+            let in_g: Vec<&Estimate> = ests.iter().filter(|e| e.group == g).collect();
+            let base = |name: &str| {
+                in_g.iter()
+                    .find(|e| {
+                        e.id.rsplit('/')
+                            .next()
+                            .is_some_and(|l| l == name || l.starts_with(&format!("{name}@")))
+                    })
+                    .map(|e| e.median_ns)
+            };
+            let (full, ark) = (base("full"), base("arkvale"));
+            let _ = writeln!(
+                out,
+                "KV policies' decode step (`{g}`), criterion medians:\n"
+            );
+            let rows: Vec<Vec<String>> = in_g
+                .iter()
+                .map(|e| {
+                    let r = |b: Option<f64>| {
+                        b.map_or("-".into(), |b| format!("{:.2}×", b / e.median_ns))
+                    };
+                    vec![
+                        e.id.rsplit('/').next().unwrap_or_default().to_string(),
+                        fmt_time(e.median_ns),
+                        r(full),
+                        r(ark),
+                    ]
+                })
+                .collect();
+            out.push_str(&table(
+                &["policy", "step", "speed vs full", "speed vs arkvale"],
+                &rows,
+                1,
+            ));
+            out.push('\n');
+        }
+    }
+    if let Some(plots) = res.get("plots").and_then(Value::as_array) {
+        for p in plots.iter().filter_map(Value::as_str) {
+            let _ = writeln!(out, "![{p}]({p})\n");
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn table_escapes_and_aligns() {
+        let t = table(
+            &["a", "b"],
+            &[vec!["x|y".into(), "1".into()], vec!["z".into()]],
+            1,
+        );
+        assert_eq!(t, "| a | b |\n|---|---:|\n| x\\|y | 1 |\n| z |  |\n");
+    }
+
+    #[test]
+    fn times_have_units() {
+        assert_eq!(fmt_time(1.5e9), "1.500 s");
+        assert_eq!(fmt_time(2.5e6), "2.500 ms");
+        assert_eq!(fmt_time(2500.0), "2.50 µs");
+        assert_eq!(fmt_time(12.0), "12.0 ns");
+    }
+
+    #[test]
+    fn median_of_lists() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&[]), None);
+    }
+
+    fn sample() -> Value {
+        json!({
+            "host_kind": "cpu", "date": "2026-11-28", "git": "abc", "quick": true,
+            "machine": {"cpu": "TestCPU", "cores": 2, "mem_gib": 24.0, "kernel": "6.1"},
+            "ceilings": {"cpu_read_gbs": 10.0, "cpu_copy_gbs": 12.0},
+            "model": {"name": "m.gguf", "weight_bytes": 100e6, "layers": 30.0, "dense_layers": 1.0,
+                      "kv_bytes_per_token_layer": 1536.0},
+            "e2e_cpu": [
+                {"policy": "full", "target_context": 1024, "prompt_tokens": 1000.0, "decode_tok_s": [50.0, 40.0, 60.0], "prefill_tok_s": [200.0]},
+                {"policy": "arkvale", "target_context": 1024, "prompt_tokens": 1000.0, "budget": 256.0, "decode_tok_s": [25.0], "prefill_tok_s": [200.0]},
+                {"policy": "freekv", "target_context": 1024, "prompt_tokens": 1000.0, "budget": 256.0, "decode_tok_s": [55.0], "prefill_tok_s": [200.0], "correction_rate": 0.125, "pages_per_step": 3.5}
+            ],
+            "criterion": [
+                {"id": "recall_x/double_buffered/64", "group": "recall_x", "median_ns": 1e6, "median_ci_ns": [0.9e6, 1.1e6],
+                 "mad_ns": 5e4, "mean_ns": 1e6, "std_dev_ns": 6e4, "throughput_kind": "bytes", "throughput_per_iter": 5000000}
+            ]
+        })
+    }
+
+    #[test]
+    fn renders_ratios_bounds_and_ceilings() {
+        let md = render(&sample());
+        assert!(md.contains("## Host `cpu`: 2026-11-28"));
+        assert!(md.contains("| CPU streaming read, all threads | 10.0 | GB/s read |"));
+        // full: median 50, spread 40–60; bound = 10e9 / (100e6 + 30*1000*1536) = 68.5
+        assert!(
+            md.contains(
+                "| full | 1000 | - | 50.0 | 40.0–60.0 (n=3) | 20.00 | - | 2.00× | 68 | 73 % |"
+            ),
+            "{md}"
+        );
+        // freekv against full (55/50) and arkvale (55/25); bound = 10e9/(100e6 + (1000 + 29*256)*1536)
+        let b = 10e9 / (100e6 + (1000.0 + 29.0 * 256.0) * 1536.0);
+        assert!(
+            md.contains(&format!(
+                "| freekv | 1000 | 256 | 55.0 | n=1 | 18.18 | 1.10× | 2.20× | {b:.0} |"
+            )),
+            "{md}"
+        );
+        assert!(md.contains("| 12.5 % |"));
+        // Criterion row: 5 MB in 1 ms = 5 GB/s = 50 % of the 10 GB/s read ceiling.
+        assert!(md.contains("| recall_x/double_buffered/64 | 1.000 ms | ±5.0 % | 900.00 µs – 1.100 ms | 5.00 GB/s | 50 % |"), "{md}");
+        assert!(!md.contains("CUDA decode step"));
+    }
+
+    #[test]
+    fn renders_the_gpu_matrix_with_hf() {
+        let mut r = sample();
+        r["machine"]["gpu"] = json!("H200");
+        r["cuda_decode"] = json!({"copy_bandwidth_gbs": 4000.0, "rows": [
+            {"model": "synthetic:llama-3.1-8b", "batch": 1, "context": 4096, "ms_per_step": 5.0, "floor_ms": 4.0, "note": ""}]});
+        r["peers"] = json!({"hf": {"rows": [
+            {"form": "compiled", "batch": 1, "context": 4096, "ms_per_step": 8.0},
+            {"form": "eager", "batch": 1, "context": 4096, "ms_per_step": 60.0}]}});
+        let md = render(&r);
+        assert!(md.contains("| synthetic:llama-3.1-8b | 1 | 4096 | 5.000 | 200 | 4.000 | 1.25 | 60.00 | 8.00 | 1.60× |  |"), "{md}");
+    }
+}
