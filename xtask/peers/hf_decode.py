@@ -13,6 +13,8 @@ host (as the Rust bench does). Prints one JSON object per configuration and a ma
 
 usage: hf_decode.py [--model llama-3.1-8b] [--configs 1:4096,8:4096,...] [--steps 20]
                     [--warmup 5] [--deadline-s 300] [--forms eager,compiled] [--json out.json]
+       hf_decode.py --bandwidth-only   (host -> device pinned and device copy bandwidth, one
+                                        JSON line; the ceilings of `cargo xtask bench`)
 """
 
 import argparse
@@ -131,8 +133,36 @@ def run(model, cfg, form, b, ctx, warmup, steps, compiled_model):
     return ms, wall
 
 
+def bandwidth(gib=1, reps=10):
+    """Host -> device bandwidth from pinned memory and device copy bandwidth (read + written),
+    medians of `reps` copies of `gib` GiB, timed with CUDA events."""
+    n = gib << 30
+    host = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(n, dtype=torch.uint8, device="cuda")
+    dev2 = torch.empty_like(dev)
+
+    def timed(fn):
+        out = []
+        for _ in range(reps + 2):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            e.synchronize()
+            out.append(s.elapsed_time(e) / 1e3)
+        out = sorted(out[2:])
+        return out[len(out) // 2]
+
+    h2d = timed(lambda: dev.copy_(host, non_blocking=True))
+    d2h = timed(lambda: host.copy_(dev, non_blocking=True))
+    d2d = timed(lambda: dev2.copy_(dev))
+    return dict(device=torch.cuda.get_device_name(0), bytes=n, h2d_pinned_gbs=n / h2d / 1e9,
+                d2h_pinned_gbs=n / d2h / 1e9, d2d_copy_gbs=2 * n / d2d / 1e9)
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--bandwidth-only", action="store_true")
     ap.add_argument("--model", default="llama-3.1-8b", choices=sorted(SHAPES))
     ap.add_argument("--configs", default="1:4096,8:4096,32:4096,1:32768,8:32768")
     ap.add_argument("--forms", default="eager,compiled")
@@ -142,6 +172,9 @@ def main():
     ap.add_argument("--deadline-s", type=float, default=300.0)
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
+    if a.bandwidth_only:
+        print(json.dumps(bandwidth()), flush=True)
+        return
     t0 = time.time()
     import transformers
     log(f"torch {torch.__version__}, transformers {transformers.__version__}, "
