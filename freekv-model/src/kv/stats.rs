@@ -149,7 +149,7 @@ pub fn summary_line(v: &Value) -> Option<String> {
     }
     let bytes = g("bytes_sync") + g("bytes_async");
     s += &format!(
-        ", recalled {:.1} pages/step ({:.1} MiB, {:.0}% speculative), overlap {:.3}",
+        ", recalled {:.1} page-head units/step ({:.1} MiB, {:.0}% speculative), overlap {:.3}",
         g("units_per_step"),
         bytes / (1024.0 * 1024.0),
         100.0 * ratio(g("bytes_async"), bytes),
