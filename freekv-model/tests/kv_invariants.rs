@@ -201,9 +201,9 @@ fn freekv_lags_one_step_behind_quest() {
 fn long_random_run_keeps_tables_consistent() {
     // Page size 2 and a tiny budget make pages open, leave the window and get recalled often;
     // debug checks compare every resident slot with the host page at every step.
-    let m = model(33, 3, 2048);
+    let m = model(33, 3, 4096);
     let prompt = tokens(7, 40, 300);
-    let feed = tokens(8, 1500, 300);
+    let feed = tokens(8, 3000, 300);
     let mut cfg = KvConfig {
         kind: KvKind::FreeKv,
         budget: 16,
@@ -215,9 +215,9 @@ fn long_random_run_keeps_tables_consistent() {
     };
     cfg.set_tau("0.5").unwrap();
     let r = run(&m, &cfg, &prompt, &feed);
-    assert_eq!(r.logits.len(), 1501);
+    assert_eq!(r.logits.len(), 3001);
     let s = &r.stats;
-    assert_eq!(s["steps"], 1500);
+    assert_eq!(s["steps"], 3000);
     let flagged = s["heads_flagged"].as_u64().unwrap();
     let checked = s["heads_checked"].as_u64().unwrap();
     assert!(flagged > 0 && flagged < checked, "{s}");
@@ -230,7 +230,7 @@ fn long_random_run_keeps_tables_consistent() {
         &prompt,
         &feed,
     );
-    assert_eq!(ark.stats["steps"], 1500);
+    assert_eq!(ark.stats["steps"], 3000);
 }
 
 #[test]

@@ -807,3 +807,89 @@ impl Drop for SparseKv {
         self.wait_all();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attention::{AttnShape, DenseKv};
+    use freekv_layout::PageGeometry;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    /// Drive one policy through `steps` decode steps of 2 layers (layer 0 dense) with random
+    /// q/k/v; returns the outputs of layer 1.
+    fn drive(policy: &mut dyn KvPolicy, steps: usize, seed: u64) -> Vec<Vec<f32>> {
+        let shape = AttnShape::new(4, 2, 8).unwrap();
+        let geom = PageGeometry::new(4, 2, 8).unwrap();
+        let mut cache = PagedKvCache::new(geom, 2, None).unwrap();
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut outs = Vec::new();
+        for pos in 0..steps {
+            for layer in 0..2 {
+                let r = |rng: &mut StdRng, n: usize| -> Vec<f32> {
+                    (0..n).map(|_| rng.random_range(-1.0..1.0)).collect()
+                };
+                let (q, k, v) = (r(&mut rng, 32), r(&mut rng, 16), r(&mut rng, 16));
+                let step = LayerStep {
+                    layer,
+                    position: pos,
+                    q: &q,
+                    k: &k,
+                    v: &v,
+                    shape,
+                };
+                let mut out = vec![0.0; 32];
+                policy.attend(&step, &mut cache, &mut out).unwrap();
+                if layer == 1 {
+                    outs.push(out);
+                }
+            }
+            policy.end_step();
+        }
+        outs
+    }
+
+    fn cfg(kind: KvKind) -> KvConfig {
+        KvConfig {
+            kind,
+            budget: 20,
+            sink: 4,
+            window: 8,
+            page_size: 4,
+            debug_checks: true,
+            ..KvConfig::default()
+        }
+    }
+
+    #[test]
+    fn below_budget_is_dense_and_quest_equals_arkvale() {
+        let dense = drive(&mut DenseKv::new(), 80, 1);
+        let quest = drive(&mut SparseKv::new(&cfg(KvKind::Quest), 2).unwrap(), 80, 1);
+        let mut ark = SparseKv::new(&cfg(KvKind::ArkVale), 2).unwrap();
+        let arkv = drive(&mut ark, 80, 1);
+        // 5 budget pages of 4 tokens: dense for the first 20 tokens, sparse afterwards.
+        assert_eq!(dense[..20], quest[..20]);
+        assert_ne!(dense[20..], quest[20..]);
+        assert_eq!(quest, arkv);
+        let st = ark.kv_stats();
+        assert_eq!(st.sparse_layer_steps, 60);
+        assert_eq!(st.layer_steps, 160);
+        assert_eq!(st.first_sparse_steps, 1);
+        assert!(st.units_sync > 0);
+        assert!(SparseKv::new(&KvConfig::new(KvKind::Full), 2).is_err());
+    }
+
+    #[test]
+    fn reset_forgets_the_sequence() {
+        let mut p = SparseKv::new(&cfg(KvKind::FreeKv), 2).unwrap();
+        let a = drive(&mut p, 50, 3);
+        p.reset();
+        let b = drive(&mut p, 50, 3);
+        assert_eq!(a, b);
+        assert_eq!(
+            p.kv_stats().steps,
+            100,
+            "statistics are kept across requests"
+        );
+    }
+}
