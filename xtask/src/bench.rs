@@ -371,8 +371,21 @@ fn machine(gpu: Option<&str>) -> Value {
         .unwrap_or_default()
         .trim()
         .to_string();
+    let l3 = std::fs::read_to_string("/sys/devices/system/cpu/cpu0/cache/index3/size")
+        .ok()
+        .and_then(|t| {
+            let t = t.trim();
+            let (n, mult) = match t.strip_suffix('K') {
+                Some(n) => (n, 1024.0),
+                None => match t.strip_suffix('M') {
+                    Some(n) => (n, 1024.0 * 1024.0),
+                    None => (t, 1.0),
+                },
+            };
+            n.parse::<f64>().ok().map(|v| v * mult)
+        });
     json!({
-        "cpu": cpu,
+        "cpu": cpu, "l3_bytes": l3,
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "mem_gib": mem, "kernel": kernel, "gpu": gpu,
     })
@@ -529,11 +542,23 @@ pub fn run(o: &Options) -> Result<()> {
     prog.start();
     let mut c = cargo();
     c.args(["bench", "--workspace", "--bench", "*", "--no-run"]);
-    run_status(c)?;
+    if let Err(e) = run_status(c) {
+        // Go on: each bench target reports its own failure below.
+        notes.push(format!(
+            "building the benches failed ({e}); targets that build still ran"
+        ));
+    }
     if cpu_part {
         let mut c = cargo();
         c.args(["build", "--release", "-p", "freekv-cli", "--bin", "freekv"]);
-        run_status(c)?;
+        if let Err(e) = run_status(c) {
+            if !freekv_bin().is_file() {
+                return Err(e.context("building the freekv CLI"));
+            }
+            notes.push(format!(
+                "building the freekv CLI failed ({e}); the existing binary was used"
+            ));
+        }
     }
     prog.finish();
 
@@ -559,6 +584,7 @@ pub fn run(o: &Options) -> Result<()> {
     let crit_t0 = SystemTime::now();
     for t in &targets {
         prog.start();
+        let t_target = SystemTime::now();
         let mut c = cargo();
         c.args(["bench", "--workspace", "--bench", t.bench, "--"]);
         if o.quick {
@@ -594,6 +620,14 @@ pub fn run(o: &Options) -> Result<()> {
             if l.starts_with("skipped") || l.contains("not cached") {
                 notes.push(format!("criterion `{}`: {l}", t.bench));
             }
+        }
+        for e in criterion::collect(&root().join("target/criterion"), Some(t_target))? {
+            println!(
+                "  {}: {} ±{:.1} %",
+                e.id,
+                report::fmt_time(e.median_ns),
+                e.spread_pct()
+            );
         }
         prog.finish();
     }

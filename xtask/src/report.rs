@@ -1,6 +1,6 @@
 //! Markdown rendering of a results file (the JSON written by `cargo xtask bench`).
 
-use crate::criterion::Estimate;
+use crate::criterion::{Estimate, Throughput};
 use serde_json::Value;
 use std::fmt::Write;
 
@@ -147,6 +147,7 @@ pub fn render(res: &Value) -> String {
     let cpu_read = f(&c, "cpu_read_gbs");
     let cpu_copy = f(&c, "cpu_copy_gbs");
     let gpu_copy = f(&c, "gpu_copy_gbs");
+    let l3 = f(&m, "l3_bytes");
     rows.push(vec![
         "CPU streaming read, all threads".into(),
         opt(cpu_read, 1),
@@ -417,10 +418,21 @@ pub fn render(res: &Value) -> String {
             } else {
                 cpu_read
             };
+            let in_cache = match (e.throughput, l3) {
+                (Some(Throughput::Bytes(b)), Some(l3)) => !gpu && (b as f64) <= l3,
+                _ => false,
+            };
             let (thr, of) = if let Some(bps) = e.bytes_per_s() {
                 (
                     format!("{:.2} GB/s", bps / 1e9),
-                    ceiling.map_or("-".into(), |c| format!("{:.0} %", 100.0 * bps / 1e9 / c)),
+                    ceiling.map_or("-".into(), |c| {
+                        let pct = format!("{:.0} %", 100.0 * bps / 1e9 / c);
+                        if in_cache {
+                            format!("({pct}: fits in L3)")
+                        } else {
+                            pct
+                        }
+                    }),
                 )
             } else if let Some(eps) = e.elements_per_s() {
                 let unit = if matches!(e.group.as_str(), "decode" | "prefill" | "attention_decode")
@@ -481,8 +493,10 @@ pub fn render(res: &Value) -> String {
         let _ = writeln!(
             out,
             "\nCeiling for byte throughputs: the CPU streaming-read bandwidth (CPU benches) or half the \
-             device copy bandwidth, i.e. one direction (GPU benches). For `decode/N`: the \
-             bandwidth bound of a full-attention step at N tokens.\n"
+             device copy bandwidth, i.e. one direction (GPU benches). A CPU benchmark whose bytes per \
+             iteration fit in the L3 cache is not bound by DRAM: its ratio is shown in parentheses \
+             (it can exceed 100 %). For `decode/N`: the bandwidth bound of a full-attention step at N \
+             tokens (weights + f32 KV).\n"
         );
         // KV-policy ratios from the kv bench, when present.
         for g in ests
@@ -608,6 +622,10 @@ mod tests {
         // Criterion row: 5 MB in 1 ms = 5 GB/s = 50 % of the 10 GB/s read ceiling.
         assert!(md.contains("| recall_x/double_buffered/64 | 1.000 ms | ±5.0 % | 900.00 µs – 1.100 ms | 5.00 GB/s | 50 % |"), "{md}");
         assert!(!md.contains("CUDA decode step"));
+        // With an L3 larger than the 5 MB per iteration, the ratio is marked as cache-resident.
+        let mut r = sample();
+        r["machine"]["l3_bytes"] = json!(32.0 * 1024.0 * 1024.0);
+        assert!(render(&r).contains("| 5.00 GB/s | (50 %: fits in L3) |"));
     }
 
     #[test]
