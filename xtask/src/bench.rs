@@ -965,7 +965,7 @@ pub fn write_plots(res: &Value, dir: &Path, host: &str) -> Result<Vec<String>> {
         put(
             format!("step-time-{host}.svg"),
             svg::line_plot(
-                "CPU decode step time per policy (batch 1, budget = context/4)",
+                "CPU decode step time per policy (batch 1, budget = context/4, at least 128)",
                 "prompt tokens (log scale)",
                 "ms per step (median)",
                 &s,
@@ -1104,6 +1104,31 @@ pub fn write_plots(res: &Value, dir: &Path, host: &str) -> Result<Vec<String>> {
     Ok(names)
 }
 
+/// `cargo xtask bench-report [DIR]`: re-renders the plots and `README.md` from the
+/// `results-*.json` files already in `DIR` (default docs/bench), measuring nothing.
+pub fn rerender(dir: Option<&Path>) -> Result<()> {
+    let dir = dir
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| root().join("docs/bench"));
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+        let p = entry?.path();
+        let Some(host) = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("results-"))
+            .and_then(|n| n.strip_suffix(".json"))
+            .map(str::to_string)
+        else {
+            continue;
+        };
+        let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&p)?)
+            .with_context(|| format!("reading {}", p.display()))?;
+        v["plots"] = json!(write_plots(&v, &dir, &host)?);
+        std::fs::write(&p, serde_json::to_string_pretty(&v)? + "\n")?;
+    }
+    write_readme(&dir)
+}
+
 /// Rewrites `README.md` in `dir` from every `results-*.json` there.
 pub fn write_readme(dir: &Path) -> Result<()> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
@@ -1230,7 +1255,7 @@ mod tests {
             ]
         );
         let step = std::fs::read_to_string(dir.join(&names[0])).unwrap();
-        assert!(crate::svg::tests::well_formed(&step));
+        assert!(crate::svg::tests::well_formed(&step) && crate::svg::tests::coords_numeric(&step));
         assert!(step.contains("full: x=1010 y=20<"));
         assert!(step.contains("freekv: x=250 y=9.1"));
         let sp = std::fs::read_to_string(dir.join(&names[1])).unwrap();

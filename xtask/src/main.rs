@@ -15,7 +15,8 @@ fn usage() -> &'static str {
     "usage: cargo xtask <task>\n\
      tasks:\n  \
        bench [options]   criterion micro-benchmarks, the end-to-end matrix, ceilings, peers;\n                    \
-                         writes results-<host>.json, README.md and SVG plots\n\
+                         writes results-<host>.json, README.md and SVG plots\n  \
+       bench-report [DIR]  re-render README.md and the plots from DIR/results-*.json (default docs/bench)\n\
      bench options:\n  \
        --quick           short criterion times and a subset of the matrix (about two minutes on 2 cores)\n  \
        --cpu-only        skip everything that needs a GPU\n  \
@@ -34,6 +35,7 @@ fn main() -> Result<()> {
             let opts = bench::Options::parse(&args[1..])?;
             bench::run(&opts)
         }
+        Some("bench-report") => bench::rerender(args.get(1).map(std::path::Path::new)),
         Some("-h" | "--help" | "help") | None => {
             print!("{}", usage());
             Ok(())

@@ -47,8 +47,12 @@ fn nice_ticks(lo: f64, hi: f64) -> Vec<f64> {
         .unwrap_or(10.0 * mag);
     let mut t = (lo / step).ceil() * step;
     let mut out = Vec::new();
-    while t <= hi + step * 1e-9 && out.len() < 20 {
+    // Up to the first tick at or above `hi`, so the axis covers every value.
+    while out.len() < 20 {
         out.push(if t.abs() < step * 1e-9 { 0.0 } else { t });
+        if t >= hi - step * 1e-9 {
+            break;
+        }
         t += step;
     }
     out
@@ -286,8 +290,8 @@ pub fn bar_plot(
             "<line x1=\"{x:.1}\" y1=\"{MT}\" x2=\"{x:.1}\" y2=\"{:.1}\" stroke=\"{}\" stroke-width=\"2\" stroke-dasharray=\"6 4\"/>\n\
              <text x=\"{x:.1}\" y=\"{:.1}\" text-anchor=\"end\" fill=\"{}\">{}</text>\n",
             MT + ph,
-            MT - 4.0,
             COLORS[1],
+            MT - 4.0,
             COLORS[1],
             esc(&format!("{name}: {}", fmt_num(c))),
             x = px(c)
@@ -341,6 +345,29 @@ pub(crate) mod tests {
         stack.is_empty() && !rest.contains('>')
     }
 
+    /// Every coordinate-like attribute holds a finite number.
+    pub(crate) fn coords_numeric(s: &str) -> bool {
+        [
+            " x=\"",
+            " y=\"",
+            " x1=\"",
+            " y1=\"",
+            " x2=\"",
+            " y2=\"",
+            " cx=\"",
+            " cy=\"",
+            " width=\"",
+            " height=\"",
+        ]
+        .iter()
+        .all(|a| {
+            s.match_indices(a).all(|(i, _)| {
+                let v = s[i + a.len()..].split('"').next().unwrap_or_default();
+                v.parse::<f64>().is_ok_and(f64::is_finite)
+            })
+        })
+    }
+
     fn entities_ok(t: &str) -> bool {
         t.match_indices('&').all(|(i, _)| {
             let r = &t[i..];
@@ -371,7 +398,7 @@ pub(crate) mod tests {
             },
         ];
         let svg = line_plot("step time", "context", "ms", &s, true);
-        assert!(well_formed(&svg), "{svg}");
+        assert!(well_formed(&svg) && coords_numeric(&svg), "{svg}");
         assert!(svg.starts_with("<svg xmlns=\"http://www.w3.org/2000/svg\""));
         assert_eq!(svg.matches("<circle").count(), 4);
         assert_eq!(svg.matches("<polyline").count(), 2);
@@ -397,7 +424,7 @@ pub(crate) mod tests {
             points: vec![(1.0, 0.0)],
         }];
         let svg = line_plot("t", "x", "y", &one, false);
-        assert!(well_formed(&svg) && !svg.contains("NaN"));
+        assert!(well_formed(&svg) && coords_numeric(&svg) && !svg.contains("NaN"));
     }
 
     #[test]
@@ -407,7 +434,7 @@ pub(crate) mod tests {
             ("sync_direct/256".to_string(), 8.0),
         ];
         let svg = bar_plot("recall", "GB/s", &bars, Some(("copy bandwidth", 20.0)));
-        assert!(well_formed(&svg), "{svg}");
+        assert!(well_formed(&svg) && coords_numeric(&svg), "{svg}");
         assert_eq!(svg.matches("<rect").count(), 3); // background + 2 bars
         assert!(svg.contains("double_buffered/256: 12.5"));
         assert!(svg.contains("copy bandwidth: 20"));
@@ -417,6 +444,7 @@ pub(crate) mod tests {
     #[test]
     fn ticks_are_nice() {
         assert_eq!(nice_ticks(0.0, 10.0), vec![0.0, 2.0, 4.0, 6.0, 8.0, 10.0]);
+        assert_eq!(nice_ticks(0.0, 18.1), vec![0.0, 5.0, 10.0, 15.0, 20.0]);
         let t = nice_ticks(0.0, 1.0);
         assert_eq!(t.len(), 6);
         assert!((t[3] - 0.6).abs() < 1e-9 && (t[5] - 1.0).abs() < 1e-9);
