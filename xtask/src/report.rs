@@ -183,11 +183,11 @@ pub fn render(res: &Value) -> String {
     if !e2e.is_empty() {
         let _ = writeln!(
             out,
-            "### End to end on the CPU: `freekv generate`, {} (batch 1, greedy)
-",
+            "### End to end on the CPU: `freekv generate`, {} (batch 1, greedy)\n",
             s(&model, "name")
         );
-        let mut rows = Vec::new();
+        let has_oracle = e2e.iter().any(|r| s(r, "policy") == "oracle");
+        let mut rows: Vec<Vec<String>> = Vec::new();
         for r in &e2e {
             let ctx = r.get("target_context").and_then(Value::as_u64).unwrap_or(0);
             let tps = row_tok_s(r);
@@ -231,6 +231,11 @@ pub fn render(res: &Value) -> String {
                 spread,
                 opt(tps.map(|t| 1e3 / t), 2),
                 ratio("full"),
+                if has_oracle {
+                    ratio("oracle")
+                } else {
+                    String::new()
+                },
                 ratio("arkvale"),
                 opt(bound, 0),
                 match (tps, bound) {
@@ -242,25 +247,29 @@ pub fn render(res: &Value) -> String {
                 f(r, "correction_rate").map_or("-".into(), |x| format!("{:.1} %", 100.0 * x)),
             ]);
         }
-        out.push_str(&table(
-            &[
-                "policy",
-                "prompt tokens",
-                "budget",
-                "decode tok/s (median)",
-                "spread (min–max)",
-                "ms/step",
-                "vs full",
-                "vs arkvale",
-                "bandwidth bound tok/s",
-                "of bound",
-                "prefill tok/s",
-                "pages recalled/step",
-                "correction rate",
-            ],
-            &rows,
-            1,
-        ));
+        let mut header = vec![
+            "policy",
+            "prompt tokens",
+            "budget",
+            "decode tok/s (median)",
+            "spread (min–max)",
+            "ms/step",
+            "vs full",
+            "vs oracle",
+            "vs arkvale",
+            "bandwidth bound tok/s",
+            "of bound",
+            "prefill tok/s",
+            "(page, KV head) recalled/step",
+            "correction rate (KV heads)",
+        ];
+        if !has_oracle {
+            header.remove(7);
+            for r in &mut rows {
+                r.remove(7);
+            }
+        }
+        out.push_str(&table(&header, &rows, 1));
         let _ = writeln!(
             out,
             "\nBandwidth bound = CPU streaming-read bandwidth ÷ bytes one decode step must read: the \
@@ -626,6 +635,16 @@ mod tests {
         let mut r = sample();
         r["machine"]["l3_bytes"] = json!(32.0 * 1024.0 * 1024.0);
         assert!(render(&r).contains("| 5.00 GB/s | (50 %: fits in L3) |"));
+        // An oracle row adds the `vs oracle` column: freekv 55 against oracle 60.
+        assert!(!md.contains("vs oracle"));
+        r["e2e_cpu"].as_array_mut().unwrap().push(json!(
+            {"policy": "oracle", "target_context": 1024, "prompt_tokens": 1000.0, "budget": 256.0, "decode_tok_s": [60.0]}));
+        let md = render(&r);
+        assert!(md.contains("| vs full | vs oracle | vs arkvale |"));
+        assert!(
+            md.contains("| freekv | 1000 | 256 | 55.0 | n=1 | 18.18 | 1.10× | 0.92× | 2.20× |"),
+            "{md}"
+        );
     }
 
     #[test]
