@@ -440,8 +440,8 @@ impl E2ePlan {
             Self {
                 contexts: vec![256, 1024],
                 policies: vec!["full", "quest", "arkvale", "freekv"],
-                new_tokens: 24,
-                reps: 1,
+                new_tokens: 32,
+                reps: 2,
             }
         } else {
             Self {
@@ -482,6 +482,13 @@ pub fn run(o: &Options) -> Result<()> {
 
     // The plan, for progress lines.
     let plan = E2ePlan::new(o.quick);
+    // The CLI on the CPU always; on a GPU machine also on CUDA (policies the CUDA path does not
+    // support yet are reported as such).
+    let backends: Vec<&str> = if gpu.is_some() {
+        vec!["cpu", "cuda"]
+    } else {
+        vec!["cpu"]
+    };
     let mut items: Vec<(String, f64)> =
         vec![("build (cargo bench --no-run, freekv CLI)".into(), 20.0)];
     if cpu_part {
@@ -504,10 +511,12 @@ pub fn run(o: &Options) -> Result<()> {
     }
     if cpu_part && !o.no_e2e {
         for &ctx in &plan.contexts {
-            for p in &plan.policies {
-                let est =
-                    plan.reps as f64 * (ctx as f64 / 200.0 + plan.new_tokens as f64 / 60.0 + 0.5);
-                items.push((format!("e2e cpu: {p} @ {ctx} tokens × {}", plan.reps), est));
+            for b in &backends {
+                for p in &plan.policies {
+                    let est = plan.reps as f64
+                        * (ctx as f64 / 200.0 + plan.new_tokens as f64 / 60.0 + 0.5);
+                    items.push((format!("e2e {b}: {p} @ {ctx} tokens × {}", plan.reps), est));
+                }
             }
         }
     }
@@ -657,72 +666,55 @@ pub fn run(o: &Options) -> Result<()> {
         for &ctx in &plan.contexts {
             let prompt = work.join(format!("prompt-{ctx}.txt"));
             std::fs::write(&prompt, build_prompt(ctx, per_rep))?;
-            for p in &plan.policies {
-                prog.start();
-                let budget = E2ePlan::budget(ctx);
-                let mut row = json!({"policy": p, "target_context": ctx, "new_tokens": plan.new_tokens,
-                                      "decode_tok_s": [], "prefill_tok_s": []});
-                if *p != "full" {
-                    row["budget"] = json!(budget);
-                }
-                for _ in 0..plan.reps {
-                    let mut c = Command::new(&bin);
-                    c.args([
-                        "generate",
-                        "--json",
-                        "--device",
-                        "cpu",
-                        "--kv",
-                        p,
-                        "--budget",
-                        &budget.to_string(),
-                        "-n",
-                        &plan.new_tokens.to_string(),
-                        "--prompt-file",
-                    ])
-                    .arg(&prompt);
-                    model_args(&mut c, &model_path);
-                    let g: Value = match output(c).and_then(|s| Ok(serde_json::from_str(&s)?)) {
-                        Ok(g) => g,
-                        Err(e) => {
-                            notes.push(format!("e2e {p} @ {ctx}: {e}"));
-                            break;
-                        }
-                    };
-                    let t = &g["timings"];
-                    if let (Some(d), Some(pf)) =
-                        (t["decode_tok_s"].as_f64(), t["prefill_tok_s"].as_f64())
-                        && let (Some(a), Some(b)) = (
-                            row["decode_tok_s"].as_array_mut().map(|a| a.push(json!(d))),
-                            row["prefill_tok_s"]
-                                .as_array_mut()
-                                .map(|a| a.push(json!(pf))),
-                        )
-                    {
-                        let _ = (a, b);
+            for backend in &backends {
+                for p in &plan.policies {
+                    prog.start();
+                    let budget = E2ePlan::budget(ctx);
+                    let mut row = json!({"backend": backend, "policy": p, "target_context": ctx,
+                                         "new_tokens": plan.new_tokens});
+                    if *p != "full" {
+                        row["budget"] = json!(budget);
                     }
-                    row["prompt_tokens"] = t["prompt_tokens"].clone();
-                    let k = &g["kv_stats"];
-                    row["pages_per_step"] = k["units_per_step"].clone();
-                    row["correction_rate"] = k["correction_rate_kv_head"].clone();
-                    row["bytes_per_step"] = k["bytes_per_step"].clone();
+                    let (mut dec, mut pre) = (Vec::new(), Vec::new());
+                    for _ in 0..plan.reps {
+                        let mut c = Command::new(&bin);
+                        c.args(["generate", "--json", "--device", backend, "--kv", p]);
+                        c.args(["--budget", &budget.to_string()]);
+                        c.args(["-n", &plan.new_tokens.to_string(), "--prompt-file"]);
+                        c.arg(&prompt);
+                        model_args(&mut c, &model_path);
+                        let g: Value = match output(c).and_then(|s| Ok(serde_json::from_str(&s)?)) {
+                            Ok(g) => g,
+                            Err(e) => {
+                                let msg = format!("e2e {backend} {p} @ {ctx}: {e}");
+                                println!("  {msg}");
+                                row["note"] = json!(msg);
+                                notes.push(msg);
+                                break;
+                            }
+                        };
+                        let t = &g["timings"];
+                        dec.extend(t["decode_tok_s"].as_f64());
+                        pre.extend(t["prefill_tok_s"].as_f64());
+                        row["prompt_tokens"] = t["prompt_tokens"].clone();
+                        let k = &g["kv_stats"];
+                        row["pages_per_step"] = k["units_per_step"].clone();
+                        row["correction_rate"] = k["correction_rate_kv_head"].clone();
+                        row["bytes_per_step"] = k["bytes_per_step"].clone();
+                    }
+                    println!(
+                        "  {backend} {p} @ {} tokens: decode {} tok/s",
+                        row["prompt_tokens"],
+                        report::median(&dec).map_or("-".into(), |x| format!("{x:.1}"))
+                    );
+                    row["decode_tok_s"] = json!(dec);
+                    row["prefill_tok_s"] = json!(pre);
+                    rows.push(row);
+                    prog.finish();
                 }
-                println!(
-                    "  {p} @ {} tokens: decode {} tok/s",
-                    row["prompt_tokens"],
-                    report::median(
-                        &row["decode_tok_s"]
-                            .as_array()
-                            .map(|a| a.iter().filter_map(Value::as_f64).collect::<Vec<_>>())
-                            .unwrap_or_default()
-                    )
-                    .map_or("-".into(), |x| format!("{x:.1}"))
-                );
-                rows.push(row);
-                prog.finish();
             }
         }
-        results["e2e_cpu"] = Value::Array(rows);
+        results["e2e"] = Value::Array(rows);
     }
     if let Some(mp) = &model_path
         && cpu_part
@@ -955,46 +947,59 @@ pub fn write_plots(res: &Value, dir: &Path, host: &str) -> Result<Vec<String>> {
         names.push(name);
         Ok(())
     };
-    let e2e = res["e2e_cpu"].as_array().cloned().unwrap_or_default();
+    let e2e = res["e2e"].as_array().cloned().unwrap_or_default();
+    let multi = e2e
+        .iter()
+        .any(|r| r["backend"].as_str().is_some_and(|b| b != "cpu"));
+    let label = |r: &Value| -> Option<String> {
+        let p = r["policy"].as_str()?;
+        Some(if multi {
+            format!("{} {p}", r["backend"].as_str().unwrap_or("cpu"))
+        } else {
+            p.to_string()
+        })
+    };
     if !e2e.is_empty() {
-        let s = series_by(
-            &e2e,
-            |r| r["policy"].as_str().map(str::to_string),
-            |r| Some((r["prompt_tokens"].as_f64()?, 1e3 / med_tok_s(r)?)),
-        );
+        let s = series_by(&e2e, label, |r| {
+            Some((r["prompt_tokens"].as_f64()?, 1e3 / med_tok_s(r)?))
+        });
         put(
             format!("step-time-{host}.svg"),
             svg::line_plot(
-                "CPU decode step time per policy (batch 1, budget = context/4, at least 128)",
+                "Decode step time per policy, freekv generate (batch 1, budget = context/4, at least 128)",
                 "prompt tokens (log scale)",
                 "ms per step (median)",
                 &s,
                 true,
             ),
         )?;
-        let full: Vec<(u64, f64)> = e2e
+        let full: Vec<(&str, u64, f64)> = e2e
             .iter()
             .filter(|r| r["policy"] == "full")
-            .filter_map(|r| Some((r["target_context"].as_u64()?, med_tok_s(r)?)))
+            .filter_map(|r| {
+                Some((
+                    r["backend"].as_str().unwrap_or("cpu"),
+                    r["target_context"].as_u64()?,
+                    med_tok_s(r)?,
+                ))
+            })
             .collect();
         let s = series_by(
             &e2e,
+            |r| label(r).filter(|_| r["policy"] != "full"),
             |r| {
-                r["policy"]
-                    .as_str()
-                    .filter(|p| *p != "full")
-                    .map(str::to_string)
-            },
-            |r| {
-                let ctx = r["target_context"].as_u64()?;
-                let base = full.iter().find(|f| f.0 == ctx)?.1;
+                let (b, ctx) = (
+                    r["backend"].as_str().unwrap_or("cpu"),
+                    r["target_context"].as_u64()?,
+                );
+                let base = full.iter().find(|f| f.0 == b && f.1 == ctx)?.2;
                 Some((r["prompt_tokens"].as_f64()?, med_tok_s(r)? / base))
             },
         );
         put(
             format!("speedup-vs-full-{host}.svg"),
             svg::line_plot(
-                "CPU decode speed relative to full attention",
+                "Decode speed relative to full attention (same backend)",
                 "prompt tokens (log scale)",
                 "tok/s ÷ full's tok/s",
                 &s,
@@ -1234,7 +1239,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let res = json!({
             "host_kind": "cpu",
-            "e2e_cpu": [
+            "e2e": [
                 {"policy": "full", "target_context": 256, "prompt_tokens": 250, "decode_tok_s": [100.0]},
                 {"policy": "full", "target_context": 1024, "prompt_tokens": 1010, "decode_tok_s": [50.0]},
                 {"policy": "freekv", "target_context": 256, "prompt_tokens": 250, "budget": 128, "decode_tok_s": [110.0]},

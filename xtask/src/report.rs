@@ -104,9 +104,15 @@ fn row_tok_s(r: &Value) -> Option<f64> {
     median(&nums(r, "decode_tok_s"))
 }
 
-fn find_row<'a>(rows: &'a [Value], policy: &str, ctx: u64) -> Option<&'a Value> {
+fn backend(r: &Value) -> &str {
+    r.get("backend").and_then(Value::as_str).unwrap_or("cpu")
+}
+
+fn find_row<'a>(rows: &'a [Value], be: &str, policy: &str, ctx: u64) -> Option<&'a Value> {
     rows.iter().find(|r| {
-        s(r, "policy") == policy && r.get("target_context").and_then(Value::as_u64) == Some(ctx)
+        backend(r) == be
+            && s(r, "policy") == policy
+            && r.get("target_context").and_then(Value::as_u64) == Some(ctx)
     })
 }
 
@@ -176,17 +182,18 @@ pub fn render(res: &Value) -> String {
     // End-to-end CPU matrix.
     let model = res.get("model").cloned().unwrap_or(Value::Null);
     let e2e: Vec<Value> = res
-        .get("e2e_cpu")
+        .get("e2e")
         .and_then(Value::as_array)
         .cloned()
         .unwrap_or_default();
     if !e2e.is_empty() {
         let _ = writeln!(
             out,
-            "### End to end on the CPU: `freekv generate`, {} (batch 1, greedy)\n",
+            "### End to end: `freekv generate`, {} (batch 1, greedy)\n",
             s(&model, "name")
         );
         let has_oracle = e2e.iter().any(|r| s(r, "policy") == "oracle");
+        let multi = e2e.iter().any(|r| backend(r) != "cpu");
         let mut rows: Vec<Vec<String>> = Vec::new();
         for r in &e2e {
             let ctx = r.get("target_context").and_then(Value::as_u64).unwrap_or(0);
@@ -200,7 +207,10 @@ pub fn render(res: &Value) -> String {
                 "n=1".into()
             };
             let ratio = |base: &str| -> String {
-                match (tps, find_row(&e2e, base, ctx).and_then(row_tok_s)) {
+                match (
+                    tps,
+                    find_row(&e2e, backend(r), base, ctx).and_then(row_tok_s),
+                ) {
                     (Some(a), Some(b)) if b > 0.0 && s(r, "policy") != base => {
                         format!("{:.2}×", a / b)
                     }
@@ -216,7 +226,7 @@ pub fn render(res: &Value) -> String {
             let prompt = f(r, "prompt_tokens").unwrap_or(ctx as f64);
             let bytes = step_bytes(&model, prompt, attended);
             let bound = match (cpu_read, bytes) {
-                (Some(bw), Some(b)) if b > 0.0 => Some(bw * 1e9 / b),
+                (Some(bw), Some(b)) if b > 0.0 && backend(r) == "cpu" => Some(bw * 1e9 / b),
                 _ => None,
             };
             rows.push(vec![
@@ -269,14 +279,27 @@ pub fn render(res: &Value) -> String {
                 r.remove(7);
             }
         }
+        if multi {
+            header.insert(0, "backend");
+            for (row, r) in rows.iter_mut().zip(&e2e) {
+                row.insert(0, backend(r).to_string());
+            }
+        }
+        if e2e.iter().any(|r| r.get("note").is_some()) {
+            header.push("note");
+            for (row, r) in rows.iter_mut().zip(&e2e) {
+                row.push(s(r, "note").to_string());
+            }
+        }
         out.push_str(&table(&header, &rows, 1));
         let _ = writeln!(
             out,
             "\nBandwidth bound = CPU streaming-read bandwidth ÷ bytes one decode step must read: the \
              model's weights ({} MB) plus the f32 KV attended (full: every layer × context; sparse \
              policies: dense layers × context + the other layers × budget; page summaries and \
-             selection not counted). `vs full` / `vs arkvale`: tok/s ratio at the same prompt \
-             (> 1 is faster). No `oracle` policy on the CPU path.\n",
+             selection not counted); CPU rows only. `vs full` / `vs oracle` / `vs arkvale`: tok/s \
+             ratio against that policy on the same backend at the same prompt (> 1 is faster); \
+             the CPU path has no `oracle` policy.\n",
             opt(f(&model, "weight_bytes").map(|b| b / 1e6), 1)
         );
     }
@@ -298,7 +321,7 @@ pub fn render(res: &Value) -> String {
             let mut rows = Vec::new();
             for r in &rows_v {
                 let ctx = r.get("target_context").and_then(Value::as_u64).unwrap_or(0);
-                let ours = find_row(&e2e, "full", ctx).and_then(row_tok_s);
+                let ours = find_row(&e2e, "cpu", "full", ctx).and_then(row_tok_s);
                 let theirs = f(r, "decode_tok_s");
                 rows.push(vec![
                     format!("{}", f(r, "prompt_tokens").unwrap_or(0.0) as u64),
@@ -595,7 +618,7 @@ mod tests {
             "ceilings": {"cpu_read_gbs": 10.0, "cpu_copy_gbs": 12.0},
             "model": {"name": "m.gguf", "weight_bytes": 100e6, "layers": 30.0, "dense_layers": 1.0,
                       "kv_bytes_per_token_layer": 1536.0},
-            "e2e_cpu": [
+            "e2e": [
                 {"policy": "full", "target_context": 1024, "prompt_tokens": 1000.0, "decode_tok_s": [50.0, 40.0, 60.0], "prefill_tok_s": [200.0]},
                 {"policy": "arkvale", "target_context": 1024, "prompt_tokens": 1000.0, "budget": 256.0, "decode_tok_s": [25.0], "prefill_tok_s": [200.0]},
                 {"policy": "freekv", "target_context": 1024, "prompt_tokens": 1000.0, "budget": 256.0, "decode_tok_s": [55.0], "prefill_tok_s": [200.0], "correction_rate": 0.125, "pages_per_step": 3.5}
@@ -636,8 +659,8 @@ mod tests {
         r["machine"]["l3_bytes"] = json!(32.0 * 1024.0 * 1024.0);
         assert!(render(&r).contains("| 5.00 GB/s | (50 %: fits in L3) |"));
         // An oracle row adds the `vs oracle` column: freekv 55 against oracle 60.
-        assert!(!md.contains("vs oracle"));
-        r["e2e_cpu"].as_array_mut().unwrap().push(json!(
+        assert!(!md.contains("| vs oracle |"));
+        r["e2e"].as_array_mut().unwrap().push(json!(
             {"policy": "oracle", "target_context": 1024, "prompt_tokens": 1000.0, "budget": 256.0, "decode_tok_s": [60.0]}));
         let md = render(&r);
         assert!(md.contains("| vs full | vs oracle | vs arkvale |"));
@@ -658,5 +681,26 @@ mod tests {
             {"form": "eager", "batch": 1, "context": 4096, "ms_per_step": 60.0}]}});
         let md = render(&r);
         assert!(md.contains("| synthetic:llama-3.1-8b | 1 | 4096 | 5.000 | 200 | 4.000 | 1.25 | 60.00 | 8.00 | 1.60× |  |"), "{md}");
+        // A CUDA row adds the backend column; its ratio is against CUDA full only, no CPU bound.
+        r["e2e"].as_array_mut().unwrap().push(json!(
+            {"backend": "cuda", "policy": "full", "target_context": 1024, "prompt_tokens": 1000.0, "decode_tok_s": [500.0]}));
+        r["e2e"].as_array_mut().unwrap().push(json!(
+            {"backend": "cuda", "policy": "freekv", "target_context": 1024, "prompt_tokens": 1000.0, "budget": 256.0,
+             "decode_tok_s": [], "note": "e2e cuda freekv @ 1024: not supported"}));
+        let md = render(&r);
+        assert!(md.contains("| backend | policy |"));
+        assert!(
+            md.contains("| cpu | freekv | 1000 | 256 | 55.0 | n=1 | 18.18 | 1.10× | 2.20× |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| cuda | full | 1000 | - | 500.0 | n=1 | 2.00 | - | - | - | - |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| cuda | freekv | 1000 | 256 | - | n=1 | - | - | - | - | - |"),
+            "{md}"
+        );
+        assert!(md.contains("not supported |"));
     }
 }
