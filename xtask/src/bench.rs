@@ -104,6 +104,7 @@ struct Progress {
     est: Vec<(String, f64)>,
     done: usize,
     t0: Instant,
+    scale_t0: Instant,
     est_done: f64,
 }
 
@@ -111,7 +112,7 @@ impl Progress {
     fn start(&mut self) {
         let el = self.t0.elapsed().as_secs_f64();
         let scale = if self.est_done > 0.0 {
-            (el / self.est_done).clamp(0.3, 5.0)
+            (self.scale_t0.elapsed().as_secs_f64() / self.est_done).clamp(0.3, 5.0)
         } else {
             1.0
         };
@@ -132,6 +133,12 @@ impl Progress {
     fn finish(&mut self) {
         self.est_done += self.est.get(self.done).map_or(0.0, |e| e.1);
         self.done += 1;
+    }
+    /// Ends the build item: its time (other people's edits, cold caches) says nothing about
+    /// the rest, so the ETA scale restarts after it.
+    fn finish_build(&mut self) {
+        self.done += 1;
+        self.scale_t0 = Instant::now();
     }
 }
 
@@ -537,6 +544,7 @@ pub fn run(o: &Options) -> Result<()> {
         est: items,
         done: 0,
         t0: Instant::now(),
+        scale_t0: Instant::now(),
         est_done: 0.0,
     };
 
@@ -569,7 +577,7 @@ pub fn run(o: &Options) -> Result<()> {
             ));
         }
     }
-    prog.finish();
+    prog.finish_build();
 
     // Ceilings.
     if cpu_part {
@@ -788,7 +796,7 @@ pub fn run(o: &Options) -> Result<()> {
             "hf" => peer_hf(gpu.is_some(), &results, &work, o.quick),
             _ => peer_llamacpp(&model_path, &plan, &work),
         };
-        println!("  peer {p}: {}", v["status"].as_str().unwrap_or("ok"));
+        println!("  {}", v["status"].as_str().unwrap_or("peer ran"));
         peers[p.as_str()] = v;
         prog.finish();
     }
@@ -867,9 +875,7 @@ fn peer_hf(has_gpu: bool, results: &Value, work: &Path, quick: bool) -> Value {
 
 fn peer_llamacpp(model: &Option<PathBuf>, plan: &E2ePlan, work: &Path) -> Value {
     if !python_has("llama_cpp") {
-        let msg = "peer llamacpp: not installed (pip install llama-cpp-python)";
-        println!("{msg}");
-        return json!({"status": msg});
+        return json!({"status": "peer llamacpp: not installed (pip install llama-cpp-python)"});
     }
     let Some(model) = model else {
         return json!({"status": "peer llamacpp: the default model is not cached"});

@@ -52,11 +52,16 @@ fn s<'a>(v: &'a Value, k: &str) -> &'a str {
     v.get(k).and_then(Value::as_str).unwrap_or("")
 }
 
-/// Median of a list (upper median for even lengths); `None` when empty.
+/// Median of a list (mean of the two middle values for even lengths); `None` when empty.
 pub fn median(xs: &[f64]) -> Option<f64> {
     let mut v: Vec<f64> = xs.iter().copied().filter(|x| x.is_finite()).collect();
     v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied()
+    let n = v.len();
+    if n > 0 && n.is_multiple_of(2) {
+        Some((v[n / 2 - 1] + v[n / 2]) / 2.0)
+    } else {
+        v.get(n / 2).copied()
+    }
 }
 
 fn nums(v: &Value, k: &str) -> Vec<f64> {
@@ -427,7 +432,7 @@ pub fn render(res: &Value) -> String {
     if let Some(hf) = res.get("peers").and_then(|p| p.get("hf"))
         && hf.get("rows").is_none()
     {
-        let _ = writeln!(out, "Peer hf: {}\n", s(hf, "status"));
+        let _ = writeln!(out, "{}\n", s(hf, "status"));
     }
 
     // Criterion micro-benchmarks.
@@ -609,6 +614,7 @@ mod tests {
     fn median_of_lists() {
         assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
         assert_eq!(median(&[]), None);
+        assert_eq!(median(&[4.0, 1.0]), Some(2.5));
     }
 
     fn sample() -> Value {
