@@ -450,11 +450,7 @@ pub fn render(res: &Value) -> String {
         let mut rows = Vec::new();
         for e in &ests {
             let gpu = is_gpu_group(&e.group);
-            let ceiling = if gpu {
-                gpu_copy.map(|x| x / 2.0)
-            } else {
-                cpu_read
-            };
+            let ceiling = if gpu { gpu_copy } else { cpu_read };
             let in_cache = match (e.throughput, l3) {
                 (Some(Throughput::Bytes(b)), Some(l3)) => !gpu && (b as f64) <= l3,
                 _ => false,
@@ -529,8 +525,9 @@ pub fn render(res: &Value) -> String {
         ));
         let _ = writeln!(
             out,
-            "\nCeiling for byte throughputs: the CPU streaming-read bandwidth (CPU benches) or half the \
-             device copy bandwidth, i.e. one direction (GPU benches). A CPU benchmark whose bytes per \
+            "\nCeiling for byte throughputs: the CPU streaming-read bandwidth (CPU benches) or the \
+             device copy bandwidth counted as bytes read + written, i.e. the HBM traffic rate the \
+             `cuda_decode` floor uses (GPU benches). A CPU benchmark whose bytes per \
              iteration fit in the L3 cache is not bound by DRAM: its ratio is shown in parentheses \
              (it can exceed 100 %). For `decode/N`: the bandwidth bound of a full-attention step at N \
              tokens (weights + f32 KV).\n"
