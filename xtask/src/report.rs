@@ -451,6 +451,9 @@ pub fn render(res: &Value) -> String {
         for e in &ests {
             let gpu = is_gpu_group(&e.group);
             let ceiling = if gpu { gpu_copy } else { cpu_read };
+            // The tokenizer is compute-bound: a bandwidth ratio says nothing about it.
+            let compute_bound = e.group == "encode" || e.id.starts_with("decode/text");
+            let ceiling = if compute_bound { None } else { ceiling };
             let in_cache = match (e.throughput, l3) {
                 (Some(Throughput::Bytes(b)), Some(l3)) => !gpu && (b as f64) <= l3,
                 _ => false,
