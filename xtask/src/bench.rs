@@ -142,6 +142,68 @@ impl Progress {
     }
 }
 
+/// Runs one criterion bench target, printing one line per finished benchmark (its id and
+/// criterion's `time:` interval) as it goes; `skipped` lines become notes.
+fn stream_criterion(
+    mut c: Command,
+    bench: &str,
+    t0: Instant,
+    notes: &mut Vec<String>,
+) -> Result<()> {
+    use std::io::BufRead;
+    c.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = c.spawn().with_context(|| format!("cannot run {c:?}"))?;
+    let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+    // Drain stderr on a thread (cargo's progress, criterion's warnings) so the child never blocks.
+    let stderr = child.stderr.take();
+    let err_thread = std::thread::spawn(move || {
+        let mut tail = Vec::new();
+        if let Some(e) = stderr {
+            for l in std::io::BufReader::new(e).lines().map_while(Result::ok) {
+                tail.push(l);
+                if tail.len() > 5 {
+                    tail.remove(0);
+                }
+            }
+        }
+        tail
+    });
+    let mut id = String::new();
+    let mut n = 0usize;
+    for line in std::io::BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+    {
+        let l = line.trim_end();
+        if l.starts_with("skipped") || l.contains("not cached") {
+            println!("  {bench}: {l}");
+            notes.push(format!("criterion `{bench}`: {l}"));
+        } else if l.starts_with("device:") {
+            println!("  {bench}: {l}");
+        } else if let Some(k) = l.find("time:").filter(|_| !l.contains('%')) {
+            // (`time:` lines with percentages are criterion's change against the last run.)
+            let head = l[..k].trim();
+            if !head.is_empty() {
+                id = head.to_string();
+            }
+            n += 1;
+            println!(
+                "  {n:>3}. {id}: {} ({:.0} s)",
+                l[k + 5..].trim(),
+                t0.elapsed().as_secs_f64()
+            );
+        } else if !l.is_empty() && !l.starts_with(' ') && !l.contains(':') {
+            id = l.trim().to_string();
+        }
+    }
+    let status = child.wait()?;
+    let tail = err_thread.join().unwrap_or_default();
+    if !status.success() {
+        bail!("{status}: {}", tail.join(" / "));
+    }
+    Ok(())
+}
+
 /// A criterion bench target and what to run of it.
 struct CritTarget {
     bench: &'static str,
@@ -625,27 +687,17 @@ pub fn run(o: &Options) -> Result<()> {
                 c.env(k, v);
             }
         }
-        c.stdout(Stdio::piped());
-        let text = output(c).unwrap_or_else(|e| {
+        let t_bench = Instant::now();
+        if let Err(e) = stream_criterion(c, t.bench, t_bench, &mut notes) {
             notes.push(format!("criterion `{}` failed: {e}", t.bench));
-            String::new()
-        });
-        for l in text.lines().filter(|l| {
-            l.starts_with("skipped") || l.contains("not cached") || l.starts_with("device:")
-        }) {
-            println!("  {}: {l}", t.bench);
-            if l.starts_with("skipped") || l.contains("not cached") {
-                notes.push(format!("criterion `{}`: {l}", t.bench));
-            }
         }
-        for e in criterion::collect(&root().join("target/criterion"), Some(t_target))? {
-            println!(
-                "  {}: {} ±{:.1} %",
-                e.id,
-                report::fmt_time(e.median_ns),
-                e.spread_pct()
-            );
-        }
+        let done = criterion::collect(&root().join("target/criterion"), Some(t_target))?;
+        println!(
+            "  {}: {} benchmarks in {:.0} s",
+            t.bench,
+            done.len(),
+            t_bench.elapsed().as_secs_f64()
+        );
         prog.finish();
     }
     let ests: Vec<Estimate> = criterion::collect(&root().join("target/criterion"), Some(crit_t0))?;
