@@ -659,13 +659,16 @@ pub fn run(o: &Options) -> Result<()> {
         prog.finish();
     }
 
-    // Criterion.
+    // Criterion, into a folder of our own (CRITERION_HOME), so that benches other people run
+    // at the same time in the shared target/criterion never mix into these results.
+    let crit_dir = work.join("criterion");
     let crit_t0 = SystemTime::now();
     for t in &targets {
         prog.start();
         let t_target = SystemTime::now();
         let mut c = cargo();
         c.args(["bench", "--workspace", "--bench", t.bench, "--"]);
+        c.env("CRITERION_HOME", &crit_dir);
         if o.quick {
             c.args([
                 "--warm-up-time",
@@ -691,7 +694,7 @@ pub fn run(o: &Options) -> Result<()> {
         if let Err(e) = stream_criterion(c, t.bench, t_bench, &mut notes) {
             notes.push(format!("criterion `{}` failed: {e}", t.bench));
         }
-        let done = criterion::collect(&root().join("target/criterion"), Some(t_target))?;
+        let done = criterion::collect(&crit_dir, Some(t_target))?;
         println!(
             "  {}: {} benchmarks in {:.0} s",
             t.bench,
@@ -700,7 +703,7 @@ pub fn run(o: &Options) -> Result<()> {
         );
         prog.finish();
     }
-    let ests: Vec<Estimate> = criterion::collect(&root().join("target/criterion"), Some(crit_t0))?;
+    let ests: Vec<Estimate> = criterion::collect(&crit_dir, Some(crit_t0))?;
     results["criterion"] = Value::Array(ests.iter().map(Estimate::to_json).collect());
 
     // End to end on the CPU.
@@ -1234,7 +1237,7 @@ What runs:\n\n\
 recall executor, dequantization, the tokenizer, the quantized matrix products, prefill/decode of the \
 default model, the KV policies' decode step (full runs only) and, on a GPU machine, the CUDA kernels \
 (timed with CUDA events). Medians, MAD and the 95 % interval of the median are read from \
-`target/criterion/**/new/estimates.json`.\n\
+`target/xtask-bench/criterion/**/new/estimates.json` (`CRITERION_HOME`, so that benches run by others at the same time never mix in).\n\
 * **End-to-end matrix**: on the CPU, `freekv generate --json` on the default model (SmolLM2-135M-Instruct \
 Q4_1) with the policies full / quest / arkvale / freekv at several prompt lengths (prompts built from a \
 repeated, numbered paragraph; sparse budgets a quarter of the context); on a GPU machine the \
