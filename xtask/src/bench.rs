@@ -19,6 +19,8 @@ pub struct Options {
     pub out: Option<PathBuf>,
     pub no_criterion: bool,
     pub no_e2e: bool,
+    /// Only these criterion bench targets (empty: all that apply).
+    pub targets: Vec<String>,
 }
 
 impl Options {
@@ -42,6 +44,21 @@ impl Options {
                             bail!("unknown peer `{p}` (hf, llamacpp)");
                         }
                         o.peers.push(p.to_string());
+                    }
+                }
+                "--targets" => {
+                    let t = it
+                        .next()
+                        .ok_or_else(|| anyhow!("--targets needs a comma list"))?;
+                    for name in t.split(',').filter(|n| !n.is_empty()) {
+                        if !TARGETS.iter().any(|x| x.bench == name) {
+                            let known: Vec<&str> = TARGETS.iter().map(|x| x.bench).collect();
+                            bail!(
+                                "unknown bench target `{name}` (known: {})",
+                                known.join(", ")
+                            );
+                        }
+                        o.targets.push(name.to_string());
                     }
                 }
                 "--out" => {
@@ -569,7 +586,13 @@ pub fn run(o: &Options) -> Result<()> {
         TARGETS
             .iter()
             .filter(|t| if t.gpu { gpu.is_some() } else { cpu_part })
-            .filter(|t| !o.quick || t.quick_filter.is_some())
+            .filter(|t| {
+                if o.targets.is_empty() {
+                    !o.quick || t.quick_filter.is_some()
+                } else {
+                    o.targets.iter().any(|n| n == t.bench)
+                }
+            })
             .collect()
     };
     for t in &targets {
@@ -1270,6 +1293,9 @@ mod tests {
         assert!(Options::parse(&a(&["--cpu-only", "--gpu-only"])).is_err());
         assert!(Options::parse(&a(&["--out"])).is_err());
         assert!(Options::parse(&a(&["--bogus"])).is_err());
+        let o = Options::parse(&a(&["--targets", "kv,recall"])).unwrap();
+        assert_eq!(o.targets, ["kv", "recall"]);
+        assert!(Options::parse(&a(&["--targets", "nope"])).is_err());
     }
 
     #[test]

@@ -25,7 +25,9 @@ fn usage() -> &'static str {
        --peer llamacpp   also run llama-cpp-python on the CPU with the same GGUF and prompts\n  \
        --out DIR         output folder (default docs/bench)\n  \
        --no-criterion    skip the criterion micro-benchmarks\n  \
-       --no-e2e          skip the end-to-end matrix\n"
+       --no-e2e          skip the end-to-end matrix\n  \
+       --targets a,b     only these criterion bench targets (transpose, select, recall, dequant,\n                    \
+                         tokenizer, qmatmul, decode, kv, kernels); with --quick, each its quick subset (kv: all)\n"
 }
 
 fn main() -> Result<()> {
