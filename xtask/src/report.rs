@@ -563,16 +563,36 @@ pub fn render(res: &Value) -> String {
                     let r = |b: Option<f64>| {
                         b.map_or("-".into(), |b| format!("{:.2}×", b / e.median_ns))
                     };
+                    let label = e.id.rsplit('/').next().unwrap_or_default();
+                    // Context from the group name (`kv_decode_<model>_<N>`), budget from `@B`.
+                    let ctx: Option<f64> = g.rsplit('_').next().and_then(|n| n.parse().ok());
+                    let budget: Option<f64> =
+                        label.split_once('@').and_then(|(_, b)| b.parse().ok());
+                    let bound = match (ctx, cpu_read) {
+                        (Some(n), Some(bw)) => {
+                            step_bytes(&model, n, budget).map(|b| b / (bw * 1e9) * 1e9)
+                        }
+                        _ => None,
+                    };
                     vec![
-                        e.id.rsplit('/').next().unwrap_or_default().to_string(),
+                        label.to_string(),
                         fmt_time(e.median_ns),
                         r(full),
                         r(ark),
+                        bound.map_or("-".into(), fmt_time),
+                        bound.map_or("-".into(), |b| format!("{:.2}", e.median_ns / b)),
                     ]
                 })
                 .collect();
             out.push_str(&table(
-                &["policy", "step", "speed vs full", "speed vs arkvale"],
+                &[
+                    "policy",
+                    "step",
+                    "speed vs full",
+                    "speed vs arkvale",
+                    "bandwidth floor",
+                    "ratio to floor",
+                ],
                 &rows,
                 1,
             ));
@@ -657,6 +677,23 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("| 12.5 % |"));
+        // The kv bench's table: ratios against full and arkvale and the bandwidth floor.
+        let mut k = sample();
+        k["criterion"] = json!([
+            {"id": "kv_decode_m_1000/full", "group": "kv_decode_m_1000", "median_ns": 2e7, "median_ci_ns": [2e7, 2e7],
+             "mad_ns": 1.0, "mean_ns": 2e7, "std_dev_ns": 1.0, "throughput_kind": "none"},
+            {"id": "kv_decode_m_1000/arkvale@256", "group": "kv_decode_m_1000", "median_ns": 1e7, "median_ci_ns": [1e7, 1e7],
+             "mad_ns": 1.0, "mean_ns": 1e7, "std_dev_ns": 1.0, "throughput_kind": "none"}]);
+        let kmd = render(&k);
+        // full floor: (100e6 + 30 × 1000 × 1536) B ÷ 10 GB/s = 14.608 ms.
+        assert!(
+            kmd.contains("| full | 20.000 ms | 1.00× | 0.50× | 14.608 ms | 1.37 |"),
+            "{kmd}"
+        );
+        assert!(
+            kmd.contains("| arkvale@256 | 10.000 ms | 2.00× | 1.00× |"),
+            "{kmd}"
+        );
         // Criterion row: 5 MB in 1 ms = 5 GB/s = 50 % of the 10 GB/s read ceiling.
         assert!(md.contains("| recall_x/double_buffered/64 | 1.000 ms | ±5.0 % | 900.00 µs – 1.100 ms | 5.00 GB/s | 50 % |"), "{md}");
         assert!(!md.contains("CUDA decode step"));
