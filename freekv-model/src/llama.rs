@@ -390,6 +390,9 @@ impl LlamaModel {
 
     /// Run one token at the next position and return its logits. Attention goes through the
     /// session's policy, which appends the token's key and value.
+    ///
+    /// Errors: a token outside the vocabulary or a full context (the session is unchanged), or a
+    /// failure inside a layer (the session is then inconsistent: [`Session::reset`] it).
     pub fn decode<'s>(&self, s: &'s mut Session, token: u32) -> Result<&'s [f32], ModelError> {
         let _span = tracing::debug_span!("decode").entered();
         self.check_tokens(&[token])?;
