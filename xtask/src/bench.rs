@@ -638,6 +638,8 @@ pub fn run(o: &Options) -> Result<()> {
     let mut results = json!({
         "schema": "freekv-bench/1", "host_kind": host, "date": now_utc(), "quick": o.quick,
         "git": git_rev(), "machine": machine(gpu.as_deref()),
+        "options": {"targets": o.targets, "no_criterion": o.no_criterion, "no_e2e": o.no_e2e,
+                    "cpu_only": o.cpu_only, "gpu_only": o.gpu_only, "peers": o.peers},
     });
 
     // Build.
@@ -1254,7 +1256,18 @@ cargo xtask bench --cpu-only         # or --gpu-only\n\
 cargo xtask bench --peer llamacpp    # llama-cpp-python on the CPU, same GGUF and prompts\n\
 cargo xtask bench --peer hf          # Hugging Face transformers on the GPU, same shapes\n\
 cargo xtask bench --out DIR          # write somewhere else than docs/bench\n\
+cargo xtask bench --targets kv       # only some criterion targets (here the KV policies' decode step)\n\
+cargo xtask bench-report             # re-render this file and the plots from the JSON, measuring nothing\n\
+cargo test -p xtask                  # tests of the parsing, tables and plots\n\
 ```\n\n\
+`--quick` runs: criterion with 0.3 s warm-up and 0.6 s measurement on a subset of each target \
+(page transposes, selection and recall at two sizes, three dequantizers, tokenizer encode, one \
+decode-step matrix product, prefill/decode at 37 tokens), no `kv` target, and the end-to-end matrix \
+at 256 and 1024 tokens with 32 new tokens, twice each. A full run uses 1 s / 3 s criterion times, \
+every benchmark of every target, and prompts of 512, 1K, 2K and 4K tokens with 64 new tokens, three \
+times each (about half an hour on 2 cores). On a GPU machine the command needs cargo there (it \
+builds and runs the benches); where only prebuilt bench binaries can be copied, run them as \
+[cuda-decode.md](cuda-decode.md) shows.\n\n\
 What runs:\n\n\
 * **Criterion micro-benchmarks** (`cargo bench --workspace --bench NAME`): transposes, selection, the \
 recall executor, dequantization, the tokenizer, the quantized matrix products, prefill/decode of the \

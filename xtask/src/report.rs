@@ -146,6 +146,30 @@ pub fn render(res: &Value) -> String {
             "Full run"
         }
     );
+    if let Some(op) = res.get("options") {
+        let mut partial = Vec::new();
+        if let Some(t) = op
+            .get("targets")
+            .and_then(Value::as_array)
+            .filter(|t| !t.is_empty())
+        {
+            let names: Vec<&str> = t.iter().filter_map(Value::as_str).collect();
+            partial.push(format!("criterion targets {} only", names.join(", ")));
+        }
+        for (k, what) in [
+            ("no_criterion", "no criterion benchmarks"),
+            ("no_e2e", "no end-to-end matrix"),
+            ("cpu_only", "CPU only"),
+            ("gpu_only", "GPU only"),
+        ] {
+            if op.get(k).and_then(Value::as_bool) == Some(true) {
+                partial.push(what.to_string());
+            }
+        }
+        if !partial.is_empty() {
+            let _ = writeln!(out, "Partial run: {}.\n", partial.join("; "));
+        }
+    }
     if let Some(notes) = res.get("notes").and_then(Value::as_array) {
         for n in notes.iter().filter_map(Value::as_str) {
             let _ = writeln!(out, "* {n}");
@@ -697,6 +721,12 @@ mod tests {
         // Criterion row: 5 MB in 1 ms = 5 GB/s = 50 % of the 10 GB/s read ceiling.
         assert!(md.contains("| recall_x/double_buffered/64 | 1.000 ms | ±5.0 % | 900.00 µs – 1.100 ms | 5.00 GB/s | 50 % |"), "{md}");
         assert!(!md.contains("CUDA decode step"));
+        assert!(!md.contains("Partial run"));
+        let mut p = sample();
+        p["options"] = json!({"targets": ["kv"], "no_e2e": true, "cpu_only": false});
+        assert!(
+            render(&p).contains("Partial run: criterion targets kv only; no end-to-end matrix.\n")
+        );
         // With an L3 larger than the 5 MB per iteration, the ratio is marked as cache-resident.
         let mut r = sample();
         r["machine"]["l3_bytes"] = json!(32.0 * 1024.0 * 1024.0);
