@@ -58,6 +58,19 @@ fn nice_ticks(lo: f64, hi: f64) -> Vec<f64> {
     out
 }
 
+/// A series' colour: fixed for the KV policies (so every plot agrees), else by position.
+fn color_of(name: &str, i: usize) -> &'static str {
+    let policy = name.rsplit(' ').next().unwrap_or(name);
+    match policy {
+        "full" => COLORS[0],
+        "quest" => COLORS[4],
+        "arkvale" => COLORS[1],
+        "freekv" => COLORS[2],
+        "oracle" => COLORS[5],
+        _ => COLORS[i % COLORS.len()],
+    }
+}
+
 /// Number formatting for tick labels.
 fn fmt_num(v: f64) -> String {
     let a = v.abs();
@@ -66,7 +79,8 @@ fn fmt_num(v: f64) -> String {
     } else if a >= 1.0 {
         format!("{v:.1}")
     } else {
-        format!("{v:.3}")
+        let t = format!("{v:.3}");
+        t.trim_end_matches('0').trim_end_matches('.').to_string()
     }
 }
 
@@ -175,7 +189,7 @@ pub fn line_plot(
         "<rect x=\"{ML}\" y=\"{MT}\" width=\"{pw}\" height=\"{ph}\" fill=\"none\" stroke=\"black\"/>"
     );
     for (i, s) in series.iter().enumerate() {
-        let c = COLORS[i % COLORS.len()];
+        let c = color_of(&s.name, i);
         let mut p: Vec<(f64, f64)> = s
             .points
             .iter()
@@ -439,6 +453,16 @@ pub(crate) mod tests {
         assert!(svg.contains("double_buffered/256: 12.5"));
         assert!(svg.contains("copy bandwidth: 20"));
         assert!(svg.contains("stroke-dasharray"));
+    }
+
+    #[test]
+    fn policy_colours_are_stable_and_numbers_short() {
+        assert_eq!(color_of("freekv", 0), color_of("cpu freekv", 3));
+        assert_ne!(color_of("full", 0), color_of("freekv", 0));
+        assert_eq!(fmt_num(0.5), "0.5");
+        assert_eq!(fmt_num(0.125), "0.125");
+        assert_eq!(fmt_num(12.25), "12.2");
+        assert_eq!(fmt_num(2048.0), "2048");
     }
 
     #[test]
