@@ -104,6 +104,25 @@ pub fn step_bytes(model: &Value, context: f64, attended_sparse: Option<f64>) -> 
     Some(w + kv)
 }
 
+/// Bytes per element of a `dequant/<type>/...` benchmark's input (GGUF block sizes).
+pub fn dequant_in_bytes(id: &str) -> Option<f64> {
+    let mut parts = id.split('/');
+    if parts.next()? != "dequant" {
+        return None;
+    }
+    Some(match parts.next()? {
+        "f32" => 4.0,
+        "f16" | "bf16" => 2.0,
+        "q8_0" => 34.0 / 32.0,
+        "q4_0" => 18.0 / 32.0,
+        "q4_1" => 20.0 / 32.0,
+        "q4_k" => 144.0 / 256.0,
+        "q5_k" => 176.0 / 256.0,
+        "q6_k" => 210.0 / 256.0,
+        _ => return None,
+    })
+}
+
 /// The e2e row's decode tok/s median.
 fn row_tok_s(r: &Value) -> Option<f64> {
     median(&nums(r, "decode_tok_s"))
@@ -511,6 +530,23 @@ pub fn render(res: &Value) -> String {
                         ),
                         _ => "-".into(),
                     }
+                } else if let (Some(bpe), Some(Throughput::Elements(n))) =
+                    (dequant_in_bytes(&e.id), e.throughput)
+                {
+                    // Dequantization moves the quantized input in and 4-byte floats out:
+                    // against the copy bandwidth (bytes read + written).
+                    let moved = n as f64 * (bpe + 4.0);
+                    match cpu_copy {
+                        Some(c) => {
+                            let pct = 100.0 * eps * (bpe + 4.0) / (c * 1e9);
+                            if l3.is_some_and(|l3| moved <= l3) {
+                                format!("({pct:.0} % of copy: fits in L3)")
+                            } else {
+                                format!("{pct:.0} % of copy")
+                            }
+                        }
+                        None => "-".into(),
+                    }
                 } else {
                     "-".into()
                 };
@@ -652,6 +688,23 @@ mod tests {
         assert_eq!(fmt_time(2.5e6), "2.500 ms");
         assert_eq!(fmt_time(2500.0), "2.50 µs");
         assert_eq!(fmt_time(12.0), "12.0 ns");
+    }
+
+    #[test]
+    fn dequant_bytes_and_ratio() {
+        assert_eq!(dequant_in_bytes("dequant/q4_1/4M"), Some(0.625));
+        assert_eq!(dequant_in_bytes("dequant/zz/4M"), None);
+        assert_eq!(dequant_in_bytes("decode/37"), None);
+        let mut r = sample();
+        r["criterion"] = json!([{"id": "dequant/q8_0/4M", "group": "dequant", "median_ns": 1e6,
+            "median_ci_ns": [1e6, 1e6], "mad_ns": 1.0, "mean_ns": 1e6, "std_dev_ns": 1.0,
+            "throughput_kind": "elements", "throughput_per_iter": 1_000_000}]);
+        // 1e9 elem/s × (34/32 + 4) B = 5.06 GB/s of a 12 GB/s copy ceiling.
+        assert!(
+            render(&r).contains("| 1000.0 Melem/s | 42 % of copy |"),
+            "{}",
+            render(&r)
+        );
     }
 
     #[test]
