@@ -835,7 +835,11 @@ pub fn run(o: &Options) -> Result<()> {
             );
             c.args(["--warm-up-time", "0.5", "--measurement-time", "1"]);
         }
-        match run_status(c).and_then(|_| Ok(std::fs::read_to_string(&json_path)?)) {
+        c.env("CRITERION_HOME", &crit_dir);
+        let t_cd = Instant::now();
+        match stream_criterion(c, "cuda_decode", t_cd, &mut notes)
+            .and_then(|_| Ok(std::fs::read_to_string(&json_path)?))
+        {
             Ok(t) => {
                 let v: Value = serde_json::from_str(&t)?;
                 ceilings["gpu_copy_gbs"] = v["copy_bandwidth_gbs"].clone();
