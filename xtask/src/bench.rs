@@ -395,18 +395,31 @@ fn freekv_bin() -> PathBuf {
     })
 }
 
+/// The first NVIDIA GPU's name: from nvidia-smi, else from the driver's /proc entries.
 fn detect_gpu() -> Option<String> {
-    let o = Command::new("nvidia-smi")
+    let smi = Command::new("nvidia-smi")
         .args(["--query-gpu=name", "--format=csv,noheader"])
         .stderr(Stdio::null())
         .output()
-        .ok()?;
-    let name = String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .next()?
-        .trim()
-        .to_string();
-    (o.status.success() && !name.is_empty()).then_some(name)
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| {
+            let name = String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()?
+                .trim()
+                .to_string();
+            (!name.is_empty()).then_some(name)
+        });
+    smi.or_else(|| {
+        let dir = std::fs::read_dir("/proc/driver/nvidia/gpus").ok()?;
+        dir.filter_map(|e| e.ok())
+            .filter_map(|e| std::fs::read_to_string(e.path().join("information")).ok())
+            .find_map(|info| {
+                info.lines()
+                    .find_map(|l| l.strip_prefix("Model:").map(|m| m.trim().to_string()))
+            })
+    })
 }
 
 fn python_has(module: &str) -> bool {
