@@ -10,7 +10,6 @@
 //! Throughput is output elements per second. Inputs are random blocks with finite scales, seeded.
 
 use std::hint::black_box;
-use std::path::PathBuf;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use freekv_model::GgmlType;
@@ -20,24 +19,7 @@ use half::f16;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-
-fn default_model_path() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("FREEKV_MODEL") {
-        return Some(PathBuf::from(p));
-    }
-    let home = match std::env::var_os("FREEKV_HOME") {
-        Some(h) => PathBuf::from(h),
-        None => match std::env::var_os("XDG_CACHE_HOME") {
-            Some(x) => PathBuf::from(x).join("freekv"),
-            None => PathBuf::from(std::env::var_os("HOME")?)
-                .join(".cache")
-                .join("freekv"),
-        },
-    };
-    let p = home.join("models").join(MODEL_FILE);
-    p.is_file().then_some(p)
-}
+use freekv_model::testing::default_model_path;
 
 /// Random bytes of `n` elements of `ty`, with every f16 scale field set to a finite value.
 fn random_tensor(ty: GgmlType, n: usize, rng: &mut StdRng) -> Vec<u8> {

@@ -18,26 +18,10 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use freekv_model::gguf::GgufFile;
 use freekv_model::tokenizer::{StreamDecoder, Tokenizer};
 
-const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 const REFERENCE_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/reference");
 const CHAT_PROMPT: &str = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n";
 
-fn default_model_path() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("FREEKV_MODEL") {
-        return Some(PathBuf::from(p));
-    }
-    let home = match std::env::var_os("FREEKV_HOME") {
-        Some(h) => PathBuf::from(h),
-        None => match std::env::var_os("XDG_CACHE_HOME") {
-            Some(x) => PathBuf::from(x).join("freekv"),
-            None => PathBuf::from(std::env::var_os("HOME")?)
-                .join(".cache")
-                .join("freekv"),
-        },
-    };
-    let p = home.join("models").join(MODEL_FILE);
-    p.is_file().then_some(p)
-}
+use freekv_model::testing::default_model_path;
 
 fn tokenizer_benches(c: &mut Criterion) {
     let Some(path) = default_model_path() else {

@@ -1,30 +1,11 @@
 //! The default model file (SmolLM2-135M-Instruct Q4_1) parses with the expected layout and values.
 //! Skips with one line when the file is not cached.
 
-use std::path::PathBuf;
-
 use freekv_model::GgmlType;
 use freekv_model::config::LlamaConfig;
 use freekv_model::gguf::GgufFile;
 
-const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-
-fn default_model_path() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("FREEKV_MODEL") {
-        return Some(PathBuf::from(p));
-    }
-    let home = match std::env::var_os("FREEKV_HOME") {
-        Some(h) => PathBuf::from(h),
-        None => match std::env::var_os("XDG_CACHE_HOME") {
-            Some(x) => PathBuf::from(x).join("freekv"),
-            None => PathBuf::from(std::env::var_os("HOME")?)
-                .join(".cache")
-                .join("freekv"),
-        },
-    };
-    let p = home.join("models").join(MODEL_FILE);
-    p.is_file().then_some(p)
-}
+use freekv_model::testing::default_model_path;
 
 fn open() -> Option<GgufFile> {
     match default_model_path() {

@@ -9,25 +9,9 @@ use freekv_model::tokenizer::{StreamDecoder, Tokenizer};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 const REFERENCE_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/reference");
 
-fn default_model_path() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("FREEKV_MODEL") {
-        return Some(PathBuf::from(p));
-    }
-    let home = match std::env::var_os("FREEKV_HOME") {
-        Some(h) => PathBuf::from(h),
-        None => match std::env::var_os("XDG_CACHE_HOME") {
-            Some(x) => PathBuf::from(x).join("freekv"),
-            None => PathBuf::from(std::env::var_os("HOME")?)
-                .join(".cache")
-                .join("freekv"),
-        },
-    };
-    let p = home.join("models").join(MODEL_FILE);
-    p.is_file().then_some(p)
-}
+use freekv_model::testing::default_model_path;
 
 fn open() -> Option<GgufFile> {
     match default_model_path() {
