@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use cudarc::cublas::{CudaBlas, result as blas_result, sys as blas_sys};
-use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use half::bf16;
 
 use crate::kernels::{check_len, mul};
@@ -21,11 +21,13 @@ pub struct LinearDims {
     pub out_features: usize,
 }
 
-/// A cuBLAS handle bound to one stream.
+/// A cuBLAS handle bound to one stream, optionally with a fixed workspace of its own.
 #[derive(Debug)]
 pub struct Gemm {
+    // Declared before the workspace, so the handle is destroyed before its workspace is freed.
     blas: CudaBlas,
     stream: Arc<CudaStream>,
+    workspace: Option<CudaSlice<u8>>,
 }
 
 trait OutType {
@@ -47,7 +49,49 @@ impl Gemm {
             what: "creating the cuBLAS handle".into(),
             source,
         })?;
-        Ok(Self { blas, stream })
+        Ok(Self {
+            blas,
+            stream,
+            workspace: None,
+        })
+    }
+
+    /// Like [`new`](Self::new), with a fixed workspace of `bytes` given to the handle, so that
+    /// cuBLAS never allocates while the stream is captured into a CUDA graph (32 MiB is what
+    /// cuBLAS recommends for Hopper).
+    pub fn with_workspace(stream: Arc<CudaStream>, bytes: usize) -> Result<Self, KernelError> {
+        let mut g = Self::new(stream)?;
+        let workspace =
+            g.stream
+                .alloc_zeros::<u8>(bytes)
+                .map_err(|source| KernelError::Driver {
+                    what: "allocating the cuBLAS workspace".into(),
+                    source,
+                })?;
+        {
+            let (wp, _guard) = workspace.device_ptr(&g.stream);
+            // SAFETY: the handle is live; the workspace is owned by `self` and outlives the handle
+            // (field order), and it is `bytes` long.
+            unsafe {
+                blas_sys::cublasSetWorkspace_v2(
+                    *g.blas.handle(),
+                    wp as *mut std::ffi::c_void,
+                    bytes,
+                )
+            }
+            .result()
+            .map_err(|source| KernelError::Blas {
+                what: "cublasSetWorkspace".into(),
+                source,
+            })?;
+        }
+        g.workspace = Some(workspace);
+        Ok(g)
+    }
+
+    /// Bytes of the fixed workspace (0: cuBLAS manages its own).
+    pub fn workspace_bytes(&self) -> usize {
+        self.workspace.as_ref().map_or(0, CudaSlice::len)
     }
 
     /// The stream the products run on.
