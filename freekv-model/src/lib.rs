@@ -45,6 +45,7 @@ pub mod ggml;
 pub mod gguf;
 pub mod kv;
 pub mod llama;
+pub mod paths;
 pub mod qmatmul;
 pub mod quant;
 pub mod sampling;

@@ -20,39 +20,10 @@ use crate::gguf::{GgufFile, GgufWriter, MetaValue};
 use crate::sampling::Rng;
 use crate::tokenizer::{byte_to_char, token_type};
 
-/// File name of the default model.
-pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-/// Environment variable naming a model file directly.
-pub const MODEL_ENV: &str = "FREEKV_MODEL";
-/// Environment variable naming the FreeKV cache directory.
-pub const HOME_ENV: &str = "FREEKV_HOME";
-
-/// The FreeKV cache directory: `$FREEKV_HOME`, else `$XDG_CACHE_HOME/freekv`, else
-/// `$HOME/.cache/freekv` (`None` when none of these variables is set).
-pub fn freekv_home() -> Option<PathBuf> {
-    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
-    if let Some(h) = var(HOME_ENV) {
-        return Some(PathBuf::from(h));
-    }
-    if let Some(x) = var("XDG_CACHE_HOME") {
-        return Some(PathBuf::from(x).join("freekv"));
-    }
-    var("HOME").map(|h| PathBuf::from(h).join(".cache").join("freekv"))
-}
-
-/// Where the default model is expected: `$FREEKV_MODEL`, else
-/// `<freekv_home>/models/SmolLM2-135M-Instruct.Q4_1.gguf` (whether or not it exists).
-pub fn default_model_location() -> Option<PathBuf> {
-    if let Some(m) = std::env::var_os(MODEL_ENV).filter(|v| !v.is_empty()) {
-        return Some(PathBuf::from(m));
-    }
-    freekv_home().map(|h| h.join("models").join(DEFAULT_MODEL_FILE))
-}
-
-/// The default model file, if it is present (see [`default_model_location`]).
-pub fn default_model_path() -> Option<PathBuf> {
-    default_model_location().filter(|p| p.is_file())
-}
+pub use crate::paths::{
+    DEFAULT_MODEL_FILE, HOME_ENV, MODEL_ENV, default_model_location, default_model_path,
+    freekv_home,
+};
 
 /// The reference outputs directory `<manifest_dir>/../../shared/reference`, if present. Pass the
 /// crate's `CARGO_MANIFEST_DIR`, or use the [`reference_dir!`](crate::reference_dir) macro.
