@@ -341,6 +341,26 @@ impl SparseKv {
         }
     }
 
+    /// Plan the recall of one selection per KV head of layer `l` and record every selection in
+    /// the statistics (the plan's error, if any, is returned after the statistics are updated).
+    fn plan_layer_selection(
+        &mut self,
+        l: usize,
+        sels: &[Selection],
+    ) -> Result<RecallPlan, ModelError> {
+        let lists: Vec<(usize, &[usize])> = sels
+            .iter()
+            .enumerate()
+            .map(|(h, s)| (h, s.pages()))
+            .collect();
+        let st = &mut self.layers[l];
+        let plan = Self::plan_selections(self.host.as_ref(), l, st, &lists);
+        for (h, s) in sels.iter().enumerate() {
+            Self::note_selection(&mut self.stats, st, h, s.pages());
+        }
+        plan
+    }
+
     /// Apply `sels` (one per listed head) to the slot tables and build the recall plan.
     fn plan_selections(
         host: Option<&Arc<RwLock<PagedKvCache>>>,
@@ -582,16 +602,7 @@ impl SparseKv {
         }
         let sels = self.select_all(l, step.q, n_pages)?;
         let t0 = Instant::now();
-        let st = &mut self.layers[l];
-        let lists: Vec<(usize, &[usize])> = sels
-            .iter()
-            .enumerate()
-            .map(|(h, s)| (h, s.pages()))
-            .collect();
-        let plan = Self::plan_selections(self.host.as_ref(), l, st, &lists);
-        for (h, s) in sels.iter().enumerate() {
-            Self::note_selection(&mut self.stats, st, h, s.pages());
-        }
+        let plan = self.plan_layer_selection(l, &sels);
         self.stats.select_s += t0.elapsed().as_secs_f64();
         self.recall_sync(l, plan?)?;
         if self.cfg.debug_checks {
@@ -694,17 +705,7 @@ impl SparseKv {
             };
             sels.push(s);
         }
-        let st = &mut self.layers[l];
-        let lists: Vec<(usize, &[usize])> = sels
-            .iter()
-            .enumerate()
-            .map(|(h, s)| (h, s.pages()))
-            .collect();
-        let plan = Self::plan_selections(self.host.as_ref(), l, st, &lists);
-        for (h, s) in sels.iter().enumerate() {
-            Self::note_selection(&mut self.stats, st, h, s.pages());
-        }
-        let plan = plan?;
+        let plan = self.plan_layer_selection(l, &sels)?;
         self.stats.select_s += t0.elapsed().as_secs_f64();
         if plan.is_empty() {
             return Ok(());
