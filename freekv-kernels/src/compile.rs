@@ -48,9 +48,27 @@ pub const SAMPLING: KernelModule = KernelModule {
     source: include_str!("../kernels/sampling.cu"),
 };
 
+/// FreeKV selection: correction flags and the fused score → group → top-k → slot diff kernel.
+pub const FREEKV_SELECT: KernelModule = KernelModule {
+    name: "freekv_select",
+    source: include_str!("../kernels/freekv_select.cu"),
+};
+/// FreeKV data movement: page offload (NHD → HND host pages, with summaries), zero-copy gather
+/// recall, staging scatter, page copies.
+pub const FREEKV_RECALL: KernelModule = KernelModule {
+    name: "freekv_recall",
+    source: include_str!("../kernels/freekv_recall.cu"),
+};
+
 /// Every module, in load order.
-pub const ALL_MODULES: [KernelModule; 4] =
-    [ELEMENTWISE, DECODE_ATTENTION, PREFILL_ATTENTION, SAMPLING];
+pub const ALL_MODULES: [KernelModule; 6] = [
+    ELEMENTWISE,
+    DECODE_ATTENTION,
+    PREFILL_ATTENTION,
+    SAMPLING,
+    FREEKV_SELECT,
+    FREEKV_RECALL,
+];
 
 impl KernelModule {
     /// The full text handed to NVRTC.

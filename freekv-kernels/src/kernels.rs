@@ -49,6 +49,12 @@ pub struct Kernels {
     pub(crate) prefill: [CudaFunction; 2],
     pub(crate) argmax: CudaFunction,
     pub(crate) sample: CudaFunction,
+    /// FreeKV selection kernels (`ops::select`).
+    #[allow(dead_code)]
+    pub(crate) select: crate::ops::select::SelectKernels,
+    /// FreeKV data-movement kernels (`ops::recall`).
+    #[allow(dead_code)]
+    pub(crate) recall: crate::ops::recall::RecallKernels,
     pub(crate) sm_count: u32,
     sources: Vec<(&'static str, CubinSource)>,
 }
@@ -76,7 +82,7 @@ fn load_module(
         )))
 }
 
-fn func(m: &Arc<CudaModule>, name: &str) -> Result<CudaFunction, KernelError> {
+pub(crate) fn func(m: &Arc<CudaModule>, name: &str) -> Result<CudaFunction, KernelError> {
     m.load_function(name)
         .map_err(KernelError::driver(format!("resolving kernel {name}")))
 }
@@ -119,6 +125,22 @@ impl Kernels {
         let smp = load_module(
             ctx,
             &compile::SAMPLING,
+            info,
+            include_dirs,
+            cache_dir,
+            &mut sources,
+        )?;
+        let sel = load_module(
+            ctx,
+            &compile::FREEKV_SELECT,
+            info,
+            include_dirs,
+            cache_dir,
+            &mut sources,
+        )?;
+        let rec = load_module(
+            ctx,
+            &compile::FREEKV_RECALL,
             info,
             include_dirs,
             cache_dir,
@@ -190,6 +212,8 @@ impl Kernels {
             prefill,
             argmax: func(&smp, "argmax_f32")?,
             sample: func(&smp, "sample_f32")?,
+            select: crate::ops::select::SelectKernels::resolve(&sel)?,
+            recall: crate::ops::recall::RecallKernels::resolve(&rec)?,
             sm_count: info.sm_count,
             sources,
         })

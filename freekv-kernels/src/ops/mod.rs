@@ -5,4 +5,6 @@
 pub mod attention;
 pub mod elementwise;
 pub mod init;
+pub mod recall;
 pub mod sampling;
+pub mod select;
