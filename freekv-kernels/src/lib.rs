@@ -44,6 +44,7 @@ pub use kernels::{Kernels, Strided};
 pub use ops::attention::{AttentionShape, DecodePlan, PrefillPlan};
 pub use ops::elementwise::{KvSource, PageTableLayout, RopeConfig, RopeLayout, RopeStyle};
 pub use ops::sampling::SamplingInputs;
+pub use ops::select::{FREEKV_MAX_HEAD_DIM, FreeKvShape, HeadFilter, SEQ_INFO_WIDTH};
 pub use probe::DeviceInfo;
 
 /// Re-exported so callers name the same cudarc and half types.
