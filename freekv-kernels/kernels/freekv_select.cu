@@ -1,2 +1,492 @@
-// FreeKV selection kernels (placeholder until the select kernels land).
-extern "C" __global__ void freekv_select_placeholder() {}
+// FreeKV selection kernels: the correction check and the page selection of one sparse layer.
+//
+// Every result is bit-identical with the CPU reference crate freekv-select (and the slot rules of
+// freekv-layout's SlotTable::diff): scores, softmax and group aggregation follow the reference's
+// exact operation order with explicitly rounded intrinsics (__fmul_rn / __fadd_rn / __fdiv_rn /
+// __fsqrt_rn are never contracted into FMAs, whatever --fmad says), max is `a > b ? a : b`, and
+// the top-k is an exact radix select on the reference's rank keys (score key, ties to the lower
+// page). Nothing here depends on the order in which threads run.
+//
+// Layouts (see the GPU FreeKV contract):
+//   seq_info   i32 [bs][4]      N, mode (0 skip, 1 first sparse step, 2 sparse), fill slot, page
+//   flags      i32 [bs][Hkv]
+//   q_prev     f32 [bs][Hq][d]  query heads h*G .. (h+1)*G form KV head h's group
+//   summaries  f32 [bs][Hkv][MP][2][d]   U then L of each page
+//   mid_page   i32 [bs][Hkv][k]; page_mid i32 [bs][Hkv][MP]
+//   recall_count i32 [bs][Hkv]; recall_list i32 [bs][Hkv][k][2]; selected i32 [bs][Hkv][k]
+//   scratch    f32 [bs][Hkv][G][MP]  per-head (or group) scores of the candidates, by candidate
+//                                     index i (page ns + i)
+
+#define FKS_POLICY_MEAN_SOFTMAX 0
+#define FKS_POLICY_MAX_SCORE 1
+#define FKS_POLICY_MEAN_SCORE 2
+#define FKS_POLICY_MAX_SOFTMAX 3
+#define FKS_POLICY_POOLED_MEAN 4
+#define FKS_POLICY_POOLED_MAX 5
+
+#define FKS_SCORE_THREADS 256
+#define FKS_SCORE_CHUNK 128
+#define FKS_SELECT_THREADS 512
+#define FKS_CORR_THREADS 128
+
+// ---------------------------------------------------------------------------------------------
+// Bit-exact scalar helpers (mirrors of freekv-select's CPU code).
+
+// freekv_select::policy::exp_f32, operation by operation.
+__device__ __forceinline__ float fks_exp(float x) {
+    const float LOG2E = __uint_as_float(0x3fb8aa3bu);
+    const float C1 = __uint_as_float(0x3f318000u);
+    const float C2 = __uint_as_float(0xb95e8083u);
+    const float SHIFTER = __uint_as_float(0x4b400000u);
+    const float P0 = __uint_as_float(0x39506968u);
+    const float P1 = __uint_as_float(0x3ab743ceu);
+    const float P2 = __uint_as_float(0x3c088908u);
+    const float P3 = __uint_as_float(0x3d2aa9c1u);
+    const float P4 = __uint_as_float(0x3e2aaaaau);
+    // Rust's clamp keeps NaN.
+    float xc = x;
+    if (xc < -87.0f) xc = -87.0f;
+    if (xc > 88.0f) xc = 88.0f;
+    const float t = __fadd_rn(__fmul_rn(xc, LOG2E), SHIFTER);
+    const float n = __fsub_rn(t, SHIFTER);
+    const float r = __fsub_rn(__fsub_rn(xc, __fmul_rn(n, C1)), __fmul_rn(n, C2));
+    const float z = __fmul_rn(r, r);
+    float p = __fadd_rn(__fmul_rn(P0, r), P1);
+    p = __fadd_rn(__fmul_rn(p, r), P2);
+    p = __fadd_rn(__fmul_rn(p, r), P3);
+    p = __fadd_rn(__fmul_rn(p, r), P4);
+    p = __fadd_rn(__fmul_rn(p, r), 0.5f);
+    p = __fadd_rn(__fadd_rn(__fmul_rn(p, z), r), 1.0f);
+    const u32 ni = (u32)__float_as_int(t) - 0x4B400000u;
+    const float scale = __uint_as_float((ni + 127u) << 23);
+    return (x < -87.0f) ? 0.0f : __fmul_rn(p, scale);
+}
+
+// freekv_select::topk::score_key: order-preserving u32, -0 == +0, NaN -> 0.
+__device__ __forceinline__ u32 fks_score_key(float s) {
+    if (s != s) return 0u;
+    if (s == 0.0f) s = 0.0f;
+    const u32 b = __float_as_uint(s);
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+// One score term: max(q*u, q*l) with the reference's `if a > b { a } else { b }`.
+__device__ __forceinline__ float fks_term(float q, float u, float l) {
+    const float a = __fmul_rn(q, u);
+    const float b = __fmul_rn(q, l);
+    return a > b ? a : b;
+}
+
+__device__ __forceinline__ float fks_max(float acc, float x) { return x > acc ? x : acc; }
+
+// Is (seq, KV head) `row` processed at this step? Mode 1 or 2 with 0 < N <= MP, and the filter
+// (0 all, 1 flagged only, 2 unflagged only) passes.
+__device__ __forceinline__ bool fks_row_active(int mode, int n_pages, int max_pages, int flag,
+                                               int filter) {
+    if (mode != 1 && mode != 2) return false;
+    if (n_pages <= 0 || n_pages > max_pages) return false;
+    if (filter == 1 && flag == 0) return false;
+    if (filter == 2 && flag != 0) return false;
+    return true;
+}
+
+// Exclusive prefix sum over the block (blockDim.x a multiple of 32, <= 1024) of `v`; `total`
+// receives the block total. `tmp` holds 32 ints. Contains two __syncthreads: every thread must
+// call it.
+__device__ __forceinline__ int fks_block_exscan(int v, int* tmp, int& total) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int nwarps = blockDim.x >> 5;
+    int x = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(0xffffffffu, x, o);
+        if (lane >= o) x += y;
+    }
+    if (lane == 31) tmp[warp] = x;
+    __syncthreads();
+    int before = 0, tot = 0;
+    for (int w = 0; w < nwarps; ++w) {
+        const int t = tmp[w];
+        if (w < warp) before += t;
+        tot += t;
+    }
+    __syncthreads();
+    total = tot;
+    return before + x - v;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Correction: per (seq, KV head) block.
+
+extern "C" __global__ void __launch_bounds__(FKS_CORR_THREADS) freekv_correction(
+    const bf16* __restrict__ q, u64 q_stride, float* __restrict__ q_prev,
+    const int* __restrict__ seq_info, int always, float tau, int aggregate_max,
+    int* __restrict__ flags, float* __restrict__ group_cos, int kv_heads, int group,
+    int head_dim) {
+    __shared__ float cos_s[64];
+    const int row = blockIdx.x;
+    const int b = row / kv_heads, h = row % kv_heads;
+    const int mode = seq_info[b * 4 + 1];
+    if (mode != 1 && mode != 2) {
+        if (threadIdx.x == 0) {
+            flags[row] = 0;
+            if (group_cos) group_cos[row] = __int_as_float(0x7fc00000);
+        }
+        return;
+    }
+    const size_t gd = (size_t)group * head_dim;
+    const bf16* qg = q + (size_t)b * q_stride + (size_t)h * gd;
+    float* pg = q_prev + ((size_t)b * kv_heads + h) * gd;
+    if (mode == 2) {
+        // freekv_select::cosine: three sums in index order, a = q_prev, b = q.
+        for (int j = threadIdx.x; j < group; j += blockDim.x) {
+            const float* a = pg + (size_t)j * head_dim;
+            const bf16* c = qg + (size_t)j * head_dim;
+            float dot = 0.0f, na = 0.0f, nb = 0.0f;
+            for (int i = 0; i < head_dim; ++i) {
+                const float x = a[i];
+                const float y = bf2f(c[i]);
+                dot = __fadd_rn(dot, __fmul_rn(x, y));
+                na = __fadd_rn(na, __fmul_rn(x, x));
+                nb = __fadd_rn(nb, __fmul_rn(y, y));
+            }
+            const float den = __fadd_rn(__fsqrt_rn(__fmul_rn(na, nb)), __uint_as_float(0x2b8cbcccu));
+            cos_s[j] = __fdiv_rn(dot, den);
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            float c;
+            if (aggregate_max) {
+                c = cos_s[0];
+                for (int j = 1; j < group; ++j) c = fks_max(c, cos_s[j]);
+            } else {
+                // Rust's f32 `Sum` starts from -0.0, then divides by G.
+                c = -0.0f;
+                for (int j = 0; j < group; ++j) c = __fadd_rn(c, cos_s[j]);
+                c = __fdiv_rn(c, (float)group);
+            }
+            flags[row] = (always || c != c || c < tau) ? 1 : 0;
+            if (group_cos) group_cos[row] = c;
+        }
+    } else if (threadIdx.x == 0) {
+        flags[row] = 1;
+        if (group_cos) group_cos[row] = __int_as_float(0x7fc00000);
+    }
+    __syncthreads();
+    for (size_t e = threadIdx.x; e < gd; e += blockDim.x) pg[e] = bf2f(qg[e]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scoring: grid (rows, candidate chunks). Eight threads score one page: thread `lane` holds the
+// reference's lane accumulator `lane` (terms i = lane, lane + 8, ...), the lanes are combined by
+// xor shuffles in exactly the reference's order, then the (empty, d % 8 == 0) tail is added.
+
+template <int NC>
+__device__ __forceinline__ void fks_score(const float* __restrict__ summaries,
+                                          const float* __restrict__ q_prev,
+                                          const int* __restrict__ seq_info,
+                                          const int* __restrict__ flags, int filter, int policy,
+                                          float* __restrict__ scratch, int kv_heads, int group,
+                                          int max_pages, int ns, int nw) {
+    constexpr int D = NC * 8;
+    extern __shared__ float qs[];
+    const int row = blockIdx.x;
+    const int b = row / kv_heads, h = row % kv_heads;
+    const int n_pages = seq_info[b * 4 + 0], mode = seq_info[b * 4 + 1];
+    if (!fks_row_active(mode, n_pages, max_pages, flags[row], filter)) return;
+    const int n = n_pages - nw - ns;
+    if (n <= 0) return;
+    const int i0 = blockIdx.y * FKS_SCORE_CHUNK;
+    if (i0 >= n) return;
+    const int i1 = min(n, i0 + FKS_SCORE_CHUNK);
+
+    const bool pooled = policy == FKS_POLICY_POOLED_MEAN || policy == FKS_POLICY_POOLED_MAX;
+    const bool softmax = policy == FKS_POLICY_MEAN_SOFTMAX || policy == FKS_POLICY_MAX_SOFTMAX;
+    const float* qg = q_prev + ((size_t)b * kv_heads + h) * (size_t)group * D;
+    if (pooled) {
+        // freekv_select::policy::pool_queries: head order, then / G for the mean.
+        for (int e = threadIdx.x; e < D; e += blockDim.x) {
+            float p = qg[e];
+            for (int j = 1; j < group; ++j) {
+                const float x = qg[(size_t)j * D + e];
+                p = (policy == FKS_POLICY_POOLED_MEAN) ? __fadd_rn(p, x) : fks_max(p, x);
+            }
+            if (policy == FKS_POLICY_POOLED_MEAN) p = __fdiv_rn(p, (float)group);
+            qs[e] = p;
+        }
+    } else {
+        for (int e = threadIdx.x; e < group * D; e += blockDim.x) qs[e] = qg[e];
+    }
+    __syncthreads();
+
+    const int heads = pooled ? 1 : group;
+    const int lane = threadIdx.x & 7;
+    const int slot = threadIdx.x >> 3;
+    const int per_iter = blockDim.x >> 3;
+    float* out = scratch + (size_t)row * group * max_pages;
+    const float* base = summaries + (size_t)row * max_pages * 2 * D;
+    // Block-uniform trip count: every thread reaches every shuffle.
+    for (int it = i0; it < i1; it += per_iter) {
+        const int i = it + slot;
+        const bool valid = i < i1;
+        const int ic = valid ? i : i1 - 1;
+        const float* U = base + (size_t)(ns + ic) * 2 * D + lane;
+        const float* L = U + D;
+        float u[NC], l[NC];
+#pragma unroll
+        for (int c = 0; c < NC; ++c) {
+            u[c] = __ldg(U + 8 * c);
+            l[c] = __ldg(L + 8 * c);
+        }
+        float g = 0.0f;
+        for (int j = 0; j < heads; ++j) {
+            const float* qj = qs + j * D + lane;
+            float acc = 0.0f;
+#pragma unroll
+            for (int c = 0; c < NC; ++c) acc = __fadd_rn(acc, fks_term(qj[8 * c], u[c], l[c]));
+            // ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7)); IEEE addition commutes, so every
+            // lane ends with the same bits.
+            acc = __fadd_rn(acc, __shfl_xor_sync(0xffffffffu, acc, 4, 8));
+            acc = __fadd_rn(acc, __shfl_xor_sync(0xffffffffu, acc, 2, 8));
+            acc = __fadd_rn(acc, __shfl_xor_sync(0xffffffffu, acc, 1, 8));
+            acc = __fadd_rn(acc, 0.0f);  // + the empty tail (turns -0 into +0, as the reference)
+            if (softmax) {
+                if (valid && lane == (j & 7)) out[(size_t)j * max_pages + i] = acc;
+            } else if (j == 0) {
+                g = acc;
+            } else if (policy == FKS_POLICY_MAX_SCORE) {
+                g = fks_max(g, acc);
+            } else {
+                g = __fadd_rn(g, acc);
+            }
+        }
+        if (!softmax && valid && lane == 0) {
+            if (policy == FKS_POLICY_MEAN_SCORE) g = __fdiv_rn(g, (float)group);
+            out[i] = g;
+        }
+    }
+}
+
+#define FKS_SCORE_KERNEL(D)                                                                      \
+    extern "C" __global__ void __launch_bounds__(FKS_SCORE_THREADS) freekv_score_d##D(            \
+        const float* __restrict__ summaries, const float* __restrict__ q_prev,                   \
+        const int* __restrict__ seq_info, const int* __restrict__ flags, int filter, int policy, \
+        float* __restrict__ scratch, int kv_heads, int group, int max_pages, int ns, int nw) {   \
+        fks_score<D / 8>(summaries, q_prev, seq_info, flags, filter, policy, scratch, kv_heads, \
+                         group, max_pages, ns, nw);                                             \
+    }
+FKS_SCORE_KERNEL(64)
+FKS_SCORE_KERNEL(128)
+FKS_SCORE_KERNEL(256)
+
+// ---------------------------------------------------------------------------------------------
+// Selection: one block per (seq, KV head): softmax + group combine (softmax policies), exact
+// top-k by radix select on the score keys with ties to the lower page, then the slot diff.
+//
+// Dynamic shared memory (ints): sel[k], free_slots[k], res[k], hist[256], tmp[32],
+// then floats: head_max[G], parts[G * 9], head_sum[G].
+
+extern "C" __global__ void __launch_bounds__(FKS_SELECT_THREADS) freekv_select_rows(
+    const int* __restrict__ seq_info, const int* __restrict__ flags, int filter, int policy,
+    float* scratch, int* __restrict__ mid_page, int* __restrict__ page_mid,
+    int* __restrict__ recall_count, int* __restrict__ recall_list, int* __restrict__ selected,
+    int kv_heads, int group, int max_pages, int ns, int top_k, int nw) {
+    extern __shared__ int smem[];
+    int* sel = smem;
+    int* free_slots = sel + top_k;
+    int* res = free_slots + top_k;
+    int* hist = res + top_k;
+    int* tmp = hist + 256;
+    float* head_max = reinterpret_cast<float*>(tmp + 32);
+    float* parts = head_max + group;
+    float* head_sum = parts + group * 9;
+    __shared__ int bcast[2];
+
+    const int tid = threadIdx.x;
+    const int row = blockIdx.x;
+    const int b = row / kv_heads;
+    const int n_pages = seq_info[b * 4 + 0], mode = seq_info[b * 4 + 1];
+    if (!fks_row_active(mode, n_pages, max_pages, flags[row], filter)) {
+        if (tid == 0) recall_count[row] = 0;
+        return;
+    }
+    int* mid = mid_page + (size_t)row * top_k;
+    int* pm = page_mid + (size_t)row * max_pages;
+    if (mode == 1) {
+        // First sparse step: evict the whole middle (and forget any stale page -> slot entry).
+        for (int i = tid; i < top_k; i += blockDim.x) mid[i] = -1;
+        for (int p = tid; p < max_pages; p += blockDim.x) pm[p] = -1;
+    }
+    const int n = max(0, n_pages - nw - ns);
+    float* sc = scratch + (size_t)row * group * max_pages;
+    const bool softmax = policy == FKS_POLICY_MEAN_SOFTMAX || policy == FKS_POLICY_MAX_SOFTMAX;
+    const int lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
+
+    if (softmax && n > 0) {
+        // Per-head max (NaN ignored; exact, so any order gives the same value).
+        for (int j = warp; j < group; j += nwarps) {
+            const float* s = sc + (size_t)j * max_pages;
+            float m = -FK_INF;
+            for (int i = lane; i < n; i += 32) m = fks_max(m, s[i]);
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) m = fks_max(m, __shfl_xor_sync(0xffffffffu, m, o));
+            if (lane == 0) head_max[j] = m;
+        }
+        __syncthreads();
+        // e = exp(s - max), in place.
+        const int total = group * n;
+        for (int e = tid; e < total; e += blockDim.x) {
+            const int j = e / n, i = e - j * n;
+            float* s = sc + (size_t)j * max_pages + i;
+            *s = fks_exp(__fsub_rn(*s, head_max[j]));
+        }
+        __syncthreads();
+        // Sum of the exponentials in the reference's 8-lane order: part k < 8 sums i = k, k + 8,
+        // ... below 8 * (n / 8) in increasing i; part 8 sums the tail in order.
+        const int body = (n / 8) * 8;
+        for (int t = tid; t < group * 9; t += blockDim.x) {
+            const int j = t / 9, part = t - j * 9;
+            const float* s = sc + (size_t)j * max_pages;
+            float acc = 0.0f;
+            if (part < 8) {
+#pragma unroll 8
+                for (int i = part; i < body; i += 8) acc = __fadd_rn(acc, s[i]);
+            } else {
+                for (int i = body; i < n; ++i) acc = __fadd_rn(acc, s[i]);
+            }
+            parts[t] = acc;
+        }
+        __syncthreads();
+        for (int j = tid; j < group; j += blockDim.x) {
+            const float* a = parts + j * 9;
+            head_sum[j] = __fadd_rn(__fadd_rn(__fadd_rn(__fadd_rn(a[0], a[4]), __fadd_rn(a[2], a[6])),
+                                              __fadd_rn(__fadd_rn(a[1], a[5]), __fadd_rn(a[3], a[7]))),
+                                    a[8]);
+        }
+        __syncthreads();
+        // Group score: softmax values e / sum combined over the heads in head order.
+        const bool mean = policy == FKS_POLICY_MEAN_SOFTMAX;
+        for (int i = tid; i < n; i += blockDim.x) {
+            float g = __fdiv_rn(sc[i], head_sum[0]);
+            for (int j = 1; j < group; ++j) {
+                const float v = __fdiv_rn(sc[(size_t)j * max_pages + i], head_sum[j]);
+                g = mean ? __fadd_rn(g, v) : fks_max(g, v);
+            }
+            if (mean) g = __fdiv_rn(g, (float)group);
+            sc[i] = g;
+        }
+    }
+    __syncthreads();
+
+    // Top-k: threshold key T and the number r of keys equal to T to take (lowest pages first).
+    const int kk = min(top_k, n);
+    const bool take_all = kk == n;
+    u32 prefix = 0u, pmask = 0u;
+    int rem = kk;
+    if (!take_all) {
+        for (int shift = 24; shift >= 0; shift -= 8) {
+            for (int t = tid; t < 256; t += blockDim.x) hist[t] = 0;
+            __syncthreads();
+            for (int i = tid; i < n; i += blockDim.x) {
+                const u32 key = fks_score_key(sc[i]);
+                if ((key & pmask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1);
+            }
+            __syncthreads();
+            // Thread t < 256 owns digit 255 - t: an inclusive scan over t counts the keys whose
+            // digit is >= 255 - t.
+            const int cnt = (tid < 256) ? hist[255 - tid] : 0;
+            int tot;
+            const int excl = fks_block_exscan(cnt, tmp, tot);
+            if (tid < 256 && excl < rem && rem <= excl + cnt) {
+                bcast[0] = 255 - tid;
+                bcast[1] = rem - excl;
+            }
+            __syncthreads();
+            prefix |= (u32)bcast[0] << shift;
+            pmask |= 255u << shift;
+            rem = bcast[1];
+            __syncthreads();
+        }
+    }
+    const u32 thr = prefix;
+    // Ordered compaction: selected = key > T, plus the first `rem` keys equal to T, ascending
+    // page. One packed scan per tile: equal-to-T count in the high half, greater in the low half.
+    {
+        int run_eq = 0, run_sel = 0;
+        for (int base = 0; base < n; base += blockDim.x) {
+            const int i = base + tid;
+            const bool valid = i < n;
+            const u32 key = valid ? fks_score_key(sc[i]) : 0u;
+            const bool gt = valid && (take_all || key > thr);
+            const bool eq = valid && !take_all && key == thr;
+            int tot;
+            const int excl = fks_block_exscan((eq ? 0x10000 : 0) + (gt ? 1 : 0), tmp, tot);
+            const int gt_excl = excl & 0xffff, eq_excl = excl >> 16;
+            const int gt_tot = tot & 0xffff, eq_tot = tot >> 16;
+            const int quota = max(0, rem - run_eq);
+            const bool take = gt || (eq && eq_excl < quota);
+            if (take) sel[run_sel + gt_excl + min(eq_excl, quota)] = ns + i;
+            run_eq += eq_tot;
+            run_sel += gt_tot + min(eq_tot, quota);
+        }
+    }
+    for (int j = tid; j < kk; j += blockDim.x) res[j] = -1;
+    __syncthreads();
+
+    // Slot diff (SlotTable::diff): middle slots ascending that are empty or hold an unselected
+    // page are free (their pages evicted); missing selected pages ascending take them in order.
+    int nfree = 0;
+    for (int base = 0; base < top_k; base += blockDim.x) {
+        const int i = base + tid;
+        const bool valid = i < top_k;
+        const int p = valid ? mid[i] : -1;
+        bool in_sel = false;
+        if (p >= 0) {
+            int lo = 0, hi = kk;
+            while (lo < hi) {
+                const int m = (lo + hi) >> 1;
+                if (sel[m] < p) lo = m + 1; else hi = m;
+            }
+            if (lo < kk && sel[lo] == p) {
+                in_sel = true;
+                res[lo] = i;
+            }
+        }
+        const bool is_free = valid && !in_sel;
+        if (valid && p >= 0 && !in_sel) {
+            mid[i] = -1;
+            if (p < max_pages) pm[p] = -1;
+        }
+        int tot;
+        const int excl = fks_block_exscan(is_free ? 1 : 0, tmp, tot);
+        if (is_free) free_slots[nfree + excl] = i;
+        nfree += tot;
+    }
+    __syncthreads();
+    int nrec = 0;
+    int* rl = recall_list + (size_t)row * top_k * 2;
+    for (int base = 0; base < kk; base += blockDim.x) {
+        const int j = base + tid;
+        const bool valid = j < kk;
+        const int p = valid ? sel[j] : -1;
+        const int r = valid ? res[j] : -1;
+        if (valid && r >= 0) pm[p] = r;
+        const bool miss = valid && r < 0;
+        int tot;
+        const int excl = fks_block_exscan(miss ? 1 : 0, tmp, tot);
+        const int m = nrec + excl;
+        if (miss && m < nfree) {
+            const int i = free_slots[m];
+            mid[i] = p;
+            pm[p] = i;
+            rl[2 * m] = p;
+            rl[2 * m + 1] = ns + i;
+        }
+        nrec += tot;
+    }
+    if (tid == 0) recall_count[row] = min(nrec, nfree);
+    if (selected) {
+        int* so = selected + (size_t)row * top_k;
+        for (int j = tid; j < top_k; j += blockDim.x) so[j] = (j < kk) ? sel[j] : -1;
+    }
+}

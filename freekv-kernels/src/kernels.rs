@@ -50,7 +50,6 @@ pub struct Kernels {
     pub(crate) argmax: CudaFunction,
     pub(crate) sample: CudaFunction,
     /// FreeKV selection kernels (`ops::select`).
-    #[allow(dead_code)]
     pub(crate) select: crate::ops::select::SelectKernels,
     /// FreeKV data-movement kernels (`ops::recall`).
     #[allow(dead_code)]

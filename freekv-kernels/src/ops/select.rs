@@ -3,10 +3,14 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaFunction, CudaModule};
+use cudarc::driver::{
+    CudaFunction, CudaModule, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+};
+use freekv_select::{CorrectionAggregate, GroupPolicy, SummaryKind};
+use half::bf16;
 
 use crate::KernelError;
-use crate::kernels::func;
+use crate::kernels::{Kernels, Strided, check_len, func, grid_dim, mul};
 
 /// Columns of one row of the per-step `seq_info` table (`i32 [bs][4]`): N, mode, fill slot,
 /// fill page.
@@ -187,18 +191,363 @@ impl HeadFilter {
     }
 }
 
+/// Largest GQA group (`G`) the selection kernels support.
+pub const FREEKV_MAX_GROUP: usize = 32;
+
+/// Head dimensions the scoring kernel is compiled for.
+pub const FREEKV_SELECT_HEAD_DIMS: [usize; 3] = [64, 128, 256];
+
+/// Threads of the scoring kernel (`FKS_SCORE_THREADS` in freekv_select.cu).
+const SCORE_THREADS: u32 = 256;
+/// Candidate pages per scoring block (`FKS_SCORE_CHUNK`).
+const SCORE_CHUNK: usize = 128;
+/// Threads of the per-row selection kernel (`FKS_SELECT_THREADS`).
+const SELECT_THREADS: u32 = 512;
+/// Threads of the correction kernel (`FKS_CORR_THREADS`).
+const CORR_THREADS: u32 = 128;
+/// Static shared-memory limit every kernel of the module stays under.
+const SMEM_LIMIT: usize = 48 * 1024;
+const MAX_GRID_YZ: u32 = 65_535;
+
+impl FreeKvShape {
+    /// `f32` elements of the global scratch of [`Kernels::freekv_select`]:
+    /// `bs * Hkv * G * MP` (per (sequence, KV head) row, one score per candidate page and query
+    /// head). Saturating; [`Self::validate`] plus the launcher's checks reject overflow.
+    pub fn select_scratch_len(&self) -> usize {
+        self.rows()
+            .saturating_mul(self.group)
+            .saturating_mul(self.max_pages)
+    }
+
+    /// Dynamic shared memory of the per-row selection kernel, in bytes.
+    fn select_smem_bytes(&self) -> usize {
+        // ints: sel[k] free[k] res[k] hist[256] tmp[32]; floats: max[G] parts[9G] sum[G]
+        self.top_k
+            .saturating_mul(3)
+            .saturating_add(256 + 32)
+            .saturating_add(self.group.saturating_mul(11))
+            .saturating_mul(4)
+    }
+}
+
+/// The kernel argument of a [`GroupPolicy`] (`FKS_POLICY_*` in freekv_select.cu).
+fn policy_code(p: GroupPolicy) -> i32 {
+    match p {
+        GroupPolicy::MeanSoftmax => 0,
+        GroupPolicy::MaxScore => 1,
+        GroupPolicy::MeanScore => 2,
+        GroupPolicy::MaxSoftmax => 3,
+        GroupPolicy::PooledQuery => 4,
+        GroupPolicy::PooledMaxQuery => 5,
+    }
+}
+
 /// The functions of the `freekv_select` module.
 #[derive(Debug)]
 pub struct SelectKernels {
-    #[allow(dead_code)]
-    placeholder: CudaFunction,
+    correction: CudaFunction,
+    /// Indexed like [`FREEKV_SELECT_HEAD_DIMS`].
+    score: [CudaFunction; 3],
+    select_rows: CudaFunction,
 }
 
 impl SelectKernels {
     /// Resolve every function of the loaded module.
     pub(crate) fn resolve(m: &Arc<CudaModule>) -> Result<Self, KernelError> {
         Ok(Self {
-            placeholder: func(m, "freekv_select_placeholder")?,
+            correction: func(m, "freekv_correction")?,
+            score: [
+                func(m, "freekv_score_d64")?,
+                func(m, "freekv_score_d128")?,
+                func(m, "freekv_score_d256")?,
+            ],
+            select_rows: func(m, "freekv_select_rows")?,
         })
+    }
+}
+
+fn i32_arg(kernel: &'static str, what: &str, v: usize) -> Result<i32, KernelError> {
+    i32::try_from(v).map_err(|_| KernelError::arg(kernel, format!("{what} = {v} exceeds i32")))
+}
+
+/// Checks shared by both launchers: the shape, and `G` within [`FREEKV_MAX_GROUP`].
+fn check_shape(kernel: &'static str, shape: &FreeKvShape) -> Result<(), KernelError> {
+    shape.validate(kernel)?;
+    if shape.group > FREEKV_MAX_GROUP {
+        return Err(KernelError::arg(
+            kernel,
+            format!(
+                "group {} exceeds the supported {FREEKV_MAX_GROUP} query heads per KV head",
+                shape.group
+            ),
+        ));
+    }
+    Ok(())
+}
+
+impl Kernels {
+    /// The correction check of one sparse layer (one block per (sequence, KV head)).
+    ///
+    /// `q`: the current post-RoPE queries, bf16; row `seq` holds the `Hq` heads of `d` elements
+    /// at `q_rows.offset + seq * q_rows.stride`. `q_prev`: f32 `[bs][Hq][d]`, the layer's last
+    /// stored query. `seq_info`: i32 `[bs][`[`SEQ_INFO_WIDTH`]`]` (mode in column 1).
+    /// `trigger`: `Some(τ)` flags a KV head when its group cosine is below τ (τ finite in
+    /// [−1, 1]; τ = 1 means always, as `freekv_select::CorrectionPolicy::from_tau`), `None`
+    /// flags every KV head. Per (seq, KV head):
+    ///
+    /// * mode 0 (or any value other than 1 and 2): flag 0, `q_prev` untouched, cosine NaN;
+    /// * mode 1: flag 1, cosine NaN, `q_prev ← q`;
+    /// * mode 2: `C` = `aggregate` over the group of `cos(q_prev_j, q_j)` — bit-identical with
+    ///   `CorrectionPolicy::evaluate` on the same f32 inputs (`q` widened from bf16) — flag =
+    ///   always ∨ NaN ∨ `C < τ`, then `q_prev ← q`.
+    ///
+    /// `flags`: i32 `[bs][Hkv]`; `group_cosines` (optional): f32 `[bs][Hkv]`, `C`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn freekv_correction(
+        &self,
+        stream: &CudaStream,
+        shape: &FreeKvShape,
+        q: &impl DevicePtr<bf16>,
+        q_rows: Strided,
+        q_prev: &mut impl DevicePtrMut<f32>,
+        seq_info: &impl DevicePtr<i32>,
+        trigger: Option<f32>,
+        aggregate: CorrectionAggregate,
+        flags: &mut impl DevicePtrMut<i32>,
+        group_cosines: Option<&mut dyn DevicePtrMut<f32>>,
+    ) -> Result<(), KernelError> {
+        const K: &str = "freekv_correction";
+        let _s = tracing::debug_span!("freekv_correction", seqs = shape.seqs).entered();
+        check_shape(K, shape)?;
+        let (always, tau) = match trigger {
+            None => (1i32, 1.0f32),
+            Some(t) if t.is_finite() && (-1.0..=1.0).contains(&t) => (i32::from(t == 1.0), t),
+            Some(t) => {
+                return Err(KernelError::arg(
+                    K,
+                    format!("threshold {t} must be a finite number in [-1, 1]"),
+                ));
+            }
+        };
+        let rows = shape.rows();
+        let row_elems = mul(K, "q row", shape.q_heads(), shape.head_dim)?;
+        q_rows.check(K, "q", shape.seqs, row_elems, q.len())?;
+        check_len(
+            K,
+            "q_prev",
+            q_prev.len(),
+            mul(K, "q_prev", shape.seqs, row_elems)?,
+        )?;
+        check_len(
+            K,
+            "seq_info",
+            seq_info.len(),
+            mul(K, "seq_info", shape.seqs, SEQ_INFO_WIDTH)?,
+        )?;
+        check_len(K, "flags", flags.len(), rows)?;
+        let grid = grid_dim(K, "seqs * kv_heads", rows, i32::MAX as u32)?;
+        let kvh = i32_arg(K, "kv_heads", shape.kv_heads)?;
+        let g = i32_arg(K, "group", shape.group)?;
+        let hd = i32_arg(K, "head_dim", shape.head_dim)?;
+        let agg_max = i32::from(aggregate == CorrectionAggregate::Max);
+        let q_stride = q_rows.stride as u64;
+        let (qp, _gq) = q.device_ptr(stream);
+        let qp = qp + 2 * q_rows.offset as u64;
+        let (pp, _gp) = q_prev.device_ptr_mut(stream);
+        let (sp, _gs) = seq_info.device_ptr(stream);
+        let (fp, _gf) = flags.device_ptr_mut(stream);
+        let mut cos_guard = None;
+        let cp: u64 = match group_cosines {
+            Some(c) => {
+                check_len(K, "group_cosines", c.len(), rows)?;
+                let (p, g) = c.device_ptr_mut(stream);
+                cos_guard = Some(g);
+                p
+            }
+            None => 0,
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (grid, 1, 1),
+            block_dim: (CORR_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = stream.launch_builder(&self.select.correction);
+        b.arg(&qp).arg(&q_stride).arg(&pp).arg(&sp);
+        b.arg(&always).arg(&tau).arg(&agg_max);
+        b.arg(&fp).arg(&cp).arg(&kvh).arg(&g).arg(&hd);
+        // SAFETY: argument types and order match the kernel; every buffer was size-checked above
+        // (the optional cosine output is null when absent, which the kernel tests).
+        unsafe { b.launch(cfg) }.map_err(KernelError::driver(K))?;
+        drop(cos_guard);
+        Ok(())
+    }
+
+    /// The page selection of one sparse layer: scores → group aggregation → top-k → slot diff,
+    /// entirely on the device (two launches, no host synchronisation: capturable in a graph).
+    ///
+    /// Buffers (see the GPU FreeKV contract): `q_prev` f32 `[bs][Hq][d]` (the query to select
+    /// with), `summaries` f32 `[bs][Hkv][MP][2][d]`, `seq_info` i32 `[bs][4]`, `flags` i32
+    /// `[bs][Hkv]`, `mid_page` i32 `[bs][Hkv][k]`, `page_mid` i32 `[bs][Hkv][MP]`,
+    /// `recall_count` i32 `[bs][Hkv]`, `recall_list` i32 `[bs][Hkv][k][2]`, `selected`
+    /// (optional) i32 `[bs][Hkv][k]`, `scratch` f32 of
+    /// [`FreeKvShape::select_scratch_len`] elements. `summary` is the kind the summaries were
+    /// built with (the kernels score whatever (U, L) they are given; it is recorded in the
+    /// tracing span).
+    ///
+    /// Per (seq, KV head) row:
+    ///
+    /// * mode 0, a mode other than 1 and 2, `N` outside `1..=MP`, or filtered out by `filter`
+    ///   against `flags`: `recall_count = 0` and nothing else changes;
+    /// * mode 1: the row's `mid_page` and `page_mid` are first reset to −1 (the whole middle is
+    ///   evicted, no prior state is needed), then as mode 2;
+    /// * mode 2: the candidates `ns .. N − nw` are scored and combined exactly as
+    ///   `freekv_select::Selector::select` (bit-identical group scores), the `min(k, n)` best by
+    ///   `rank_key` (ties → lower page) form the selection S; middle slots `i = 0..k` ascending
+    ///   that are empty or hold a page not in S are freed (`page_mid[victim] = −1`,
+    ///   `mid_page[i] = −1`); the pages of S ascending that are not resident take the free slots
+    ///   in order (`mid_page[i] = page`, `page_mid[page] = i`, `(page, ns + i)` appended to
+    ///   `recall_list`), exactly as `freekv_layout::SlotTable::diff`; `selected` receives S
+    ///   ascending, padded with −1.
+    #[allow(clippy::too_many_arguments)]
+    pub fn freekv_select(
+        &self,
+        stream: &CudaStream,
+        shape: &FreeKvShape,
+        policy: GroupPolicy,
+        summary: SummaryKind,
+        q_prev: &impl DevicePtr<f32>,
+        summaries: &impl DevicePtr<f32>,
+        seq_info: &impl DevicePtr<i32>,
+        flags: &impl DevicePtr<i32>,
+        filter: HeadFilter,
+        mid_page: &mut impl DevicePtrMut<i32>,
+        page_mid: &mut impl DevicePtrMut<i32>,
+        recall_count: &mut impl DevicePtrMut<i32>,
+        recall_list: &mut impl DevicePtrMut<i32>,
+        selected: Option<&mut dyn DevicePtrMut<i32>>,
+        scratch: &mut impl DevicePtrMut<f32>,
+    ) -> Result<(), KernelError> {
+        const K: &str = "freekv_select";
+        let _s = tracing::debug_span!(
+            "freekv_select",
+            seqs = shape.seqs,
+            policy = policy.name(),
+            summary = summary.name()
+        )
+        .entered();
+        check_shape(K, shape)?;
+        let Some(di) = FREEKV_SELECT_HEAD_DIMS
+            .iter()
+            .position(|&d| d == shape.head_dim)
+        else {
+            return Err(KernelError::arg(
+                K,
+                format!(
+                    "head_dim {} is not one of the compiled {FREEKV_SELECT_HEAD_DIMS:?}",
+                    shape.head_dim
+                ),
+            ));
+        };
+        let score_smem = mul(K, "query tile", shape.group, shape.head_dim * 4)?;
+        let select_smem = shape.select_smem_bytes();
+        if score_smem > SMEM_LIMIT || select_smem > SMEM_LIMIT {
+            return Err(KernelError::arg(
+                K,
+                format!(
+                    "shared memory ({score_smem} B for the query tile, {select_smem} B for top_k {}) exceeds {SMEM_LIMIT} B: lower top_k or the group",
+                    shape.top_k
+                ),
+            ));
+        }
+        let rows = shape.rows();
+        let (k, mp) = (shape.top_k, shape.max_pages);
+        let q_len = mul(K, "q_prev", shape.seqs, shape.q_heads() * shape.head_dim)?;
+        check_len(K, "q_prev", q_prev.len(), q_len)?;
+        let sum_len = mul(K, "summaries", rows, mp)
+            .and_then(|x| mul(K, "summaries", x, 2 * shape.head_dim))?;
+        check_len(K, "summaries", summaries.len(), sum_len)?;
+        check_len(
+            K,
+            "seq_info",
+            seq_info.len(),
+            mul(K, "seq_info", shape.seqs, SEQ_INFO_WIDTH)?,
+        )?;
+        check_len(K, "flags", flags.len(), rows)?;
+        check_len(K, "mid_page", mid_page.len(), mul(K, "mid_page", rows, k)?)?;
+        check_len(K, "page_mid", page_mid.len(), mul(K, "page_mid", rows, mp)?)?;
+        check_len(K, "recall_count", recall_count.len(), rows)?;
+        check_len(
+            K,
+            "recall_list",
+            recall_list.len(),
+            mul(K, "recall_list", rows, 2 * k)?,
+        )?;
+        let scratch_len =
+            mul(K, "scratch", rows, shape.group).and_then(|x| mul(K, "scratch", x, mp))?;
+        check_len(K, "scratch", scratch.len(), scratch_len)?;
+        let sel_len = mul(K, "selected", rows, k)?;
+        if let Some(s) = selected.as_ref() {
+            check_len(K, "selected", s.len(), sel_len)?;
+        }
+        let grid = grid_dim(K, "seqs * kv_heads", rows, i32::MAX as u32)?;
+        let chunks = grid_dim(
+            K,
+            "candidate chunks (max_pages / 128)",
+            mp.div_ceil(SCORE_CHUNK),
+            MAX_GRID_YZ,
+        )?;
+        let kvh = i32_arg(K, "kv_heads", shape.kv_heads)?;
+        let g = i32_arg(K, "group", shape.group)?;
+        let mp_i = i32_arg(K, "max_pages", mp)?;
+        let ns = i32_arg(K, "sink_pages", shape.sink_pages)?;
+        let nw = i32_arg(K, "window_pages", shape.window_pages)?;
+        let k_i = i32_arg(K, "top_k", k)?;
+        let filt = filter.code();
+        let pol = policy_code(policy);
+
+        let (qp, _gq) = q_prev.device_ptr(stream);
+        let (smp, _gsm) = summaries.device_ptr(stream);
+        let (sip, _gsi) = seq_info.device_ptr(stream);
+        let (fp, _gf) = flags.device_ptr(stream);
+        let (mpp, _gmp) = mid_page.device_ptr_mut(stream);
+        let (pmp, _gpm) = page_mid.device_ptr_mut(stream);
+        let (rcp, _grc) = recall_count.device_ptr_mut(stream);
+        let (rlp, _grl) = recall_list.device_ptr_mut(stream);
+        let (scp, _gsc) = scratch.device_ptr_mut(stream);
+        let mut sel_guard = None;
+        let selp: u64 = match selected {
+            Some(s) => {
+                let (p, g) = s.device_ptr_mut(stream);
+                sel_guard = Some(g);
+                p
+            }
+            None => 0,
+        };
+
+        let cfg = LaunchConfig {
+            grid_dim: (grid, chunks, 1),
+            block_dim: (SCORE_THREADS, 1, 1),
+            shared_mem_bytes: score_smem as u32,
+        };
+        let mut b = stream.launch_builder(&self.select.score[di]);
+        b.arg(&smp).arg(&qp).arg(&sip).arg(&fp).arg(&filt).arg(&pol);
+        b.arg(&scp).arg(&kvh).arg(&g).arg(&mp_i).arg(&ns).arg(&nw);
+        // SAFETY: argument types and order match freekv_score_d*; buffers size-checked above.
+        unsafe { b.launch(cfg) }.map_err(KernelError::driver("freekv_score"))?;
+
+        let cfg = LaunchConfig {
+            grid_dim: (grid, 1, 1),
+            block_dim: (SELECT_THREADS, 1, 1),
+            shared_mem_bytes: select_smem as u32,
+        };
+        let mut b = stream.launch_builder(&self.select.select_rows);
+        b.arg(&sip).arg(&fp).arg(&filt).arg(&pol).arg(&scp);
+        b.arg(&mpp).arg(&pmp).arg(&rcp).arg(&rlp).arg(&selp);
+        b.arg(&kvh).arg(&g).arg(&mp_i).arg(&ns).arg(&k_i).arg(&nw);
+        // SAFETY: argument types and order match freekv_select_rows; buffers size-checked above
+        // (a null `selected` is tested by the kernel).
+        unsafe { b.launch(cfg) }.map_err(KernelError::driver("freekv_select_rows"))?;
+        drop(sel_guard);
+        Ok(())
     }
 }
