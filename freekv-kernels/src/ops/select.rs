@@ -285,6 +285,181 @@ fn check_shape(kernel: &'static str, shape: &FreeKvShape) -> Result<(), KernelEr
     Ok(())
 }
 
+/// Element counts of the buffers given to [`Kernels::freekv_correction`].
+#[derive(Debug, Clone, Copy)]
+struct CorrectionLens {
+    q: usize,
+    q_prev: usize,
+    seq_info: usize,
+    flags: usize,
+    group_cosines: Option<usize>,
+}
+
+/// Validated scalar arguments of the correction kernel.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct CorrectionPlan {
+    grid: u32,
+    always: i32,
+    tau: f32,
+    kv_heads: i32,
+    group: i32,
+    head_dim: i32,
+}
+
+/// Host-side checks of [`Kernels::freekv_correction`] (no device needed).
+fn plan_correction(
+    shape: &FreeKvShape,
+    q_rows: Strided,
+    trigger: Option<f32>,
+    lens: &CorrectionLens,
+) -> Result<CorrectionPlan, KernelError> {
+    const K: &str = "freekv_correction";
+    check_shape(K, shape)?;
+    let (always, tau) = match trigger {
+        None => (1i32, 1.0f32),
+        Some(t) if t.is_finite() && (-1.0..=1.0).contains(&t) => (i32::from(t == 1.0), t),
+        Some(t) => {
+            return Err(KernelError::arg(
+                K,
+                format!("threshold {t} must be a finite number in [-1, 1]"),
+            ));
+        }
+    };
+    let rows = shape.rows();
+    let row_elems = mul(K, "q row", shape.q_heads(), shape.head_dim)?;
+    q_rows.check(K, "q", shape.seqs, row_elems, lens.q)?;
+    check_len(
+        K,
+        "q_prev",
+        lens.q_prev,
+        mul(K, "q_prev", shape.seqs, row_elems)?,
+    )?;
+    check_len(
+        K,
+        "seq_info",
+        lens.seq_info,
+        mul(K, "seq_info", shape.seqs, SEQ_INFO_WIDTH)?,
+    )?;
+    check_len(K, "flags", lens.flags, rows)?;
+    if let Some(c) = lens.group_cosines {
+        check_len(K, "group_cosines", c, rows)?;
+    }
+    Ok(CorrectionPlan {
+        grid: grid_dim(K, "seqs * kv_heads", rows, i32::MAX as u32)?,
+        always,
+        tau,
+        kv_heads: i32_arg(K, "kv_heads", shape.kv_heads)?,
+        group: i32_arg(K, "group", shape.group)?,
+        head_dim: i32_arg(K, "head_dim", shape.head_dim)?,
+    })
+}
+
+/// Element counts of the buffers given to [`Kernels::freekv_select`].
+#[derive(Debug, Clone, Copy)]
+struct SelectLens {
+    q_prev: usize,
+    summaries: usize,
+    seq_info: usize,
+    flags: usize,
+    mid_page: usize,
+    page_mid: usize,
+    recall_count: usize,
+    recall_list: usize,
+    selected: Option<usize>,
+    scratch: usize,
+}
+
+/// Validated launch parameters of the two selection kernels.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct SelectPlan {
+    /// Index into [`FREEKV_SELECT_HEAD_DIMS`].
+    dim_index: usize,
+    score_smem: u32,
+    select_smem: u32,
+    grid: u32,
+    chunks: u32,
+    kv_heads: i32,
+    group: i32,
+    max_pages: i32,
+    sink_pages: i32,
+    top_k: i32,
+    window_pages: i32,
+}
+
+/// Host-side checks of [`Kernels::freekv_select`] (no device needed).
+fn plan_select(shape: &FreeKvShape, lens: &SelectLens) -> Result<SelectPlan, KernelError> {
+    const K: &str = "freekv_select";
+    check_shape(K, shape)?;
+    let Some(dim_index) = FREEKV_SELECT_HEAD_DIMS
+        .iter()
+        .position(|&d| d == shape.head_dim)
+    else {
+        return Err(KernelError::arg(
+            K,
+            format!(
+                "head_dim {} is not one of the compiled {FREEKV_SELECT_HEAD_DIMS:?}",
+                shape.head_dim
+            ),
+        ));
+    };
+    let score_smem = mul(K, "query tile", shape.group, shape.head_dim * 4)?;
+    let select_smem = shape.select_smem_bytes();
+    if score_smem > SMEM_LIMIT || select_smem > SMEM_LIMIT {
+        return Err(KernelError::arg(
+            K,
+            format!(
+                "shared memory ({score_smem} B for the query tile, {select_smem} B for top_k {}) exceeds {SMEM_LIMIT} B: lower top_k or the group",
+                shape.top_k
+            ),
+        ));
+    }
+    let rows = shape.rows();
+    let (k, mp) = (shape.top_k, shape.max_pages);
+    let q_len = mul(K, "q_prev", shape.seqs, shape.q_heads() * shape.head_dim)?;
+    check_len(K, "q_prev", lens.q_prev, q_len)?;
+    let sum_len =
+        mul(K, "summaries", rows, mp).and_then(|x| mul(K, "summaries", x, 2 * shape.head_dim))?;
+    check_len(K, "summaries", lens.summaries, sum_len)?;
+    check_len(
+        K,
+        "seq_info",
+        lens.seq_info,
+        mul(K, "seq_info", shape.seqs, SEQ_INFO_WIDTH)?,
+    )?;
+    check_len(K, "flags", lens.flags, rows)?;
+    check_len(K, "mid_page", lens.mid_page, mul(K, "mid_page", rows, k)?)?;
+    check_len(K, "page_mid", lens.page_mid, mul(K, "page_mid", rows, mp)?)?;
+    check_len(K, "recall_count", lens.recall_count, rows)?;
+    check_len(
+        K,
+        "recall_list",
+        lens.recall_list,
+        mul(K, "recall_list", rows, 2 * k)?,
+    )?;
+    if let Some(s) = lens.selected {
+        check_len(K, "selected", s, mul(K, "selected", rows, k)?)?;
+    }
+    check_len(K, "scratch", lens.scratch, shape.select_scratch_len())?;
+    Ok(SelectPlan {
+        dim_index,
+        score_smem: score_smem as u32,
+        select_smem: select_smem as u32,
+        grid: grid_dim(K, "seqs * kv_heads", rows, i32::MAX as u32)?,
+        chunks: grid_dim(
+            K,
+            "candidate chunks (max_pages / 128)",
+            mp.div_ceil(SCORE_CHUNK),
+            MAX_GRID_YZ,
+        )?,
+        kv_heads: i32_arg(K, "kv_heads", shape.kv_heads)?,
+        group: i32_arg(K, "group", shape.group)?,
+        max_pages: i32_arg(K, "max_pages", mp)?,
+        sink_pages: i32_arg(K, "sink_pages", shape.sink_pages)?,
+        top_k: i32_arg(K, "top_k", k)?,
+        window_pages: i32_arg(K, "window_pages", shape.window_pages)?,
+    })
+}
+
 impl Kernels {
     /// The correction check of one sparse layer (one block per (sequence, KV head)).
     ///
@@ -318,37 +493,14 @@ impl Kernels {
     ) -> Result<(), KernelError> {
         const K: &str = "freekv_correction";
         let _s = tracing::debug_span!("freekv_correction", seqs = shape.seqs).entered();
-        check_shape(K, shape)?;
-        let (always, tau) = match trigger {
-            None => (1i32, 1.0f32),
-            Some(t) if t.is_finite() && (-1.0..=1.0).contains(&t) => (i32::from(t == 1.0), t),
-            Some(t) => {
-                return Err(KernelError::arg(
-                    K,
-                    format!("threshold {t} must be a finite number in [-1, 1]"),
-                ));
-            }
+        let lens = CorrectionLens {
+            q: q.len(),
+            q_prev: q_prev.len(),
+            seq_info: seq_info.len(),
+            flags: flags.len(),
+            group_cosines: group_cosines.as_ref().map(|c| c.len()),
         };
-        let rows = shape.rows();
-        let row_elems = mul(K, "q row", shape.q_heads(), shape.head_dim)?;
-        q_rows.check(K, "q", shape.seqs, row_elems, q.len())?;
-        check_len(
-            K,
-            "q_prev",
-            q_prev.len(),
-            mul(K, "q_prev", shape.seqs, row_elems)?,
-        )?;
-        check_len(
-            K,
-            "seq_info",
-            seq_info.len(),
-            mul(K, "seq_info", shape.seqs, SEQ_INFO_WIDTH)?,
-        )?;
-        check_len(K, "flags", flags.len(), rows)?;
-        let grid = grid_dim(K, "seqs * kv_heads", rows, i32::MAX as u32)?;
-        let kvh = i32_arg(K, "kv_heads", shape.kv_heads)?;
-        let g = i32_arg(K, "group", shape.group)?;
-        let hd = i32_arg(K, "head_dim", shape.head_dim)?;
+        let plan = plan_correction(shape, q_rows, trigger, &lens)?;
         let agg_max = i32::from(aggregate == CorrectionAggregate::Max);
         let q_stride = q_rows.stride as u64;
         let (qp, _gq) = q.device_ptr(stream);
@@ -359,7 +511,6 @@ impl Kernels {
         let mut cos_guard = None;
         let cp: u64 = match group_cosines {
             Some(c) => {
-                check_len(K, "group_cosines", c.len(), rows)?;
                 let (p, g) = c.device_ptr_mut(stream);
                 cos_guard = Some(g);
                 p
@@ -367,16 +518,18 @@ impl Kernels {
             None => 0,
         };
         let cfg = LaunchConfig {
-            grid_dim: (grid, 1, 1),
+            grid_dim: (plan.grid, 1, 1),
             block_dim: (CORR_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
         let mut b = stream.launch_builder(&self.select.correction);
         b.arg(&qp).arg(&q_stride).arg(&pp).arg(&sp);
-        b.arg(&always).arg(&tau).arg(&agg_max);
-        b.arg(&fp).arg(&cp).arg(&kvh).arg(&g).arg(&hd);
-        // SAFETY: argument types and order match the kernel; every buffer was size-checked above
-        // (the optional cosine output is null when absent, which the kernel tests).
+        b.arg(&plan.always).arg(&plan.tau).arg(&agg_max);
+        b.arg(&fp).arg(&cp);
+        b.arg(&plan.kv_heads).arg(&plan.group).arg(&plan.head_dim);
+        // SAFETY: argument types and order match the kernel; every buffer was size-checked by
+        // plan_correction (the optional cosine output is null when absent, which the kernel
+        // tests).
         unsafe { b.launch(cfg) }.map_err(KernelError::driver(K))?;
         drop(cos_guard);
         Ok(())
@@ -392,7 +545,7 @@ impl Kernels {
     /// (optional) i32 `[bs][Hkv][k]`, `scratch` f32 of
     /// [`FreeKvShape::select_scratch_len`] elements. `summary` is the kind the summaries were
     /// built with (the kernels score whatever (U, L) they are given; it is recorded in the
-    /// tracing span).
+    /// tracing span). Head dims: [`FREEKV_SELECT_HEAD_DIMS`]; `G` ≤ [`FREEKV_MAX_GROUP`].
     ///
     /// Per (seq, KV head) row:
     ///
@@ -427,7 +580,6 @@ impl Kernels {
         selected: Option<&mut dyn DevicePtrMut<i32>>,
         scratch: &mut impl DevicePtrMut<f32>,
     ) -> Result<(), KernelError> {
-        const K: &str = "freekv_select";
         let _s = tracing::debug_span!(
             "freekv_select",
             seqs = shape.seqs,
@@ -435,73 +587,19 @@ impl Kernels {
             summary = summary.name()
         )
         .entered();
-        check_shape(K, shape)?;
-        let Some(di) = FREEKV_SELECT_HEAD_DIMS
-            .iter()
-            .position(|&d| d == shape.head_dim)
-        else {
-            return Err(KernelError::arg(
-                K,
-                format!(
-                    "head_dim {} is not one of the compiled {FREEKV_SELECT_HEAD_DIMS:?}",
-                    shape.head_dim
-                ),
-            ));
+        let lens = SelectLens {
+            q_prev: q_prev.len(),
+            summaries: summaries.len(),
+            seq_info: seq_info.len(),
+            flags: flags.len(),
+            mid_page: mid_page.len(),
+            page_mid: page_mid.len(),
+            recall_count: recall_count.len(),
+            recall_list: recall_list.len(),
+            selected: selected.as_ref().map(|s| s.len()),
+            scratch: scratch.len(),
         };
-        let score_smem = mul(K, "query tile", shape.group, shape.head_dim * 4)?;
-        let select_smem = shape.select_smem_bytes();
-        if score_smem > SMEM_LIMIT || select_smem > SMEM_LIMIT {
-            return Err(KernelError::arg(
-                K,
-                format!(
-                    "shared memory ({score_smem} B for the query tile, {select_smem} B for top_k {}) exceeds {SMEM_LIMIT} B: lower top_k or the group",
-                    shape.top_k
-                ),
-            ));
-        }
-        let rows = shape.rows();
-        let (k, mp) = (shape.top_k, shape.max_pages);
-        let q_len = mul(K, "q_prev", shape.seqs, shape.q_heads() * shape.head_dim)?;
-        check_len(K, "q_prev", q_prev.len(), q_len)?;
-        let sum_len = mul(K, "summaries", rows, mp)
-            .and_then(|x| mul(K, "summaries", x, 2 * shape.head_dim))?;
-        check_len(K, "summaries", summaries.len(), sum_len)?;
-        check_len(
-            K,
-            "seq_info",
-            seq_info.len(),
-            mul(K, "seq_info", shape.seqs, SEQ_INFO_WIDTH)?,
-        )?;
-        check_len(K, "flags", flags.len(), rows)?;
-        check_len(K, "mid_page", mid_page.len(), mul(K, "mid_page", rows, k)?)?;
-        check_len(K, "page_mid", page_mid.len(), mul(K, "page_mid", rows, mp)?)?;
-        check_len(K, "recall_count", recall_count.len(), rows)?;
-        check_len(
-            K,
-            "recall_list",
-            recall_list.len(),
-            mul(K, "recall_list", rows, 2 * k)?,
-        )?;
-        let scratch_len =
-            mul(K, "scratch", rows, shape.group).and_then(|x| mul(K, "scratch", x, mp))?;
-        check_len(K, "scratch", scratch.len(), scratch_len)?;
-        let sel_len = mul(K, "selected", rows, k)?;
-        if let Some(s) = selected.as_ref() {
-            check_len(K, "selected", s.len(), sel_len)?;
-        }
-        let grid = grid_dim(K, "seqs * kv_heads", rows, i32::MAX as u32)?;
-        let chunks = grid_dim(
-            K,
-            "candidate chunks (max_pages / 128)",
-            mp.div_ceil(SCORE_CHUNK),
-            MAX_GRID_YZ,
-        )?;
-        let kvh = i32_arg(K, "kv_heads", shape.kv_heads)?;
-        let g = i32_arg(K, "group", shape.group)?;
-        let mp_i = i32_arg(K, "max_pages", mp)?;
-        let ns = i32_arg(K, "sink_pages", shape.sink_pages)?;
-        let nw = i32_arg(K, "window_pages", shape.window_pages)?;
-        let k_i = i32_arg(K, "top_k", k)?;
+        let plan = plan_select(shape, &lens)?;
         let filt = filter.code();
         let pol = policy_code(policy);
 
@@ -525,29 +623,237 @@ impl Kernels {
         };
 
         let cfg = LaunchConfig {
-            grid_dim: (grid, chunks, 1),
+            grid_dim: (plan.grid, plan.chunks, 1),
             block_dim: (SCORE_THREADS, 1, 1),
-            shared_mem_bytes: score_smem as u32,
+            shared_mem_bytes: plan.score_smem,
         };
-        let mut b = stream.launch_builder(&self.select.score[di]);
+        let mut b = stream.launch_builder(&self.select.score[plan.dim_index]);
         b.arg(&smp).arg(&qp).arg(&sip).arg(&fp).arg(&filt).arg(&pol);
-        b.arg(&scp).arg(&kvh).arg(&g).arg(&mp_i).arg(&ns).arg(&nw);
-        // SAFETY: argument types and order match freekv_score_d*; buffers size-checked above.
+        b.arg(&scp)
+            .arg(&plan.kv_heads)
+            .arg(&plan.group)
+            .arg(&plan.max_pages);
+        b.arg(&plan.sink_pages).arg(&plan.window_pages);
+        // SAFETY: argument types and order match freekv_score_d*; buffers size-checked by
+        // plan_select.
         unsafe { b.launch(cfg) }.map_err(KernelError::driver("freekv_score"))?;
 
         let cfg = LaunchConfig {
-            grid_dim: (grid, 1, 1),
+            grid_dim: (plan.grid, 1, 1),
             block_dim: (SELECT_THREADS, 1, 1),
-            shared_mem_bytes: select_smem as u32,
+            shared_mem_bytes: plan.select_smem,
         };
         let mut b = stream.launch_builder(&self.select.select_rows);
         b.arg(&sip).arg(&fp).arg(&filt).arg(&pol).arg(&scp);
         b.arg(&mpp).arg(&pmp).arg(&rcp).arg(&rlp).arg(&selp);
-        b.arg(&kvh).arg(&g).arg(&mp_i).arg(&ns).arg(&k_i).arg(&nw);
-        // SAFETY: argument types and order match freekv_select_rows; buffers size-checked above
-        // (a null `selected` is tested by the kernel).
+        b.arg(&plan.kv_heads).arg(&plan.group).arg(&plan.max_pages);
+        b.arg(&plan.sink_pages)
+            .arg(&plan.top_k)
+            .arg(&plan.window_pages);
+        // SAFETY: argument types and order match freekv_select_rows; buffers size-checked by
+        // plan_select (a null `selected` is tested by the kernel).
         unsafe { b.launch(cfg) }.map_err(KernelError::driver("freekv_select_rows"))?;
         drop(sel_guard);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape() -> FreeKvShape {
+        FreeKvShape {
+            seqs: 2,
+            kv_heads: 3,
+            group: 4,
+            head_dim: 128,
+            page_size: 16,
+            sink_pages: 2,
+            top_k: 8,
+            window_pages: 3,
+            max_pages: 100,
+        }
+    }
+
+    fn select_lens(s: &FreeKvShape) -> SelectLens {
+        let rows = s.rows();
+        SelectLens {
+            q_prev: s.seqs * s.q_heads() * s.head_dim,
+            summaries: rows * s.max_pages * 2 * s.head_dim,
+            seq_info: s.seqs * SEQ_INFO_WIDTH,
+            flags: rows,
+            mid_page: rows * s.top_k,
+            page_mid: rows * s.max_pages,
+            recall_count: rows,
+            recall_list: rows * s.top_k * 2,
+            selected: Some(rows * s.top_k),
+            scratch: s.select_scratch_len(),
+        }
+    }
+
+    fn msg(e: KernelError) -> String {
+        assert!(
+            matches!(e, KernelError::InvalidArgument { .. }),
+            "not an argument error: {e}"
+        );
+        e.to_string()
+    }
+
+    #[test]
+    fn shape_accessors_and_validation() {
+        let s = shape();
+        assert_eq!(s.slots(), 13);
+        assert_eq!(s.q_heads(), 12);
+        assert_eq!(s.rows(), 6);
+        assert_eq!(s.select_scratch_len(), 6 * 4 * 100);
+        s.validate("t").unwrap();
+        let b = freekv_layout::Budget::from_tokens(2048, 512, 512, 32).unwrap();
+        let f = FreeKvShape::from_budget(4, 8, 4, 128, &b, 128);
+        assert_eq!(
+            (f.sink_pages, f.top_k, f.window_pages, f.page_size),
+            (16, 32, 16, 32)
+        );
+        assert_eq!(f.slots(), 64);
+        let cases: [(&str, fn(&mut FreeKvShape)); 7] = [
+            ("seqs", |s| s.seqs = 0),
+            ("top_k", |s| s.top_k = 0),
+            ("window_pages", |s| s.window_pages = 0),
+            ("max_pages", |s| s.max_pages = 0),
+            ("head_dim", |s| s.head_dim = 100),
+            ("head_dim", |s| s.head_dim = 512),
+            ("page table entries", |s| s.max_pages = 1 << 30),
+        ];
+        for (what, f) in cases {
+            let mut s = shape();
+            f(&mut s);
+            let m = msg(s.validate("kern").unwrap_err());
+            assert!(m.contains(what) && m.starts_with("kern:"), "{m}");
+        }
+        let mut s = shape();
+        s.sink_pages = 0;
+        s.validate("t").unwrap();
+        s.sink_pages = usize::MAX;
+        assert!(msg(s.validate("t").unwrap_err()).contains("slots"));
+        assert_eq!(
+            [HeadFilter::All, HeadFilter::Flagged, HeadFilter::Unflagged].map(HeadFilter::code),
+            [0, 1, 2]
+        );
+    }
+
+    #[test]
+    fn select_plan_checks_every_buffer() {
+        let s = shape();
+        let good = select_lens(&s);
+        let p = plan_select(&s, &good).unwrap();
+        assert_eq!(p.dim_index, 1);
+        assert_eq!(p.grid, 6);
+        assert_eq!(p.chunks, 1);
+        assert_eq!(p.score_smem, 4 * 128 * 4);
+        assert!(
+            plan_select(
+                &s,
+                &SelectLens {
+                    selected: None,
+                    ..good
+                }
+            )
+            .is_ok()
+        );
+        let cases: [(&str, fn(&mut SelectLens)); 10] = [
+            ("q_prev", |l| l.q_prev -= 1),
+            ("summaries", |l| l.summaries -= 1),
+            ("seq_info", |l| l.seq_info -= 1),
+            ("flags", |l| l.flags -= 1),
+            ("mid_page", |l| l.mid_page -= 1),
+            ("page_mid", |l| l.page_mid -= 1),
+            ("recall_count", |l| l.recall_count -= 1),
+            ("recall_list", |l| l.recall_list -= 1),
+            ("selected", |l| l.selected = Some(1)),
+            ("scratch", |l| l.scratch -= 1),
+        ];
+        for (what, f) in cases {
+            let mut l = good;
+            f(&mut l);
+            let m = msg(plan_select(&s, &l).unwrap_err());
+            assert!(m.starts_with("freekv_select:") && m.contains(what), "{m}");
+        }
+        // unsupported geometry
+        let mut d = shape();
+        d.head_dim = 96;
+        assert!(msg(plan_select(&d, &select_lens(&d)).unwrap_err()).contains("head_dim 96"));
+        let mut g = shape();
+        g.group = FREEKV_MAX_GROUP + 1;
+        assert!(msg(plan_select(&g, &select_lens(&g)).unwrap_err()).contains("group"));
+        let mut k = shape();
+        k.top_k = 5000;
+        assert!(msg(plan_select(&k, &select_lens(&k)).unwrap_err()).contains("shared memory"));
+        let mut c = shape();
+        c.max_pages = 128 * 65_535 + 1;
+        c.seqs = 1;
+        c.kv_heads = 1;
+        assert!(msg(plan_select(&c, &select_lens(&c)).unwrap_err()).contains("chunks"));
+    }
+
+    #[test]
+    fn correction_plan_checks() {
+        let s = shape();
+        let row = s.q_heads() * s.head_dim;
+        let good = CorrectionLens {
+            q: s.seqs * row,
+            q_prev: s.seqs * row,
+            seq_info: s.seqs * SEQ_INFO_WIDTH,
+            flags: s.rows(),
+            group_cosines: Some(s.rows()),
+        };
+        let dense = Strided::contiguous(row);
+        let p = plan_correction(&s, dense, Some(0.9), &good).unwrap();
+        assert_eq!((p.always, p.tau, p.grid), (0, 0.9, 6));
+        assert_eq!(plan_correction(&s, dense, None, &good).unwrap().always, 1);
+        assert_eq!(
+            plan_correction(&s, dense, Some(1.0), &good).unwrap().always,
+            1
+        );
+        assert_eq!(
+            plan_correction(&s, dense, Some(-1.0), &good)
+                .unwrap()
+                .always,
+            0
+        );
+        for bad in [1.5, -1.01, f32::NAN, f32::INFINITY] {
+            let m = msg(plan_correction(&s, dense, Some(bad), &good).unwrap_err());
+            assert!(m.contains("threshold"), "{m}");
+        }
+        // fused QKV rows: stride (Hq + 2 Hkv) d, offset 0
+        let fused = Strided {
+            offset: 0,
+            stride: (s.q_heads() + 2 * s.kv_heads) * s.head_dim,
+        };
+        let l = CorrectionLens {
+            q: fused.stride * s.seqs,
+            ..good
+        };
+        plan_correction(&s, fused, Some(0.5), &l).unwrap();
+        let m = msg(plan_correction(&s, fused, Some(0.5), &good).unwrap_err());
+        assert!(m.contains("q:"), "{m}");
+        let cases: [(&str, fn(&mut CorrectionLens)); 5] = [
+            ("q:", |l| l.q -= 1),
+            ("q_prev", |l| l.q_prev -= 1),
+            ("seq_info", |l| l.seq_info -= 1),
+            ("flags", |l| l.flags -= 1),
+            ("group_cosines", |l| l.group_cosines = Some(1)),
+        ];
+        for (what, f) in cases {
+            let mut l = good;
+            f(&mut l);
+            let m = msg(plan_correction(&s, dense, Some(0.5), &l).unwrap_err());
+            assert!(
+                m.starts_with("freekv_correction:") && m.contains(what),
+                "{m}"
+            );
+        }
+        let mut g = shape();
+        g.group = 33;
+        assert!(plan_correction(&g, dense, None, &good).is_err());
     }
 }
