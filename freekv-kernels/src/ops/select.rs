@@ -109,7 +109,7 @@ impl FreeKvShape {
                 ));
             }
         }
-        if self.head_dim % 8 != 0 || self.head_dim > FREEKV_MAX_HEAD_DIM {
+        if !self.head_dim.is_multiple_of(8) || self.head_dim > FREEKV_MAX_HEAD_DIM {
             return Err(KernelError::arg(
                 kernel,
                 format!(
@@ -662,6 +662,9 @@ impl Kernels {
 mod tests {
     use super::*;
 
+    /// A named change that must make a check fail, with the word the error must contain.
+    type Mutation<T> = (&'static str, fn(&mut T));
+
     fn shape() -> FreeKvShape {
         FreeKvShape {
             seqs: 2,
@@ -715,7 +718,7 @@ mod tests {
             (16, 32, 16, 32)
         );
         assert_eq!(f.slots(), 64);
-        let cases: [(&str, fn(&mut FreeKvShape)); 7] = [
+        let cases: [Mutation<FreeKvShape>; 7] = [
             ("seqs", |s| s.seqs = 0),
             ("top_k", |s| s.top_k = 0),
             ("window_pages", |s| s.window_pages = 0),
@@ -760,7 +763,7 @@ mod tests {
             )
             .is_ok()
         );
-        let cases: [(&str, fn(&mut SelectLens)); 10] = [
+        let cases: [Mutation<SelectLens>; 10] = [
             ("q_prev", |l| l.q_prev -= 1),
             ("summaries", |l| l.summaries -= 1),
             ("seq_info", |l| l.seq_info -= 1),
@@ -836,7 +839,7 @@ mod tests {
         plan_correction(&s, fused, Some(0.5), &l).unwrap();
         let m = msg(plan_correction(&s, fused, Some(0.5), &good).unwrap_err());
         assert!(m.contains("q:"), "{m}");
-        let cases: [(&str, fn(&mut CorrectionLens)); 5] = [
+        let cases: [Mutation<CorrectionLens>; 5] = [
             ("q:", |l| l.q -= 1),
             ("q_prev", |l| l.q_prev -= 1),
             ("seq_info", |l| l.seq_info -= 1),
