@@ -65,8 +65,8 @@ __device__ __forceinline__ float fks_exp(float x) {
 // freekv_select::topk::score_key: order-preserving u32, -0 == +0, NaN -> 0.
 __device__ __forceinline__ u32 fks_score_key(float s) {
     if (s != s) return 0u;
-    if (s == 0.0f) s = 0.0f;
-    const u32 b = __float_as_uint(s);
+    u32 b = __float_as_uint(s);
+    if ((b & 0x7fffffffu) == 0u) b = 0u;  // -0 ties with +0 (done on the bits: no FP shortcut)
     return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 
