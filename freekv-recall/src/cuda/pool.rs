@@ -118,6 +118,15 @@ impl std::fmt::Debug for HostKvPool {
     }
 }
 
+impl Drop for HostKvPool {
+    fn drop(&mut self) {
+        // Kernels or copies may still read the pages or the tables on some stream: finish them
+        // before the memory goes (errors cannot be reported from drop). Streamed-recall jobs keep
+        // the page memory alive on their own.
+        let _ = self.ctx.synchronize();
+    }
+}
+
 fn invalid(msg: impl Into<String>) -> RecallError {
     RecallError::InvalidRequest(msg.into())
 }

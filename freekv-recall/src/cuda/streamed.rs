@@ -76,7 +76,12 @@ impl std::fmt::Debug for Done {
 /// one `cuMemcpyHtoDAsync` per unit (source: the host page of (seq, page) + `head·2·P·d`) into
 /// `staging[r % 2]` on stream `r % 2`, then launches the scatter of row `r − 1` on that row's
 /// stream; after the loop the last scatter, then a done event on each stream.
+///
+/// Jobs (blocking or queued) execute one at a time and reach the device in submission order: a
+/// job's copies start after every scatter of the previous job, so the two staging buffers are
+/// never shared by two in-flight jobs (spec §9 item 12) and later jobs win on shared slots.
 pub struct StreamedRecall {
+    shape: FreeKvShape,
     engine: Arc<Mutex<Engine>>,
     totals: Arc<Mutex<CudaRecallCounters>>,
     tx: Option<Sender<Job>>,
@@ -153,6 +158,7 @@ impl StreamedRecall {
             })
             .map_err(|e| RecallError::Stopped(format!("spawning the recall worker: {e}")))?;
         Ok(Self {
+            shape: *shape,
             engine,
             totals,
             tx: Some(tx),
@@ -169,7 +175,7 @@ impl StreamedRecall {
         slots: SlotsMut<'_>,
         reply: Sender<Result<Done, RecallError>>,
     ) -> Result<Job, RecallError> {
-        let shape = self.engine.lock().map_err(|_| poisoned("engine"))?.shape;
+        let shape = self.shape;
         pool.check_shape(&shape)?;
         pool.device_table(layer)?;
         check_slots(slots, &shape)?;
@@ -262,6 +268,13 @@ impl Drop for StreamedRecall {
         if let Some(w) = self.worker.take() {
             let _ = w.join();
         }
+        // The staging buffers and unit table are freed after this; let the copies and scatters
+        // that use them finish first (errors cannot be reported from drop).
+        if let Ok(e) = self.engine.lock() {
+            for s in e.streams.iter().chain([&e.meta]) {
+                let _ = s.synchronize();
+            }
+        }
     }
 }
 
@@ -290,7 +303,18 @@ fn run_job(
         .map_err(drv("waiting for the recall lists"))?;
     let rows = e.lists.rows(&shape, job.lists.filter);
 
-    // 2. The unit table (seq, slot, head) and each unit's source address (0 = skip).
+    // 2. The unit table (seq, slot, head) and each unit's source address (0 = skip). The upload
+    // (and through it every copy and scatter of this job) waits for all earlier jobs' work on
+    // both copy streams: the previous scatters have read the device unit table, and jobs reach
+    // the device in submission order even when they write the same slots.
+    for s in &e.streams {
+        let tail = s
+            .record_event(None)
+            .map_err(drv("recording the previous job's tail"))?;
+        e.meta
+            .wait(&tail)
+            .map_err(drv("ordering after the previous job"))?;
+    }
     if let Some(ev) = &e.units_uploaded {
         ev.synchronize()
             .map_err(drv("waiting for the previous unit table upload"))?;

@@ -1,0 +1,230 @@
+//! Recall bandwidth on the GPU, timed with CUDA events (`iter_custom`): one layer's recall from
+//! the pinned, mapped host pool into the NHD slots at Llama-3.1-8B geometry (P = 32, Hkv = 8,
+//! d = 128: 16 KiB units) by
+//!
+//! * `gather_bN`: the zero-copy gather kernel with at most N blocks (N = 4, 8, 16, 32);
+//! * `streamed_async` / `streamed_blocking`: the double-buffered streamed copy (one
+//!   `cuMemcpyHtoDAsync` per unit, two staging buffers and streams; async = submit to the worker
+//!   and make the timing stream wait for its done events);
+//! * `per_page`: the ArkVale baseline (one `cuMemcpy2DAsync` per unit, blocking);
+//! * `h2d_ceiling`: one pinned host-to-device copy of the same number of bytes.
+//!
+//! Shapes: 32 units per sequence (4 per KV head) for 1, 4 and 16 sequences, and 256 units per
+//! (sequence, KV head) row for 1 and 4 sequences. Pages are drawn at random from a pool twice the
+//! recalled size per sequence. Throughput is recalled bytes (GB/s = 10⁹ B/s). Prints "skipped:
+//! no CUDA device" and exits 0 where there is no GPU.
+//!
+//! Run: `cargo bench -p freekv-recall --bench cuda_recall`
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{BenchmarkId, Criterion, Throughput};
+use freekv_kernels::cudarc::driver::sys::CUevent_flags;
+use freekv_kernels::cudarc::driver::{CudaSlice, CudaStream, DevicePtr, sys};
+use freekv_kernels::half::bf16;
+use freekv_kernels::{FreeKvShape, Gpu, HeadFilter, MappedHostBuffer};
+use freekv_recall::cuda::{
+    Backing, GatherRecall, HostKvPool, HostPoolConfig, PerPageRecall, RecallLists, StreamedRecall,
+};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+
+const P: usize = 32;
+const HKV: usize = 8;
+const D: usize = 128;
+const UNIT_BYTES: usize = 2 * P * D * 2;
+
+/// Runs `f` `iters` times and returns the time between two events on `s` (work on other streams
+/// must be joined into `s` by `f`).
+fn gpu_time(s: &Arc<CudaStream>, iters: u64, mut f: impl FnMut()) -> Duration {
+    let t0 = s
+        .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+        .unwrap();
+    for _ in 0..iters {
+        f();
+    }
+    let t1 = s
+        .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+        .unwrap();
+    t1.synchronize().unwrap();
+    Duration::from_secs_f64(t0.elapsed_ms(&t1).unwrap() as f64 * 1e-3)
+}
+
+struct Setup {
+    shape: FreeKvShape,
+    pool: HostKvPool,
+    count: CudaSlice<i32>,
+    list: CudaSlice<i32>,
+    flags: CudaSlice<i32>,
+    slots: CudaSlice<bf16>,
+    units: usize,
+}
+
+/// `seqs` sequences, `per_row` units per (sequence, KV head) row (`k = per_row`).
+fn setup(g: &Gpu, seqs: usize, per_row: usize, rng: &mut StdRng) -> Setup {
+    let s = g.stream();
+    let pages = 2 * per_row + 4;
+    let shape = FreeKvShape {
+        seqs,
+        kv_heads: HKV,
+        group: 4,
+        head_dim: D,
+        page_size: P,
+        sink_pages: 1,
+        top_k: per_row,
+        window_pages: 2,
+        max_pages: pages,
+    };
+    let page_elems = 2 * P * HKV * D;
+    let mut pool = HostKvPool::new(
+        s,
+        HostPoolConfig {
+            layers: 1,
+            seqs,
+            max_pages: pages,
+            kv_heads: HKV,
+            page_elems,
+            chunk_pages: 256,
+            max_bytes: None,
+            backing: Backing::MappedHost,
+        },
+    )
+    .unwrap();
+    let page: Vec<bf16> = (0..page_elems)
+        .map(|_| bf16::from_f32(rng.random_range(-1.0f32..1.0)))
+        .collect();
+    for seq in 0..seqs {
+        pool.ensure_pages(s, seq, pages).unwrap();
+        for p in 0..pages {
+            pool.write_page(s, 0, seq, p, &page).unwrap();
+        }
+    }
+    let rows = seqs * HKV;
+    let mut list = vec![0i32; rows * per_row * 2];
+    for row in 0..rows {
+        let mut pg: Vec<usize> = (0..pages).collect();
+        pg.shuffle(rng);
+        let mut pg = pg[..per_row].to_vec();
+        pg.sort_unstable();
+        for (i, &p) in pg.iter().enumerate() {
+            list[(row * per_row + i) * 2] = p as i32;
+            list[(row * per_row + i) * 2 + 1] = (1 + i) as i32; // the middle slots
+        }
+    }
+    let nb = shape.slots();
+    Setup {
+        shape,
+        pool,
+        count: s.clone_htod(&vec![per_row as i32; rows]).unwrap(),
+        list: s.clone_htod(&list).unwrap(),
+        flags: s.alloc_zeros::<i32>(rows).unwrap(),
+        slots: s.alloc_zeros::<bf16>(seqs * nb * page_elems).unwrap(),
+        units: rows * per_row,
+    }
+}
+
+fn bench_shape(c: &mut Criterion, g: &Arc<Gpu>, seqs: usize, per_row: usize, rng: &mut StdRng) {
+    let s = g.stream();
+    let mut st = setup(g, seqs, per_row, rng);
+    let bytes = (st.units * UNIT_BYTES) as u64;
+    let name = format!("cuda_recall_llama8b/{}units_per_row", per_row);
+    let mut grp = c.benchmark_group(name);
+    grp.throughput(Throughput::BytesDecimal(bytes));
+    s.synchronize().unwrap();
+    let rl = RecallLists {
+        count: &st.count,
+        list: &st.list,
+        flags: &st.flags,
+        filter: HeadFilter::All,
+    };
+    let id = |what: &str| BenchmarkId::new(what, format!("bs{seqs}_{}units", st.units));
+
+    for blocks in [4usize, 8, 16, 32] {
+        let gather = GatherRecall::new(blocks);
+        grp.bench_function(id(&format!("gather_b{blocks}")), |b| {
+            b.iter_custom(|iters| {
+                gpu_time(s, iters, || {
+                    gather
+                        .recall(g.kernels(), s, &st.shape, &st.pool, 0, &rl, &mut st.slots)
+                        .unwrap()
+                })
+            })
+        });
+    }
+
+    let streamed = StreamedRecall::new(g, &st.shape).unwrap();
+    grp.bench_function(id("streamed_async"), |b| {
+        b.iter_custom(|iters| {
+            gpu_time(s, iters, || {
+                let t = streamed.submit(s, &st.pool, 0, &rl, &mut st.slots).unwrap();
+                streamed.wait(t, s).unwrap();
+            })
+        })
+    });
+    grp.bench_function(id("streamed_blocking"), |b| {
+        b.iter_custom(|iters| {
+            gpu_time(s, iters, || {
+                streamed
+                    .recall_blocking(s, &st.pool, 0, &rl, &mut st.slots)
+                    .unwrap();
+            })
+        })
+    });
+
+    let per_page = PerPageRecall::new(s, &st.shape).unwrap();
+    grp.bench_function(id("per_page"), |b| {
+        b.iter_custom(|iters| {
+            gpu_time(s, iters, || {
+                per_page.recall(s, &st.pool, 0, &rl, &mut st.slots).unwrap();
+            })
+        })
+    });
+
+    // The link's ceiling for the same bytes: one pinned host-to-device copy.
+    let host = MappedHostBuffer::<u8>::new(g.ctx(), bytes as usize).unwrap();
+    let dev = s.alloc_zeros::<u8>(bytes as usize).unwrap();
+    s.synchronize().unwrap();
+    grp.bench_function(id("h2d_ceiling"), |b| {
+        b.iter_custom(|iters| {
+            gpu_time(s, iters, || {
+                let (d, _g) = dev.device_ptr(s);
+                // SAFETY: both buffers hold `bytes` bytes and outlive the copy (synchronised by
+                // gpu_time before they can drop).
+                unsafe {
+                    sys::cuMemcpyHtoDAsync_v2(
+                        d,
+                        host.host_ptr() as *const std::ffi::c_void,
+                        bytes as usize,
+                        s.cu_stream(),
+                    )
+                }
+                .result()
+                .unwrap();
+            })
+        })
+    });
+    grp.finish();
+    s.synchronize().unwrap();
+}
+
+fn main() {
+    let Some(g) = freekv_kernels::testing::gpu() else {
+        return;
+    };
+    println!("device: {}", g.info());
+    let mut c = Criterion::default()
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_millis(1500))
+        .sample_size(10)
+        .configure_from_args();
+    let mut rng = StdRng::seed_from_u64(0x5EC4);
+    for seqs in [1, 4, 16] {
+        bench_shape(&mut c, &g, seqs, 4, &mut rng);
+    }
+    for seqs in [1, 4] {
+        bench_shape(&mut c, &g, seqs, 256, &mut rng);
+    }
+    c.final_summary();
+}
