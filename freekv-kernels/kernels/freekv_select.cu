@@ -25,7 +25,7 @@
 #define FKS_POLICY_POOLED_MAX 5
 
 #define FKS_SCORE_THREADS 256
-#define FKS_SCORE_CHUNK 128
+#define FKS_SOFTMAX_TILE 4096
 #define FKS_SELECT_THREADS 512
 #define FKS_CORR_THREADS 128
 
@@ -123,6 +123,8 @@ extern "C" __global__ void __launch_bounds__(FKS_CORR_THREADS) freekv_correction
     const int* __restrict__ seq_info, int always, float tau, int aggregate_max,
     int* __restrict__ flags, float* __restrict__ group_cos, int kv_heads, int group,
     int head_dim) {
+    // Dynamic shared memory: q_prev of the group (G*d floats), then q (G*d bf16).
+    extern __shared__ float corr_smem[];
     __shared__ float cos_s[64];
     const int row = blockIdx.x;
     const int b = row / kv_heads, h = row % kv_heads;
@@ -134,14 +136,21 @@ extern "C" __global__ void __launch_bounds__(FKS_CORR_THREADS) freekv_correction
         }
         return;
     }
-    const size_t gd = (size_t)group * head_dim;
+    const int gd = group * head_dim;
     const bf16* qg = q + (size_t)b * q_stride + (size_t)h * gd;
     float* pg = q_prev + ((size_t)b * kv_heads + h) * gd;
+    float* ps = corr_smem;
+    bf16* qs = reinterpret_cast<bf16*>(corr_smem + gd);
+    for (int e = threadIdx.x; e < gd; e += blockDim.x) {
+        ps[e] = pg[e];
+        qs[e] = qg[e];
+    }
+    __syncthreads();
     if (mode == 2) {
         // freekv_select::cosine: three sums in index order, a = q_prev, b = q.
         for (int j = threadIdx.x; j < group; j += blockDim.x) {
-            const float* a = pg + (size_t)j * head_dim;
-            const bf16* c = qg + (size_t)j * head_dim;
+            const float* a = ps + j * head_dim;
+            const bf16* c = qs + j * head_dim;
             float dot = 0.0f, na = 0.0f, nb = 0.0f;
             for (int i = 0; i < head_dim; ++i) {
                 const float x = a[i];
@@ -172,8 +181,7 @@ extern "C" __global__ void __launch_bounds__(FKS_CORR_THREADS) freekv_correction
         flags[row] = 1;
         if (group_cos) group_cos[row] = __int_as_float(0x7fc00000);
     }
-    __syncthreads();
-    for (size_t e = threadIdx.x; e < gd; e += blockDim.x) pg[e] = bf2f(qg[e]);
+    for (int e = threadIdx.x; e < gd; e += blockDim.x) pg[e] = bf2f(qs[e]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -187,7 +195,7 @@ __device__ __forceinline__ void fks_score(const float* __restrict__ summaries,
                                           const int* __restrict__ seq_info,
                                           const int* __restrict__ flags, int filter, int policy,
                                           float* __restrict__ scratch, int kv_heads, int group,
-                                          int max_pages, int ns, int nw) {
+                                          int max_pages, int ns, int nw, int pages_per_block) {
     constexpr int D = NC * 8;
     extern __shared__ float qs[];
     const int row = blockIdx.x;
@@ -196,9 +204,9 @@ __device__ __forceinline__ void fks_score(const float* __restrict__ summaries,
     if (!fks_row_active(mode, n_pages, max_pages, flags[row], filter)) return;
     const int n = n_pages - nw - ns;
     if (n <= 0) return;
-    const int i0 = blockIdx.y * FKS_SCORE_CHUNK;
+    const int i0 = blockIdx.y * pages_per_block;
     if (i0 >= n) return;
-    const int i1 = min(n, i0 + FKS_SCORE_CHUNK);
+    const int i1 = min(n, i0 + pages_per_block);
 
     const bool pooled = policy == FKS_POLICY_POOLED_MEAN || policy == FKS_POLICY_POOLED_MAX;
     const bool softmax = policy == FKS_POLICY_MEAN_SOFTMAX || policy == FKS_POLICY_MAX_SOFTMAX;
@@ -271,9 +279,10 @@ __device__ __forceinline__ void fks_score(const float* __restrict__ summaries,
     extern "C" __global__ void __launch_bounds__(FKS_SCORE_THREADS) freekv_score_d##D(            \
         const float* __restrict__ summaries, const float* __restrict__ q_prev,                   \
         const int* __restrict__ seq_info, const int* __restrict__ flags, int filter, int policy, \
-        float* __restrict__ scratch, int kv_heads, int group, int max_pages, int ns, int nw) {   \
+        float* __restrict__ scratch, int kv_heads, int group, int max_pages, int ns, int nw,     \
+        int pages_per_block) {                                                                  \
         fks_score<D / 8>(summaries, q_prev, seq_info, flags, filter, policy, scratch, kv_heads, \
-                         group, max_pages, ns, nw);                                             \
+                         group, max_pages, ns, nw, pages_per_block);                            \
     }
 FKS_SCORE_KERNEL(64)
 FKS_SCORE_KERNEL(128)
@@ -284,7 +293,7 @@ FKS_SCORE_KERNEL(256)
 // top-k by radix select on the score keys with ties to the lower page, then the slot diff.
 //
 // Dynamic shared memory (ints): sel[k], free_slots[k], res[k], hist[256], tmp[32],
-// then floats: head_max[G], parts[G * 9], head_sum[G].
+// then floats: head_max[G], parts[G * 9], head_sum[G], tile[FKS_SOFTMAX_TILE].
 
 extern "C" __global__ void __launch_bounds__(FKS_SELECT_THREADS) freekv_select_rows(
     const int* __restrict__ seq_info, const int* __restrict__ flags, int filter, int policy,
@@ -300,6 +309,7 @@ extern "C" __global__ void __launch_bounds__(FKS_SELECT_THREADS) freekv_select_r
     float* head_max = reinterpret_cast<float*>(tmp + 32);
     float* parts = head_max + group;
     float* head_sum = parts + group * 9;
+    float* tile = head_sum + group;  // FKS_SOFTMAX_TILE floats
     __shared__ int bcast[2];
 
     const int tid = threadIdx.x;
@@ -323,38 +333,55 @@ extern "C" __global__ void __launch_bounds__(FKS_SELECT_THREADS) freekv_select_r
     const int lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
 
     if (softmax && n > 0) {
-        // Per-head max (NaN ignored; exact, so any order gives the same value).
-        for (int j = warp; j < group; j += nwarps) {
+        // Per-head max (NaN ignored; exact, so any order gives the same value): every thread
+        // takes a strided part, warps reduce, then one thread per head combines the warps.
+        for (int j = 0; j < group; ++j) {
             const float* s = sc + (size_t)j * max_pages;
             float m = -FK_INF;
-            for (int i = lane; i < n; i += 32) m = fks_max(m, s[i]);
+            for (int i = tid; i < n; i += blockDim.x) m = fks_max(m, s[i]);
 #pragma unroll
             for (int o = 16; o > 0; o >>= 1) m = fks_max(m, __shfl_xor_sync(0xffffffffu, m, o));
-            if (lane == 0) head_max[j] = m;
+            if (lane == 0) tile[j * nwarps + warp] = m;
         }
         __syncthreads();
-        // e = exp(s - max), in place.
-        const int total = group * n;
-        for (int e = tid; e < total; e += blockDim.x) {
-            const int j = e / n, i = e - j * n;
-            float* s = sc + (size_t)j * max_pages + i;
-            *s = fks_exp(__fsub_rn(*s, head_max[j]));
+        for (int j = tid; j < group; j += blockDim.x) {
+            float m = -FK_INF;
+            for (int w = 0; w < nwarps; ++w) m = fks_max(m, tile[j * nwarps + w]);
+            head_max[j] = m;
         }
         __syncthreads();
-        // Sum of the exponentials in the reference's 8-lane order: part k < 8 sums i = k, k + 8,
-        // ... below 8 * (n / 8) in increasing i; part 8 sums the tail in order.
+        // Sum of e = exp(s - max) in the reference's 8-lane order: chain k < 8 of head j sums
+        // i = k, k + 8, ... below 8 * (n / 8) in increasing i, the tail i >= 8 * (n / 8) is summed
+        // in order. The exponentials are computed by the whole block into a shared tile (heads
+        // `stride` floats apart, padded against bank conflicts); thread 8 j + k runs chain k of
+        // head j over the tile.
         const int body = (n / 8) * 8;
-        for (int t = tid; t < group * 9; t += blockDim.x) {
-            const int j = t / 9, part = t - j * 9;
-            const float* s = sc + (size_t)j * max_pages;
-            float acc = 0.0f;
-            if (part < 8) {
-#pragma unroll 8
-                for (int i = part; i < body; i += 8) acc = __fadd_rn(acc, s[i]);
-            } else {
-                for (int i = body; i < n; ++i) acc = __fadd_rn(acc, s[i]);
+        const int tlen = ((FKS_SOFTMAX_TILE / group) - 8) & ~31;  // stride = 8 mod 32
+        const int stride = tlen + 8;
+        const bool chain = tid < group * 8;
+        const int cj = tid >> 3, cl = tid & 7;
+        float acc = 0.0f;
+        for (int t0 = 0; t0 < body; t0 += tlen) {
+            const int len = min(tlen, body - t0);
+            for (int x = tid; x < group * len; x += blockDim.x) {
+                const int j = x / len, i = x - j * len;
+                tile[j * stride + i] =
+                    fks_exp(__fsub_rn(sc[(size_t)j * max_pages + t0 + i], head_max[j]));
             }
-            parts[t] = acc;
+            __syncthreads();
+            if (chain) {
+                const float* e = tile + cj * stride + cl;
+#pragma unroll 8
+                for (int c = 0; c < len; c += 8) acc = __fadd_rn(acc, e[c]);
+            }
+            __syncthreads();
+        }
+        if (chain) parts[cj * 9 + cl] = acc;
+        for (int j = tid; j < group; j += blockDim.x) {
+            const float* s = sc + (size_t)j * max_pages;
+            float t = 0.0f;
+            for (int i = body; i < n; ++i) t = __fadd_rn(t, fks_exp(__fsub_rn(s[i], head_max[j])));
+            parts[j * 9 + 8] = t;
         }
         __syncthreads();
         for (int j = tid; j < group; j += blockDim.x) {
@@ -364,12 +391,14 @@ extern "C" __global__ void __launch_bounds__(FKS_SELECT_THREADS) freekv_select_r
                                     a[8]);
         }
         __syncthreads();
-        // Group score: softmax values e / sum combined over the heads in head order.
+        // Group score: softmax values e / sum (e recomputed: exp_f32 is deterministic) combined
+        // over the heads in head order.
         const bool mean = policy == FKS_POLICY_MEAN_SOFTMAX;
         for (int i = tid; i < n; i += blockDim.x) {
-            float g = __fdiv_rn(sc[i], head_sum[0]);
+            float g = __fdiv_rn(fks_exp(__fsub_rn(sc[i], head_max[0])), head_sum[0]);
             for (int j = 1; j < group; ++j) {
-                const float v = __fdiv_rn(sc[(size_t)j * max_pages + i], head_sum[j]);
+                const float e = fks_exp(__fsub_rn(sc[(size_t)j * max_pages + i], head_max[j]));
+                const float v = __fdiv_rn(e, head_sum[j]);
                 g = mean ? __fadd_rn(g, v) : fks_max(g, v);
             }
             if (mean) g = __fdiv_rn(g, (float)group);

@@ -199,8 +199,14 @@ pub const FREEKV_SELECT_HEAD_DIMS: [usize; 3] = [64, 128, 256];
 
 /// Threads of the scoring kernel (`FKS_SCORE_THREADS` in freekv_select.cu).
 const SCORE_THREADS: u32 = 256;
-/// Candidate pages per scoring block (`FKS_SCORE_CHUNK`).
-const SCORE_CHUNK: usize = 128;
+/// Scoring blocks per streaming multiprocessor the launcher aims for (the pages per block adapt
+/// so that small batches still spread over the whole device).
+const SCORE_BLOCKS_PER_SM: usize = 8;
+/// Bounds of the pages one scoring block handles (multiples of the 32 pages of one pass).
+const SCORE_MIN_PAGES: usize = 32;
+const SCORE_MAX_PAGES: usize = 512;
+/// Shared-memory tile of the softmax sums, in floats (`FKS_SOFTMAX_TILE`).
+const SOFTMAX_TILE: usize = 4096;
 /// Threads of the per-row selection kernel (`FKS_SELECT_THREADS`).
 const SELECT_THREADS: u32 = 512;
 /// Threads of the correction kernel (`FKS_CORR_THREADS`).
@@ -221,10 +227,10 @@ impl FreeKvShape {
 
     /// Dynamic shared memory of the per-row selection kernel, in bytes.
     fn select_smem_bytes(&self) -> usize {
-        // ints: sel[k] free[k] res[k] hist[256] tmp[32]; floats: max[G] parts[9G] sum[G]
+        // ints: sel[k] free[k] res[k] hist[256] tmp[32]; floats: max[G] parts[9G] sum[G] tile
         self.top_k
             .saturating_mul(3)
-            .saturating_add(256 + 32)
+            .saturating_add(256 + 32 + SOFTMAX_TILE)
             .saturating_add(self.group.saturating_mul(11))
             .saturating_mul(4)
     }
@@ -299,6 +305,7 @@ struct CorrectionLens {
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct CorrectionPlan {
     grid: u32,
+    smem: u32,
     always: i32,
     tau: f32,
     kv_heads: i32,
@@ -344,8 +351,20 @@ fn plan_correction(
     if let Some(c) = lens.group_cosines {
         check_len(K, "group_cosines", c, rows)?;
     }
+    // q_prev (f32) and q (bf16) of one group staged in shared memory
+    let smem = mul(K, "group staging", shape.group * shape.head_dim, 6)?;
+    if smem > SMEM_LIMIT {
+        return Err(KernelError::arg(
+            K,
+            format!(
+                "group of {} heads of {} needs {smem} B of shared memory (> {SMEM_LIMIT} B)",
+                shape.group, shape.head_dim
+            ),
+        ));
+    }
     Ok(CorrectionPlan {
         grid: grid_dim(K, "seqs * kv_heads", rows, i32::MAX as u32)?,
+        smem: smem as u32,
         always,
         tau,
         kv_heads: i32_arg(K, "kv_heads", shape.kv_heads)?,
@@ -378,6 +397,7 @@ struct SelectPlan {
     select_smem: u32,
     grid: u32,
     chunks: u32,
+    pages_per_block: i32,
     kv_heads: i32,
     group: i32,
     max_pages: i32,
@@ -386,8 +406,22 @@ struct SelectPlan {
     window_pages: i32,
 }
 
+/// Candidate pages per scoring block: enough blocks for about [`SCORE_BLOCKS_PER_SM`] per SM
+/// over all rows, within [`SCORE_MIN_PAGES`]..=[`SCORE_MAX_PAGES`], a multiple of 32.
+fn score_pages_per_block(rows: usize, max_pages: usize, sm_count: u32) -> usize {
+    let target = (sm_count as usize).max(1) * SCORE_BLOCKS_PER_SM;
+    let per = rows.saturating_mul(max_pages).div_ceil(target);
+    per.div_ceil(32)
+        .saturating_mul(32)
+        .clamp(SCORE_MIN_PAGES, SCORE_MAX_PAGES)
+}
+
 /// Host-side checks of [`Kernels::freekv_select`] (no device needed).
-fn plan_select(shape: &FreeKvShape, lens: &SelectLens) -> Result<SelectPlan, KernelError> {
+fn plan_select(
+    shape: &FreeKvShape,
+    lens: &SelectLens,
+    sm_count: u32,
+) -> Result<SelectPlan, KernelError> {
     const K: &str = "freekv_select";
     check_shape(K, shape)?;
     let Some(dim_index) = FREEKV_SELECT_HEAD_DIMS
@@ -440,6 +474,7 @@ fn plan_select(shape: &FreeKvShape, lens: &SelectLens) -> Result<SelectPlan, Ker
         check_len(K, "selected", s, mul(K, "selected", rows, k)?)?;
     }
     check_len(K, "scratch", lens.scratch, shape.select_scratch_len())?;
+    let ppb = score_pages_per_block(rows, mp, sm_count);
     Ok(SelectPlan {
         dim_index,
         score_smem: score_smem as u32,
@@ -447,10 +482,11 @@ fn plan_select(shape: &FreeKvShape, lens: &SelectLens) -> Result<SelectPlan, Ker
         grid: grid_dim(K, "seqs * kv_heads", rows, i32::MAX as u32)?,
         chunks: grid_dim(
             K,
-            "candidate chunks (max_pages / 128)",
-            mp.div_ceil(SCORE_CHUNK),
+            "candidate chunks (max_pages / pages per scoring block)",
+            mp.div_ceil(ppb),
             MAX_GRID_YZ,
         )?,
+        pages_per_block: i32_arg(K, "pages per block", ppb)?,
         kv_heads: i32_arg(K, "kv_heads", shape.kv_heads)?,
         group: i32_arg(K, "group", shape.group)?,
         max_pages: i32_arg(K, "max_pages", mp)?,
@@ -520,7 +556,7 @@ impl Kernels {
         let cfg = LaunchConfig {
             grid_dim: (plan.grid, 1, 1),
             block_dim: (CORR_THREADS, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: plan.smem,
         };
         let mut b = stream.launch_builder(&self.select.correction);
         b.arg(&qp).arg(&q_stride).arg(&pp).arg(&sp);
@@ -599,7 +635,7 @@ impl Kernels {
             selected: selected.as_ref().map(|s| s.len()),
             scratch: scratch.len(),
         };
-        let plan = plan_select(shape, &lens)?;
+        let plan = plan_select(shape, &lens, self.sm_count)?;
         let filt = filter.code();
         let pol = policy_code(policy);
 
@@ -633,7 +669,9 @@ impl Kernels {
             .arg(&plan.kv_heads)
             .arg(&plan.group)
             .arg(&plan.max_pages);
-        b.arg(&plan.sink_pages).arg(&plan.window_pages);
+        b.arg(&plan.sink_pages)
+            .arg(&plan.window_pages)
+            .arg(&plan.pages_per_block);
         // SAFETY: argument types and order match freekv_score_d*; buffers size-checked by
         // plan_select.
         unsafe { b.launch(cfg) }.map_err(KernelError::driver("freekv_score"))?;
@@ -748,10 +786,10 @@ mod tests {
     fn select_plan_checks_every_buffer() {
         let s = shape();
         let good = select_lens(&s);
-        let p = plan_select(&s, &good).unwrap();
+        let p = plan_select(&s, &good, 132).unwrap();
         assert_eq!(p.dim_index, 1);
         assert_eq!(p.grid, 6);
-        assert_eq!(p.chunks, 1);
+        assert_eq!((p.chunks, p.pages_per_block), (4, 32));
         assert_eq!(p.score_smem, 4 * 128 * 4);
         assert!(
             plan_select(
@@ -759,7 +797,8 @@ mod tests {
                 &SelectLens {
                     selected: None,
                     ..good
-                }
+                },
+                132
             )
             .is_ok()
         );
@@ -778,24 +817,30 @@ mod tests {
         for (what, f) in cases {
             let mut l = good;
             f(&mut l);
-            let m = msg(plan_select(&s, &l).unwrap_err());
+            let m = msg(plan_select(&s, &l, 132).unwrap_err());
             assert!(m.starts_with("freekv_select:") && m.contains(what), "{m}");
         }
         // unsupported geometry
         let mut d = shape();
         d.head_dim = 96;
-        assert!(msg(plan_select(&d, &select_lens(&d)).unwrap_err()).contains("head_dim 96"));
+        assert!(msg(plan_select(&d, &select_lens(&d), 132).unwrap_err()).contains("head_dim 96"));
         let mut g = shape();
         g.group = FREEKV_MAX_GROUP + 1;
-        assert!(msg(plan_select(&g, &select_lens(&g)).unwrap_err()).contains("group"));
+        assert!(msg(plan_select(&g, &select_lens(&g), 132).unwrap_err()).contains("group"));
         let mut k = shape();
         k.top_k = 5000;
-        assert!(msg(plan_select(&k, &select_lens(&k)).unwrap_err()).contains("shared memory"));
+        assert!(msg(plan_select(&k, &select_lens(&k), 132).unwrap_err()).contains("shared memory"));
         let mut c = shape();
-        c.max_pages = 128 * 65_535 + 1;
+        c.max_pages = 512 * 65_535 + 1;
         c.seqs = 1;
         c.kv_heads = 1;
-        assert!(msg(plan_select(&c, &select_lens(&c)).unwrap_err()).contains("chunks"));
+        c.group = 1;
+        assert!(msg(plan_select(&c, &select_lens(&c), 1).unwrap_err()).contains("chunks"));
+        // pages per scoring block: ~8 blocks per SM, multiples of 32 in 32..=512
+        assert_eq!(score_pages_per_block(8, 4096, 132), 32);
+        assert_eq!(score_pages_per_block(128, 4096, 132), 512);
+        assert_eq!(score_pages_per_block(32, 4096, 132), 128);
+        assert_eq!(score_pages_per_block(1, 10, 0), 32);
     }
 
     #[test]
