@@ -264,16 +264,66 @@ impl TensorInfo {
     }
 }
 
+/// What identifies the contents of a file on disk, as `fstat` reports it for the open descriptor:
+/// size, modification time and (on Unix) the inode change time with the metadata whose changes
+/// also move it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+    /// Inode change time (seconds, nanoseconds): unlike the modification time, no user tool can
+    /// set it back, so a rewrite that restores the modification time still moves it.
+    changed: Option<(i64, i64)>,
+    /// Link count, mode, owner and group: changes of these also move the inode change time and
+    /// are harmless (a file renamed over the path drops the old file's link count to 0).
+    meta: Option<(u64, u32, u32, u32)>,
+}
+
+impl FileStamp {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        #[cfg(unix)]
+        let (changed, other) = {
+            use std::os::unix::fs::MetadataExt;
+            (
+                Some((meta.ctime(), meta.ctime_nsec())),
+                Some((meta.nlink(), meta.mode(), meta.uid(), meta.gid())),
+            )
+        };
+        #[cfg(not(unix))]
+        let (changed, other) = (None, None);
+        Self {
+            len: meta.len(),
+            modified: meta.modified().ok(),
+            changed,
+            meta: other,
+        }
+    }
+
+    /// Whether the contents may differ from `self`'s: another size or modification time, or an
+    /// inode change that no metadata change explains.
+    fn contents_differ(&self, now: &Self) -> bool {
+        self.len != now.len
+            || self.modified != now.modified
+            || (self.changed != now.changed && self.meta == now.meta)
+    }
+}
+
 /// The bytes behind a [`GgufFile`].
 enum Storage {
-    Mmap(memmap2::Mmap),
+    /// A read-only map of the file, the file itself (its descriptor follows the mapped inode even
+    /// when the path is renamed or replaced) and its stamp at open.
+    Mmap {
+        map: memmap2::Mmap,
+        file: std::fs::File,
+        stamp: FileStamp,
+    },
     Owned(Vec<u8>),
 }
 
 impl Storage {
     fn bytes(&self) -> &[u8] {
         match self {
-            Self::Mmap(m) => m,
+            Self::Mmap { map, .. } => map,
             Self::Owned(v) => v,
         }
     }
@@ -306,7 +356,13 @@ impl std::fmt::Debug for GgufFile {
 impl GgufFile {
     /// Memory-maps and parses the file at `path`.
     ///
-    /// The file must not be modified while the returned value is alive (as with any mmap).
+    /// The file must not be modified in place while the returned value is alive: a write changes
+    /// the weights under the running model, and truncating the file makes the next read of a
+    /// page past the new end raise `SIGBUS`, which kills the process. Replacing the file (a new
+    /// file renamed over the path, as downloads and `cp` to a temporary name do) is harmless: the
+    /// map keeps the old contents. [`GgufFile::check_unchanged`] detects in-place changes; the
+    /// CPU decoder calls it before every prefill and decode step. Empty files are read, not
+    /// mapped.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, ModelError> {
         let path = path.as_ref();
         let _span = tracing::debug_span!("gguf_open", path = %path.display()).entered();
@@ -315,16 +371,73 @@ impl GgufFile {
             source,
         };
         let file = std::fs::File::open(path).map_err(io)?;
-        let len = file.metadata().map_err(io)?.len();
-        let storage = if len == 0 {
+        let meta = file.metadata().map_err(io)?;
+        if !meta.is_file() {
+            return Err(ModelError::Gguf {
+                path: path.display().to_string(),
+                msg: "not a regular file".into(),
+            });
+        }
+        let stamp = FileStamp::of(&meta);
+        let storage = if stamp.len == 0 {
             Storage::Owned(Vec::new())
         } else {
-            // SAFETY: the map is read-only and private to this value; as with every mmap-based
-            // reader, changing the file underneath while it is open is the caller's problem.
-            // Every access goes through bounds-checked slices of the mapped length.
-            Storage::Mmap(unsafe { memmap2::Mmap::map(&file) }.map_err(io)?)
+            // SAFETY: the map is read-only and private to this value. Every access goes through
+            // bounds-checked slices of the mapped length. The remaining hazard of any file map,
+            // another process truncating or rewriting the file, is documented above and detected
+            // by `check_unchanged` (docs/hardening.md).
+            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+            Storage::Mmap { map, file, stamp }
         };
-        Self::parse(path.to_path_buf(), storage)
+        let g = Self::parse(path.to_path_buf(), storage)?;
+        // A write during the parse would have gone unnoticed.
+        g.check_unchanged()?;
+        Ok(g)
+    }
+
+    /// Checks that the mapped file was not modified or truncated since [`GgufFile::open`]: same
+    /// size, modification time and (on Unix) inode change time, unless a change of the link
+    /// count, mode or owner explains the latter. The stamp is read from the open descriptor, so a
+    /// file replaced at the same path (renamed over it) passes: the map keeps the old contents.
+    /// Always `Ok` for in-memory images.
+    ///
+    /// A failed check means the weights in memory may no longer be those that were validated:
+    /// the model must be reopened. The check cannot prevent a `SIGBUS` from a truncation that
+    /// happens between two checks.
+    pub fn check_unchanged(&self) -> Result<(), ModelError> {
+        let Storage::Mmap { file, stamp, .. } = &self.storage else {
+            return Ok(());
+        };
+        let now = file
+            .metadata()
+            .map(|m| FileStamp::of(&m))
+            .map_err(|e| ModelError::Io {
+                path: self.path.display().to_string(),
+                source: e,
+            })?;
+        if !stamp.contents_differ(&now) {
+            return Ok(());
+        }
+        let what = if now.len != stamp.len {
+            format!("its size went from {} to {} bytes", stamp.len, now.len)
+        } else if now.modified != stamp.modified {
+            "its modification time changed".to_string()
+        } else {
+            "it was written with its old modification time restored".to_string()
+        };
+        Err(ModelError::Gguf {
+            path: self.path.display().to_string(),
+            msg: format!(
+                "the model file changed on disk while in use ({what}); the loaded weights are no \
+                 longer reliable: restart with the new file, and replace model files by renaming \
+                 a new file over them, never by writing into them"
+            ),
+        })
+    }
+
+    /// Whether the bytes are a map of a file (from [`GgufFile::open`]) rather than owned.
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.storage, Storage::Mmap { .. })
     }
 
     /// Parses an in-memory GGUF image; `name` stands in for the path in error messages.

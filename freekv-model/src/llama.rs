@@ -183,12 +183,59 @@ impl LlamaModel {
         page_size: usize,
         policy: Box<dyn KvPolicy>,
     ) -> Result<Session, ModelError> {
+        self.session_bounded(page_size, policy, None)
+    }
+
+    /// Host bytes of one KV page of one layer (keys and values of `page_size` tokens, `f32`).
+    pub fn kv_page_bytes(&self, page_size: usize) -> Result<usize, ModelError> {
         let c = &self.cfg;
         let geom = PageGeometry::new(page_size, c.n_kv_heads, c.head_dim)?;
-        let max_pages = geom
+        geom.page_elems()
+            .checked_mul(std::mem::size_of::<f32>())
+            .ok_or_else(|| ModelError::Config("KV page size overflows".into()))
+    }
+
+    /// Host bytes of the session's KV cache holding `tokens` tokens in every layer (whole pages).
+    pub fn kv_cache_bytes(&self, page_size: usize, tokens: usize) -> Result<usize, ModelError> {
+        let page = self.kv_page_bytes(page_size)?;
+        tokens
+            .div_ceil(page_size)
+            .checked_mul(self.cfg.n_layers)
+            .and_then(|p| p.checked_mul(page))
+            .ok_or_else(|| ModelError::Config(format!("the KV cache of {tokens} tokens overflows")))
+    }
+
+    /// A new session whose KV cache grows to at most `max_cache_bytes` of host memory (whole
+    /// pages; `None`: as much as the context needs). Beyond the bound, prefill and decode fail
+    /// with [`LayoutError::PoolExhausted`](freekv_layout::LayoutError::PoolExhausted); the
+    /// session's context length is lowered to what the bound holds, so generation stops with
+    /// [`StopReason::Context`](crate::generate::StopReason::Context) before that.
+    pub fn session_bounded(
+        &self,
+        page_size: usize,
+        policy: Box<dyn KvPolicy>,
+        max_cache_bytes: Option<usize>,
+    ) -> Result<Session, ModelError> {
+        let c = &self.cfg;
+        let geom = PageGeometry::new(page_size, c.n_kv_heads, c.head_dim)?;
+        let mut max_pages = geom
             .pages_for(c.context_length)
             .checked_mul(c.n_layers)
             .ok_or_else(|| ModelError::Config("KV cache size overflows".into()))?;
+        let mut context_length = c.context_length;
+        if let Some(bytes) = max_cache_bytes {
+            let page = self.kv_page_bytes(page_size)?;
+            let per_layer = bytes / page / c.n_layers;
+            if per_layer == 0 {
+                return Err(ModelError::Config(format!(
+                    "a host KV limit of {bytes} bytes holds no page: one page of every layer needs \
+                     {} bytes",
+                    page.saturating_mul(c.n_layers)
+                )));
+            }
+            max_pages = max_pages.min(per_layer.saturating_mul(c.n_layers));
+            context_length = context_length.min(per_layer.saturating_mul(page_size));
+        }
         let cache = PagedKvCache::new(geom, c.n_layers, Some(max_pages))?;
         Ok(Session {
             cache,
@@ -197,7 +244,7 @@ impl LlamaModel {
             pre: PrefillBufs::default(),
             attn: AttnScratch::new(),
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
-            context_length: c.context_length,
+            context_length,
         })
     }
 
@@ -274,6 +321,7 @@ impl LlamaModel {
             return Err(ModelError::Prompt("the prompt is empty".into()));
         }
         self.check_tokens(tokens)?;
+        self.gguf.check_unchanged()?;
         let start = s.position();
         if start + tokens.len() > s.context_length {
             return Err(ModelError::Prompt(format!(
@@ -391,11 +439,14 @@ impl LlamaModel {
     /// Run one token at the next position and return its logits. Attention goes through the
     /// session's policy, which appends the token's key and value.
     ///
-    /// Errors: a token outside the vocabulary or a full context (the session is unchanged), or a
-    /// failure inside a layer (the session is then inconsistent: [`Session::reset`] it).
+    /// Errors: a token outside the vocabulary, a full context or a model file changed on disk
+    /// ([`GgufFile::check_unchanged`]) (the session is unchanged), or a failure inside a layer
+    /// (the session is then inconsistent: [`Session::reset`] it).
     pub fn decode<'s>(&self, s: &'s mut Session, token: u32) -> Result<&'s [f32], ModelError> {
         let _span = tracing::debug_span!("decode").entered();
         self.check_tokens(&[token])?;
+        // One fstat per step (about a microsecond): the weights are read from the file's map.
+        self.gguf.check_unchanged()?;
         let pos = s.position();
         if pos >= s.context_length {
             return Err(ModelError::Prompt(format!(
