@@ -205,6 +205,42 @@ pub fn cmd_eval(a: EvalArgs) -> Result<()> {
     if !a.make_passkey && !a.fidelity && a.cases.is_none() {
         bail!("eval needs --cases FILE, --fidelity --text FILE, or --make-passkey");
     }
+    if a.fidelity && a.positions == 0 {
+        bail!("--positions must be at least 1");
+    }
+    if a.make_passkey && (a.n == 0 || a.length == 0 || a.case_tokens == 0) {
+        bail!("--n, --length and --case-tokens must be at least 1");
+    }
+    if !a.make_passkey {
+        // Every policy flag is checked before the model is loaded (dense layers again after).
+        a.kv.all(usize::MAX)?;
+    }
+    // Input files are read before the model is loaded, so that a bad one fails fast.
+    let cases_text = match (&a.cases, a.fidelity || a.make_passkey) {
+        (Some(path), false) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read --cases file {}", path.display()))?,
+        ),
+        _ => None,
+    };
+    let fidelity_text = match (&a.text, a.fidelity) {
+        (Some(path), true) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read --text file {}", path.display()))?;
+            if text.trim().is_empty() {
+                bail!("--text file {} is empty", path.display());
+            }
+            Some(text)
+        }
+        _ => None,
+    };
+    let cases = match (&cases_text, &a.cases) {
+        (Some(text), Some(path)) => Some(
+            eval::parse_cases(text)
+                .with_context(|| format!("in --cases file {}", path.display()))?,
+        ),
+        _ => None,
+    };
     let gguf = crate::open_model(&a.model, true)?;
     let tok = Tokenizer::from_gguf(&gguf)?;
     if a.make_passkey {
@@ -261,12 +297,7 @@ pub fn cmd_eval(a: EvalArgs) -> Result<()> {
         );
     }
     if a.fidelity {
-        let path = a.text.as_ref().context("--fidelity needs --text FILE")?;
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read --text file {}", path.display()))?;
-        if text.trim().is_empty() {
-            bail!("--text file {} is empty", path.display());
-        }
+        let text = fidelity_text.context("--fidelity needs --text FILE")?;
         let mut ids = tok.encode_prompt(&text)?;
         let unit = tok.encode(&text, false)?;
         while a.min_tokens > 0 && ids.len() < a.min_tokens && !unit.is_empty() {
@@ -300,11 +331,7 @@ pub fn cmd_eval(a: EvalArgs) -> Result<()> {
         println!("{summary}");
         return Ok(());
     }
-    let path = a.cases.as_ref().context("--cases FILE")?;
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read --cases file {}", path.display()))?;
-    let cases =
-        eval::parse_cases(&text).with_context(|| format!("in --cases file {}", path.display()))?;
+    let cases = cases.context("--cases FILE")?;
     let results = eval::run_cases(&model, &tok, &cases, &policies, &mut |r| {
         eprintln!(
             "freekv eval: case {} {:<16} {} ({} tokens, answer {}, got {:?}) [prefill {:.1}s, decode {:.1}s]",

@@ -68,17 +68,21 @@ struct GenerateArgs {
     /// System prompt for --chat [default: the template's own default].
     #[arg(long, requires = "chat")]
     system: Option<String>,
-    /// Maximum number of tokens to generate.
+    /// Maximum number of tokens to generate (at least 1).
     #[arg(short = 'n', long, default_value_t = 128)]
     max_new_tokens: usize,
+    /// Keep generating past the model's end-of-generation tokens, up to -n or the context
+    /// (benchmarks and soak runs).
+    #[arg(long)]
+    ignore_eos: bool,
     /// Sampling temperature; 0 means greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     temperature: f32,
     /// Keep only the K most likely tokens when sampling (0 = off).
     #[arg(long, default_value_t = 0)]
     top_k: usize,
     /// Keep the smallest set of tokens whose probability reaches P when sampling (1 = off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     top_p: f32,
     /// Random seed for sampling.
     #[arg(long, default_value_t = 0)]
@@ -86,9 +90,19 @@ struct GenerateArgs {
     /// Print one JSON object (ids, text, top-5 logprobs per step, timings) instead of streaming text.
     #[arg(long)]
     json: bool,
+    /// Run the generation this many times in one process, each time as a new sequence (memory
+    /// soak runs: `cargo xtask soak`). CPU backend.
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
     /// Where to run.
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     device: DeviceArg,
+    /// Upper bound on the host memory of the KV cache, in GiB (the CPU backend: the session's
+    /// cache plus the host mirror of arkvale/freekv). A run whose prompt + -n tokens need more
+    /// is refused before it starts [default: the context's size, checked against the memory
+    /// available].
+    #[arg(long, value_name = "GIB", allow_negative_numbers = true)]
+    max_host_kv_gib: Option<f64>,
     #[command(flatten)]
     kv: eval::KvArgs,
     #[command(flatten)]
@@ -121,8 +135,59 @@ fn open_model(args: &ModelArgs, quiet: bool) -> Result<Arc<freekv_model::gguf::G
     Ok(Arc::new(file))
 }
 
+/// Parses the command line. A usage error is one line on stderr (clap's message and its tip,
+/// without the usage block) and exit code 2; `--help` and `--version` print as usual.
+fn parse_cli() -> Cli {
+    use clap::error::ErrorKind;
+    match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                e.exit();
+            }
+            eprintln!(
+                "freekv: error: {}",
+                one_line_usage_error(&e.render().to_string())
+            );
+            std::process::exit(2);
+        }
+    }
+}
+
+/// A rendered clap error on one line: the message without its `error: ` prefix, the lines that
+/// continue it (e.g. the missing arguments) and its `tip:` lines in parentheses, without the
+/// usage block.
+fn one_line_usage_error(rendered: &str) -> String {
+    let mut out = String::new();
+    for line in rendered.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if line.starts_with("Usage:") || line.starts_with("For more information") {
+            break;
+        }
+        if out.is_empty() {
+            out.push_str(line.strip_prefix("error: ").unwrap_or(line));
+        } else if let Some(tip) = line.strip_prefix("tip: ") {
+            out.push_str(" (");
+            out.push_str(tip);
+            out.push(')');
+        } else {
+            out.push(' ');
+            out.push_str(line);
+        }
+    }
+    if out.is_empty() {
+        out.push_str("invalid command line");
+    }
+    out.push_str(" (see --help)");
+    out
+}
+
 fn main() {
-    let cli = Cli::parse();
+    let cli = parse_cli();
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt()
@@ -182,17 +247,14 @@ fn read_prompt(a: &GenerateArgs) -> Result<String> {
     Ok(s)
 }
 
-fn cmd_generate(a: GenerateArgs) -> Result<()> {
-    use freekv_model::chat::ChatTemplate;
-    use freekv_model::generate::{GenerateOptions, Generator};
-    use freekv_model::llama::LlamaModel;
-    use freekv_model::sampling::SamplingParams;
-    use freekv_model::tokenizer::{StreamDecoder, Tokenizer};
-    use std::io::Write;
-    use std::sync::atomic::{AtomicBool, Ordering};
-
-    if a.kv.page_size == 0 {
-        bail!("--page-size must be at least 1");
+/// Checks every flag of `generate` that needs no model, so that a bad flag fails before anything
+/// is loaded or probed.
+fn validate_generate_flags(a: &GenerateArgs) -> Result<()> {
+    if a.max_new_tokens == 0 {
+        bail!("-n/--max-new-tokens must be at least 1");
+    }
+    if a.repeat == 0 {
+        bail!("--repeat must be at least 1");
     }
     if !(a.temperature >= 0.0 && a.temperature.is_finite()) {
         bail!(
@@ -203,14 +265,126 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     if !(a.top_p > 0.0 && a.top_p <= 1.0) {
         bail!("--top-p must be in (0, 1] (got {})", a.top_p);
     }
+    if let Some(g) = a.max_host_kv_gib
+        && !(g > 0.0 && g.is_finite())
+    {
+        bail!("--max-host-kv-gib must be a positive number of GiB (got {g})");
+    }
+    if a.prompt_ids.as_ref().is_some_and(Vec::is_empty) {
+        bail!("--prompt-ids: no token id given");
+    }
+    // Policy names, budget against sink + window + one page, page size, τ, summary, group
+    // policy, recall mode; dense layers are checked against the model once it is loaded.
+    a.kv.single(usize::MAX)?;
+    Ok(())
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// Memory the kernel reports as available for new allocations (`MemAvailable`, Linux only).
+fn mem_available_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// The host KV memory plan of one CPU run: the bound of the session's cache, checked up front
+/// against `--max-host-kv-gib` or the memory available.
+struct HostKvPlan {
+    /// Bound of the session's cache (`None`: the context's size).
+    cache_limit: Option<usize>,
+    /// `--max-host-kv-gib`, for messages.
+    flag_gib: Option<f64>,
+}
+
+fn plan_host_kv(
+    a: &GenerateArgs,
+    model: &freekv_model::llama::LlamaModel,
+    kv_cfg: &freekv_model::kv::KvConfig,
+    prompt_tokens: usize,
+) -> Result<HostKvPlan> {
+    use freekv_model::kv::KvKind;
+    let c = model.config();
+    let tokens = prompt_tokens
+        .saturating_add(a.max_new_tokens)
+        .min(c.context_length);
+    let cache = model.kv_cache_bytes(kv_cfg.page_size, tokens)?;
+    // arkvale and freekv mirror every sparse-capable layer into a host pool of their own.
+    let mirrored_layers = match kv_cfg.kind {
+        KvKind::ArkVale | KvKind::FreeKv => c.n_layers.saturating_sub(kv_cfg.dense_layers.len()),
+        KvKind::Full | KvKind::Quest => 0,
+    };
+    let copies =
+        |bytes: usize| bytes as f64 * (c.n_layers + mirrored_layers) as f64 / c.n_layers as f64;
+    let need = copies(cache);
+    let what = format!(
+        "the KV cache of {tokens} tokens (prompt {prompt_tokens} + -n {}, at most the context of {}) \
+         over {} layers needs {:.3} GiB of host memory",
+        a.max_new_tokens,
+        c.context_length,
+        c.n_layers,
+        need / GIB
+    );
+    match a.max_host_kv_gib {
+        Some(gib) => {
+            let limit = gib * GIB;
+            if need > limit {
+                bail!(
+                    "{what}, above --max-host-kv-gib {gib}: raise --max-host-kv-gib or lower -n or \
+                     the prompt length"
+                );
+            }
+            // The session's cache gets its share; the mirror never holds more than the cache.
+            let share = limit * c.n_layers as f64 / (c.n_layers + mirrored_layers) as f64;
+            Ok(HostKvPlan {
+                cache_limit: Some(share as usize),
+                flag_gib: Some(gib),
+            })
+        }
+        None => {
+            if let Some(avail) = mem_available_bytes()
+                && need > avail as f64
+            {
+                bail!(
+                    "{what}, but only {:.3} GiB of memory is available: lower -n or the prompt \
+                     length",
+                    avail as f64 / GIB
+                );
+            }
+            Ok(HostKvPlan {
+                cache_limit: None,
+                flag_gib: None,
+            })
+        }
+    }
+}
+
+fn cmd_generate(a: GenerateArgs) -> Result<()> {
+    use freekv_model::chat::ChatTemplate;
+    use freekv_model::generate::{GenerateOptions, Generator};
+    use freekv_model::llama::LlamaModel;
+    use freekv_model::sampling::SamplingParams;
+    use freekv_model::tokenizer::{StreamDecoder, Tokenizer};
+    use std::io::Write;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    validate_generate_flags(&a)?;
     let sampling = SamplingParams {
         temperature: a.temperature,
         top_k: a.top_k,
         top_p: a.top_p,
         seed: a.seed,
     };
-    let non_full = (a.kv.kv.len() != 1 || a.kv.kv.first().is_none_or(|k| k != "full"))
-        .then_some("a KV policy other than full");
+    let non_full = if a.kv.kv.len() != 1 || a.kv.kv.first().is_none_or(|k| k != "full") {
+        Some("a KV policy other than full")
+    } else if a.max_host_kv_gib.is_some() {
+        Some("a host KV limit (--max-host-kv-gib)")
+    } else if a.repeat > 1 {
+        Some("--repeat")
+    } else {
+        None
+    };
     let synthetic = a
         .model
         .model
@@ -222,14 +396,15 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         if a.device == DeviceArg::Cpu {
             bail!("synthetic models run on the CUDA decoder only; use --device cuda");
         }
-        let Some(gpu) = cuda_gen::select(true, false, non_full)? else {
-            bail!("synthetic models need a CUDA device");
-        };
         let Some(ids) = &a.prompt_ids else {
             bail!("synthetic models have no tokenizer: give the prompt with --prompt-ids");
         };
+        let Some(gpu) = cuda_gen::select(true, false, non_full)? else {
+            bail!("synthetic models need a CUDA device");
+        };
         let model = freekv_model::cuda::CudaLlama::synthetic(gpu, name, a.seed)?;
-        let opts = cuda_gen::options(a.max_new_tokens, sampling);
+        let mut opts = cuda_gen::options(a.max_new_tokens, sampling);
+        opts.stop_at_eog = !a.ignore_eos;
         let out = cuda_gen::Output {
             json: a.json,
             tokenizer: None,
@@ -239,25 +414,22 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let gpu = cuda_gen::select(
-        a.device == DeviceArg::Cuda,
-        a.device == DeviceArg::Auto,
-        non_full,
-    )?;
-    // Read the prompt before loading anything, so a missing prompt fails fast.
+    // Everything that can be checked without a device comes first: the prompt, the model file,
+    // the tokenization, the context and the KV flags against the model.
     let text = if a.prompt_ids.is_some() {
         None
     } else {
         Some(read_prompt(&a)?)
     };
+    if text.as_deref().is_some_and(str::is_empty) {
+        bail!("the prompt is empty");
+    }
     let gguf = open_model(&a.model, a.json)?;
+    let cfg = freekv_model::config::LlamaConfig::from_gguf(&gguf)?;
     let tok = Tokenizer::from_gguf(&gguf)?;
     let prompt_ids = match (&a.prompt_ids, text) {
         (Some(ids), _) => ids.clone(),
         (None, Some(text)) => {
-            if text.is_empty() {
-                bail!("the prompt is empty");
-            }
             if a.chat {
                 let tpl = ChatTemplate::from_gguf(&gguf)?
                     .context("--chat: the model file has no chat template")?;
@@ -269,9 +441,37 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         }
         (None, None) => bail!("no prompt"),
     };
+    if prompt_ids.is_empty() {
+        bail!("the prompt is empty");
+    }
+    if let Some((i, &id)) = prompt_ids
+        .iter()
+        .enumerate()
+        .find(|&(_, &id)| id as usize >= cfg.vocab_size)
+    {
+        bail!(
+            "--prompt-ids: token id {id} (at index {i}) is outside the model's vocabulary of {} tokens",
+            cfg.vocab_size
+        );
+    }
+    if prompt_ids.len() > cfg.context_length {
+        bail!(
+            "the prompt has {} tokens, more than the model's context of {} tokens: shorten it",
+            prompt_ids.len(),
+            cfg.context_length
+        );
+    }
+    let kv_cfg = a.kv.single(cfg.n_layers)?;
+
+    let gpu = cuda_gen::select(
+        a.device == DeviceArg::Cuda,
+        a.device == DeviceArg::Auto,
+        non_full,
+    )?;
     if let Some(gpu) = gpu {
         let model = freekv_model::cuda::CudaLlama::from_gguf(gpu, &gguf)?;
-        let opts = cuda_gen::options(a.max_new_tokens, sampling);
+        let mut opts = cuda_gen::options(a.max_new_tokens, sampling);
+        opts.stop_at_eog = !a.ignore_eos;
         let out = cuda_gen::Output {
             json: a.json,
             tokenizer: Some(&tok),
@@ -282,18 +482,14 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         return Ok(());
     }
     let model = LlamaModel::new(gguf.clone())?;
-    let kv_cfg = a.kv.single(model.config().n_layers)?;
+    let plan = plan_host_kv(&a, &model, &kv_cfg, prompt_ids.len())?;
     let policy = freekv_model::kv::build_policy(&kv_cfg, model.config().n_layers)?;
-    let mut generator = Generator::with_policy(&model, &tok, kv_cfg.page_size, policy)?;
+    let session = model.session_bounded(kv_cfg.page_size, policy, plan.cache_limit)?;
+    let mut generator = Generator::with_session(&model, &tok, session);
     let opts = GenerateOptions {
         max_new_tokens: a.max_new_tokens,
-        sampling: SamplingParams {
-            temperature: a.temperature,
-            top_k: a.top_k,
-            top_p: a.top_p,
-            seed: a.seed,
-        },
-        stop_at_eog: true,
+        sampling,
+        stop_at_eog: !a.ignore_eos,
         top_logprobs: if a.json { 5 } else { 0 },
     };
 
@@ -305,72 +501,114 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         }
     });
 
-    let mut stream = StreamDecoder::new();
-    let mut stdout = std::io::stdout().lock();
-    let mut write_err = None;
     let json = a.json;
-    let result = generator.generate(&prompt_ids, &opts, &CANCEL, &mut |id| {
-        if json || write_err.is_some() {
-            return;
-        }
-        match stream.push(&tok, id) {
-            Ok(piece) => {
-                if let Err(e) = stdout
-                    .write_all(piece.as_bytes())
-                    .and_then(|_| stdout.flush())
-                {
-                    write_err = Some(e);
-                }
+    for run in 1..=a.repeat {
+        let mut stream = StreamDecoder::new();
+        let mut stdout = std::io::stdout().lock();
+        let mut write_err = None;
+        let mut streamed = false;
+        let result = generator.generate(&prompt_ids, &opts, &CANCEL, &mut |id| {
+            if json || write_err.is_some() {
+                return;
             }
-            Err(e) => tracing::warn!("cannot decode token {id}: {e}"),
-        }
-    })?;
-    if let Some(e) = write_err {
-        // A closed pipe (e.g. `| head`) is not an error of ours.
-        if e.kind() != std::io::ErrorKind::BrokenPipe {
-            return Err(e).context("cannot write to standard output");
-        }
-        return Ok(());
-    }
-    let t = &result.timings;
-    if json {
-        let obj = serde_json::json!({
-            "prompt_ids": result.prompt_ids,
-            "generated_ids": result.generated_ids,
-            "text": result.text,
-            "top_logprobs": result.top_logprobs,
-            "stop": result.stop.as_str(),
-            "timings": t,
-            "kv_policy": generator.session().policy().name(),
-            "kv_stats": generator.session().policy().stats(),
+            match stream.push(&tok, id) {
+                Ok(piece) => {
+                    streamed |= !piece.is_empty();
+                    if let Err(e) = stdout
+                        .write_all(piece.as_bytes())
+                        .and_then(|_| stdout.flush())
+                    {
+                        write_err = Some(e);
+                    }
+                }
+                Err(e) => tracing::warn!("cannot decode token {id}: {e}"),
+            }
         });
-        writeln!(stdout, "{obj}")?;
-    } else {
-        let rest = stream.finish();
-        write!(stdout, "{rest}")?;
-        writeln!(stdout)?;
-    }
-    drop(stdout);
-    eprintln!(
-        "freekv: prompt {} tokens, prefill {:.1} tok/s ({:.2} s); decode {} tokens, {:.1} tok/s; stop: {}",
-        t.prompt_tokens,
-        t.prefill_tok_s,
-        t.prefill_s,
-        t.decode_tokens,
-        t.decode_tok_s,
-        result.stop.as_str()
-    );
-    if let Some(line) = generator
-        .session()
-        .policy()
-        .stats()
-        .as_ref()
-        .and_then(freekv_model::kv::summary_line)
-    {
-        eprintln!("freekv: {line}");
-    }
-    if result.cancelled() {
-        std::process::exit(130);
+        let result = match result {
+            Ok(r) => r,
+            Err(e) => {
+                // Keep the streamed text on a line of its own, then say what went wrong.
+                if streamed && write_err.is_none() {
+                    let _ = writeln!(stdout, "{}", stream.finish());
+                }
+                return Err(explain_run_error(e, &plan));
+            }
+        };
+        if let Some(e) = write_err {
+            // A closed pipe (e.g. `| head`) is not an error of ours.
+            if e.kind() != std::io::ErrorKind::BrokenPipe {
+                return Err(e).context("cannot write to standard output");
+            }
+            return Ok(());
+        }
+        let t = &result.timings;
+        if json {
+            let obj = serde_json::json!({
+                "prompt_ids": result.prompt_ids,
+                "generated_ids": result.generated_ids,
+                "text": result.text,
+                "top_logprobs": result.top_logprobs,
+                "stop": result.stop.as_str(),
+                "timings": t,
+                "kv_policy": generator.session().policy().name(),
+                "kv_stats": generator.session().policy().stats(),
+            });
+            writeln!(stdout, "{obj}")?;
+        } else {
+            let rest = stream.finish();
+            write!(stdout, "{rest}")?;
+            writeln!(stdout)?;
+        }
+        drop(stdout);
+        let which = if a.repeat > 1 {
+            format!("run {run}/{}: ", a.repeat)
+        } else {
+            String::new()
+        };
+        eprintln!(
+            "freekv: {which}prompt {} tokens, prefill {:.1} tok/s ({:.2} s); decode {} tokens, {:.1} tok/s; stop: {}",
+            t.prompt_tokens,
+            t.prefill_tok_s,
+            t.prefill_s,
+            t.decode_tokens,
+            t.decode_tok_s,
+            result.stop.as_str()
+        );
+        if let Some(line) = generator
+            .session()
+            .policy()
+            .stats()
+            .as_ref()
+            .and_then(freekv_model::kv::summary_line)
+        {
+            eprintln!("freekv: {which}{line}");
+        }
+        if result.cancelled() {
+            std::process::exit(130);
+        }
     }
     Ok(())
+}
+
+/// A generation error, with the flag to change when the host KV bound was reached.
+fn explain_run_error(e: freekv_model::ModelError, plan: &HostKvPlan) -> anyhow::Error {
+    use freekv_model::ModelError;
+    if let ModelError::Layout(freekv_layout::LayoutError::PoolExhausted {
+        max_pages,
+        page_bytes,
+    }) = &e
+    {
+        let used = (*max_pages as f64) * (*page_bytes as f64) / GIB;
+        return match plan.flag_gib {
+            Some(gib) => anyhow::anyhow!(
+                "the host KV cache reached --max-host-kv-gib {gib} ({max_pages} pages, {used:.3} GiB): \
+                 raise --max-host-kv-gib or lower -n or the prompt length"
+            ),
+            None => anyhow::anyhow!(
+                "host memory for the KV cache ran out after {max_pages} pages ({used:.3} GiB): \
+                 lower -n or the prompt length"
+            ),
+        };
+    }
+    e.into()
 }
