@@ -582,6 +582,9 @@ impl Kernels {
     /// [`FreeKvShape::select_scratch_len`] elements. `summary` is the kind the summaries were
     /// built with (the kernels score whatever (U, L) they are given; it is recorded in the
     /// tracing span). Head dims: [`FREEKV_SELECT_HEAD_DIMS`]; `G` ≤ [`FREEKV_MAX_GROUP`].
+    /// After the launch, `scratch[row · G · MP + i]` (`row = seq · Hkv + h`) holds the fp32 group
+    /// score of candidate page `ns + i` of every processed row, bit-identical with
+    /// `freekv_select::Selection::scores`.
     ///
     /// Per (seq, KV head) row:
     ///
