@@ -473,3 +473,64 @@ fn repeat_runs_each_generation_as_a_new_sequence() {
         );
     }
 }
+
+#[test]
+fn a_kv_cache_larger_than_the_memory_is_refused_up_front() {
+    // A model whose metadata claims a context of 2^28 tokens: with -n that large, the KV cache
+    // (768 bytes per token over 3 layers, 5/3 of it with freekv's host mirror) needs ~320 GiB.
+    let (t, _) = setup("mem");
+    let mut w = tiny_random_model_writer(5, &tiny_config()).unwrap();
+    w.add_meta("llama.context_length", MetaValue::U32(1 << 28));
+    let model = t.0.join("long-context.gguf");
+    w.write_to(&model).unwrap();
+    let need = (1u64 << 28) as f64 * 768.0 * 5.0 / 3.0;
+    let available = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            let l = m
+                .lines()
+                .find(|l| l.starts_with("MemAvailable:"))?
+                .to_string();
+            l.split_whitespace().nth(1)?.parse::<f64>().ok()
+        })
+        .map(|kib| kib * 1024.0);
+    match available {
+        Some(a) if a < need => {}
+        _ => {
+            println!("skipped: this machine has more memory than the test's KV cache, or no /proc");
+            return;
+        }
+    }
+    let m = model.to_str().unwrap();
+    assert_one_line_error(
+        &[
+            "generate",
+            "--model",
+            m,
+            "--device",
+            "cpu",
+            "--kv",
+            "freekv",
+            "-n",
+            "268435000",
+            "hi",
+        ],
+        "of memory is available: lower -n or the prompt length",
+    );
+    // Bounded by the flag instead, the message names the flag.
+    assert_one_line_error(
+        &[
+            "generate",
+            "--model",
+            m,
+            "--device",
+            "cpu",
+            "-n",
+            "268435000",
+            "--max-host-kv-gib",
+            "1",
+            "hi",
+        ],
+        "above --max-host-kv-gib 1",
+    );
+}
