@@ -7,6 +7,8 @@ mod bench;
 mod criterion;
 mod probe;
 mod report;
+mod sanitize;
+mod soak;
 mod svg;
 
 use anyhow::{Result, bail};
@@ -38,8 +40,11 @@ fn main() -> Result<()> {
             bench::run(&opts)
         }
         Some("bench-report") => bench::rerender(args.get(1).map(std::path::Path::new)),
+        Some("soak") => soak::run(&soak::SoakOptions::parse(&args[1..])?),
+        Some("sanitize") => sanitize::run(&sanitize::SanitizeOptions::parse(&args[1..])?),
         Some("-h" | "--help" | "help") | None => {
             print!("{}", usage());
+            println!("  {}\n  {}", soak::usage(), sanitize::usage());
             Ok(())
         }
         Some(other) => bail!("unknown task `{other}`\n{}", usage()),
