@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use anyhow::{Context, Result, bail};
-use freekv_model::cuda::{CudaLlama, Gpu};
+use freekv_model::cuda::{CudaLlama, Gpu, GpuKvOptions};
 use freekv_model::generate::GenerateOptions;
 use freekv_model::tokenizer::{StreamDecoder, Tokenizer};
 
@@ -51,34 +51,44 @@ pub fn run(
     model: &CudaLlama,
     prompt_ids: &[u32],
     opts: &GenerateOptions,
+    kv: Option<GpuKvOptions>,
     cancel: &AtomicBool,
     out: Output<'_>,
 ) -> Result<bool> {
+    let policy = kv.as_ref().map_or("full", |k| k.policy_name());
+    let describe = kv.as_ref().map(|k| {
+        format!(
+            "{} (GPU {} recall)",
+            k.kv.describe().replacen("quest", "oracle", 1),
+            k.recall.name()
+        )
+    });
     let mut stream = StreamDecoder::new();
     let mut stdout = std::io::stdout().lock();
     let mut write_err = None;
     let synthetic = model.source().is_synthetic();
-    let result = model.generate(out.tokenizer, prompt_ids, opts, cancel, &mut |id| {
-        if out.json || write_err.is_some() {
-            return;
-        }
-        let piece = match out.tokenizer {
-            Some(tok) if !synthetic => match stream.push(tok, id) {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::warn!("cannot decode token {id}: {e}");
-                    return;
-                }
-            },
-            _ => format!("{id} "),
-        };
-        if let Err(e) = stdout
-            .write_all(piece.as_bytes())
-            .and_then(|_| stdout.flush())
-        {
-            write_err = Some(e);
-        }
-    })?;
+    let (result, stats) =
+        model.generate_with_kv(out.tokenizer, prompt_ids, opts, kv, cancel, &mut |id| {
+            if out.json || write_err.is_some() {
+                return;
+            }
+            let piece = match out.tokenizer {
+                Some(tok) if !synthetic => match stream.push(tok, id) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::warn!("cannot decode token {id}: {e}");
+                        return;
+                    }
+                },
+                _ => format!("{id} "),
+            };
+            if let Err(e) = stdout
+                .write_all(piece.as_bytes())
+                .and_then(|_| stdout.flush())
+            {
+                write_err = Some(e);
+            }
+        })?;
     if let Some(e) = write_err {
         if e.kind() != std::io::ErrorKind::BrokenPipe {
             return Err(e).context("cannot write to standard output");
@@ -94,7 +104,9 @@ pub fn run(
             "top_logprobs": result.top_logprobs,
             "stop": result.stop.as_str(),
             "timings": t,
-            "kv_policy": "full",
+            "kv_policy": policy,
+            "kv_config": describe,
+            "kv_stats": stats.as_ref().map(|s| s.to_json()),
             "device": "cuda",
             "model": model.source().label(),
             "synthetic": synthetic,
@@ -107,6 +119,16 @@ pub fn run(
         writeln!(stdout)?;
     }
     drop(stdout);
+    if let (Some(d), Some(st)) = (&describe, &stats) {
+        eprintln!(
+            "freekv: KV {d}: {} sparse (layer, sequence) steps, {} first, KV heads corrected {}/{} ({:.1}%)",
+            st.sparse_seq_layer_steps,
+            st.first_sparse,
+            st.heads_flagged,
+            st.heads_checked,
+            100.0 * st.head_correction_rate()
+        );
+    }
     eprintln!(
         "freekv: {} on {}: prompt {} tokens, prefill {:.1} tok/s ({:.2} s); decode {} tokens, {:.1} tok/s; stop: {}",
         model.source().label(),

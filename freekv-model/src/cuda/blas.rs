@@ -1,5 +1,8 @@
-//! cuBLAS linear layers with a fixed workspace, so that the products can be captured in a CUDA
-//! graph (cuBLAS must not allocate while a stream is being captured).
+//! The decoder's linear layers: freekv-kernels' skinny `gemv` kernels for decode-sized products
+//! (1 to 8 token rows), cuBLAS (with a fixed workspace, so that the products can be captured in
+//! a CUDA graph) for everything else.
+//!
+//! Set `FREEKV_GEMV=0` to send every product to cuBLAS (for before/after measurements).
 
 use std::sync::Arc;
 
@@ -7,14 +10,18 @@ use freekv_kernels::KernelError;
 use freekv_kernels::cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 use freekv_kernels::gemm::{Gemm, LinearDims};
 use freekv_kernels::half::bf16;
+use freekv_kernels::ops::gemv::{GemvKernels, GemvOut, gemv_aligned, gemv_supported};
 
 use crate::ModelError;
 
 /// cuBLAS workspace handed to the handle (what cuBLAS recommends for Hopper).
 const WORKSPACE_BYTES: usize = 32 << 20;
 
+/// Environment variable: `0` disables the `gemv` kernels (every product through cuBLAS).
+pub(crate) const GEMV_ENV: &str = "FREEKV_GEMV";
+
 /// Output element types of [`Blas::linear`].
-pub(crate) trait OutType: freekv_kernels::cudarc::driver::DeviceRepr + Sized {
+pub(crate) trait OutType: GemvOut + Sized {
     fn linear(
         g: &Gemm,
         x: &impl DevicePtr<bf16>,
@@ -46,22 +53,39 @@ impl OutType for f32 {
     }
 }
 
-/// The decoder's cuBLAS handle: freekv-kernels' [`Gemm`] with a fixed workspace, so that the
-/// products can be captured in a CUDA graph (cuBLAS must not allocate during a capture).
+/// The decoder's products: the `gemv` kernels where they apply, else cuBLAS with a fixed
+/// workspace (cuBLAS must not allocate during a graph capture).
 #[derive(Debug)]
 pub(crate) struct Blas {
     gemm: Gemm,
+    /// `None` when disabled through [`GEMV_ENV`].
+    gemv: Option<GemvKernels>,
 }
 
 impl Blas {
     pub(crate) fn new(stream: Arc<CudaStream>) -> Result<Self, ModelError> {
+        let enabled = std::env::var(GEMV_ENV).map_or(true, |v| v.trim() != "0");
+        Self::with_gemv(stream, enabled)
+    }
+
+    /// Like [`new`](Self::new), with the `gemv` kernels on or off regardless of the environment.
+    pub(crate) fn with_gemv(stream: Arc<CudaStream>, gemv: bool) -> Result<Self, ModelError> {
+        let gemv = if gemv {
+            Some(GemvKernels::for_stream(&stream)?)
+        } else {
+            tracing::debug!("{GEMV_ENV}=0: every product through cuBLAS");
+            None
+        };
         Ok(Self {
             gemm: Gemm::with_workspace(stream, WORKSPACE_BYTES)?,
+            gemv,
         })
     }
 
     /// `y[t, o] = Σ_i x[t, i] · w[o, i]` for `tokens` rows (row-major; `w` is `[out, in]`), fp32
-    /// accumulation. Buffers may be longer than needed.
+    /// accumulation. Buffers may be longer than needed. Up to 8 rows with `in` a multiple of 8 and
+    /// 16-byte aligned `x` and `w` go to the `gemv` kernels (one pass over the weights), the rest
+    /// to cuBLAS.
     pub(crate) fn linear<O: OutType>(
         &self,
         x: &impl DevicePtr<bf16>,
@@ -76,6 +100,99 @@ impl Blas {
             in_features,
             out_features,
         };
+        if let Some(gv) = &self.gemv
+            && self.gemv_fits(x, w, d)
+        {
+            return Ok(gv.linear(self.gemm.stream(), x, w, y, d, false)?);
+        }
         Ok(O::linear(&self.gemm, x, w, y, d)?)
+    }
+
+    /// Whether the `gemv` kernels serve this product (decided on the host: shape and alignment).
+    fn gemv_fits(&self, x: &impl DevicePtr<bf16>, w: &impl DevicePtr<bf16>, d: LinearDims) -> bool {
+        if !gemv_supported(d) {
+            return false;
+        }
+        let s = self.gemm.stream();
+        let (xp, _gx) = x.device_ptr(s);
+        let (wp, _gw) = w.device_ptr(s);
+        gemv_aligned(xp) && gemv_aligned(wp)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use freekv_kernels::cudarc::driver::CudaSlice;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    fn rand_bf16(r: &mut StdRng, n: usize, a: f32) -> Vec<bf16> {
+        (0..n)
+            .map(|_| bf16::from_f32(r.random_range(-a..a)))
+            .collect()
+    }
+
+    /// Max |got − want| / max |want|, failing on any non-finite output.
+    fn rel_err(got: &[f32], want: &[f64]) -> f64 {
+        assert!(got.iter().all(|v| v.is_finite()), "non-finite output");
+        let scale = want.iter().fold(0.0f64, |m, w| m.max(w.abs()));
+        assert!(scale > 0.0);
+        got.iter()
+            .zip(want)
+            .map(|(&g, &w)| (g as f64 - w).abs())
+            .fold(0.0, f64::max)
+            / scale
+    }
+
+    /// Both routes (gemv for ≤ 8 aligned rows, cuBLAS otherwise: 9 rows, `in` not a multiple of
+    /// 8, a misaligned `x`) against an f64 reference, bf16 and f32 outputs poisoned with NaN.
+    #[test]
+    fn linear_routes_match_reference() {
+        let Some(g) = freekv_kernels::testing::gpu() else {
+            return;
+        };
+        let s = g.stream();
+        let blas = Blas::with_gemv(s.clone(), true).unwrap();
+        let mut r = StdRng::seed_from_u64(0xB1A5);
+        // (tokens, in, out, x offset in elements)
+        for &(t, k, n, off) in &[
+            (1usize, 4096usize, 1000usize, 0usize),
+            (4, 576, 333, 0),
+            (8, 1024, 515, 0),
+            (9, 1024, 515, 0),
+            (3, 100, 70, 0),
+            (2, 512, 256, 1),
+        ] {
+            let x = rand_bf16(&mut r, off + t * k, 1.0);
+            let w = rand_bf16(&mut r, n * k, 0.1);
+            let mut want = vec![0.0f64; t * n];
+            for a in 0..t {
+                for b in 0..n {
+                    want[a * n + b] = (0..k)
+                        .map(|i| x[off + a * k + i].to_f64() * w[b * k + i].to_f64())
+                        .sum();
+                }
+            }
+            let dx: CudaSlice<bf16> = s.clone_htod(&x).unwrap();
+            let dxv = dx.slice(off..);
+            let dw = s.clone_htod(&w).unwrap();
+            let mut y = s.clone_htod(&vec![bf16::from_bits(0x7fc1); t * n]).unwrap();
+            blas.linear(&dxv, &dw, &mut y, t, k, n).unwrap();
+            let yb: Vec<f32> = s
+                .clone_dtoh(&y)
+                .unwrap()
+                .iter()
+                .map(|v| v.to_f32())
+                .collect();
+            let e1 = rel_err(&yb, &want);
+            let mut y32 = s.clone_htod(&vec![f32::NAN; t * n]).unwrap();
+            blas.linear(&dxv, &dw, &mut y32, t, k, n).unwrap();
+            let e2 = rel_err(&s.clone_dtoh(&y32).unwrap(), &want);
+            assert!(
+                e1 <= 1e-2 && e2 <= 1e-4,
+                "{t}x{k}x{n}+{off}: {e1:.2e} {e2:.2e}"
+            );
+        }
     }
 }

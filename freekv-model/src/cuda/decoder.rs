@@ -10,18 +10,22 @@ use freekv_kernels::cudarc::driver::{CudaGraph, CudaSlice, CudaView, DriverError
 use freekv_kernels::half::bf16;
 use freekv_kernels::ops::init::InitKernels;
 use freekv_kernels::{
-    AttentionShape, DecodePlan, Gpu, KernelError, KvSource, PageTableLayout, PrefillPlan,
-    RopeConfig, RopeLayout, RopeStyle, SamplingInputs, Strided,
+    AttentionShape, DecodePlan, Gpu, HeadFilter, KernelError, KvSource, PageTableLayout,
+    PrefillPlan, RopeConfig, RopeLayout, RopeStyle, SamplingInputs, Strided,
 };
 use freekv_layout::PageGeometry;
 
 use super::blas::Blas;
+use super::sparse::{GpuKvOptions, GpuKvStats, SparseDims, SparseState};
+use super::sparse_plan::{home_slot, plan_step};
 use super::synthetic::{synthetic_config, synthetic_name};
 use super::weights::{Weights, dims};
 use crate::ModelError;
 use crate::config::LlamaConfig;
 use crate::gguf::GgufFile;
+use crate::kv::KvKind;
 use crate::sampling::SamplingParams;
+use freekv_recall::cuda::RecallLists;
 
 /// Where a [`CudaLlama`]'s weights came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,6 +85,25 @@ impl Default for BatchOptions {
             use_graph: true,
         }
     }
+}
+
+/// The device state of one sparse layer after a step (see [`CudaLlama::sparse_snapshot`]).
+#[derive(Debug, Clone)]
+pub struct SparseSnapshot {
+    /// The geometry (`seqs`, `kv_heads`, `group`, `head_dim`, budget pages, `max_pages`).
+    pub shape: freekv_kernels::FreeKvShape,
+    /// The last step's `[bs][4]` info rows: pages, mode, filled slot, filled page.
+    pub seq_info: Vec<i32>,
+    /// The stored query (the last step's `q_t`), `[bs][Hq][d]` f32.
+    pub q: Vec<f32>,
+    /// Page summaries `[bs][Hkv][MP][2][d]` (upper, lower).
+    pub summaries: Vec<f32>,
+    /// The last selection with `q_t`, `[bs][Hkv][k]` ascending, padded with −1.
+    pub selected: Vec<i32>,
+    /// The middle slots' pages `[bs][Hkv][k]` (−1 empty).
+    pub mid_page: Vec<i32>,
+    /// The last correction flags `[bs][Hkv]`.
+    pub flags: Vec<i32>,
 }
 
 /// How the last decode step ran.
@@ -220,7 +243,29 @@ impl CudaLlama {
     /// Allocates a batch: KV pages for `opts.max_seqs × opts.max_seq_len` tokens in every layer
     /// and the activations of one step.
     pub fn new_batch(&self, opts: BatchOptions) -> Result<CudaBatch, ModelError> {
-        CudaBatch::new(self, opts)
+        CudaBatch::new(self, opts, None)
+    }
+
+    /// Allocates a batch whose KV follows `kv`: `full` as [`new_batch`](Self::new_batch);
+    /// `oracle` (`quest`), `arkvale` and `freekv` keep only the budget of every sparse layer on
+    /// the device and the full history in pinned host memory (see the
+    /// [`sparse`](super::sparse) module docs). A sparse batch prefills each sequence once, from
+    /// empty.
+    pub fn new_batch_with_kv(
+        &self,
+        opts: BatchOptions,
+        kv: GpuKvOptions,
+    ) -> Result<CudaBatch, ModelError> {
+        if kv.kv.kind == KvKind::Full {
+            return CudaBatch::new(self, opts, None);
+        }
+        if kv.kv.page_size != opts.page_size {
+            return Err(ModelError::Config(format!(
+                "the KV policy's page size {} differs from the batch's {}",
+                kv.kv.page_size, opts.page_size
+            )));
+        }
+        CudaBatch::new(self, opts, Some(kv))
     }
 
     fn check_tokens(&self, tokens: &[u32]) -> Result<(), ModelError> {
@@ -270,6 +315,25 @@ impl CudaLlama {
                 b.opts.max_seq_len
             )));
         }
+        if let Some(st) = b.sparse.as_mut() {
+            if start != 0 {
+                return Err(ModelError::Prompt(format!(
+                    "sequence {seq} already holds {start} tokens: a batch with the {} KV policy \
+                     prefills a sequence once, from empty (truncate it to 0 first)",
+                    st.opts.policy_name()
+                )));
+            }
+            if tokens.len() > st.prefill_pages * b.opts.page_size {
+                return Err(ModelError::Prompt(format!(
+                    "the prompt has {} tokens but the batch was sized for prompts of at most {} \
+                     (raise max_prompt)",
+                    tokens.len(),
+                    st.prefill_pages * b.opts.page_size
+                )));
+            }
+            // Nothing may still be reading this sequence's slots or tables.
+            st.join_recalls(self.gpu.stream())?;
+        }
         let c = b.chunk;
         for toks in tokens.chunks(c) {
             let n = toks.len();
@@ -289,6 +353,99 @@ impl CudaLlama {
             self.forward(b, Phase::Prefill { seq, n })?;
             b.lens[seq] += n;
         }
+        if b.sparse.is_some() {
+            self.finish_sparse_prefill(b, seq, None)?;
+        }
+        Ok(())
+    }
+
+    /// After a sparse batch's prefill of `seq` (its prompt in the prefill scratch of every sparse
+    /// layer): offload every full prompt page to the host pool with its summary, and copy the
+    /// sinks and the recent window (or every page, below the budget) into the sequence's slots.
+    /// `src_page` maps a logical page to its scratch page (identity after a real prefill).
+    fn finish_sparse_prefill(
+        &self,
+        b: &mut CudaBatch,
+        seq: usize,
+        src_page: Option<&dyn Fn(usize) -> usize>,
+    ) -> Result<(), ModelError> {
+        let _span = tracing::debug_span!("sparse_prefill_offload", seq).entered();
+        let k = self.gpu.kernels();
+        let s = self.gpu.stream();
+        let n_tok = b.lens[seq];
+        let st = b
+            .sparse
+            .as_mut()
+            .ok_or_else(|| ModelError::Config("not a sparse batch".into()))?;
+        let budget = st.budget;
+        let p = budget.page_size();
+        let nb = budget.total_pages();
+        let n_pages = n_tok.div_ceil(p);
+        let full = n_tok / p;
+        let src = |pg: usize| src_page.map_or(pg, |f| f(pg));
+        st.pool.ensure_pages(s, seq, n_pages)?;
+        let mut entries = Vec::with_capacity(3 * full.max(1));
+        for pg in 0..full {
+            entries.extend([seq as i32, src(pg) as i32, pg as i32]);
+        }
+        let mut pairs = Vec::new();
+        let resident: Vec<usize> = if n_pages <= nb {
+            (0..n_pages).collect()
+        } else {
+            (0..budget.sink_pages())
+                .chain(n_pages - budget.window_pages()..n_pages)
+                .collect()
+        };
+        for pg in resident {
+            pairs.extend([src(pg) as i32, (seq * nb + home_slot(&budget, pg)) as i32]);
+        }
+        let entries_d = s
+            .clone_htod(if entries.is_empty() {
+                &[-1, 0, 0][..]
+            } else {
+                &entries
+            })
+            .map_err(drv("uploading offload entries"))?;
+        let pairs_d = s
+            .clone_htod(if pairs.is_empty() {
+                &[0, 0][..]
+            } else {
+                &pairs
+            })
+            .map_err(drv("uploading page copies"))?;
+        let kind = st.opts.kv.summary;
+        let page_elems = b.geom.page_elems();
+        for (l, si) in st.layer_of.iter().enumerate() {
+            let Some(si) = *si else { continue };
+            let scratch = b
+                .kv
+                .get(l)
+                .ok_or_else(|| ModelError::Config(format!("no prefill scratch for layer {l}")))?;
+            let layer = st
+                .layers
+                .get_mut(si)
+                .ok_or_else(|| ModelError::Config(format!("no sparse state for layer {l}")))?;
+            st.pool.offload(
+                k,
+                s,
+                si,
+                &st.shape,
+                scratch,
+                &entries_d,
+                full,
+                &mut layer.summaries,
+                kind,
+            )?;
+            k.copy_pages(
+                s,
+                scratch,
+                &mut layer.slots,
+                &pairs_d,
+                pairs.len() / 2,
+                page_elems,
+            )?;
+        }
+        st.started[seq] = false;
         Ok(())
     }
 
@@ -322,10 +479,37 @@ impl CudaLlama {
         let s = self.gpu.stream();
         s.memcpy_htod(&meta, &mut b.dmeta)
             .map_err(drv("uploading decode metadata"))?;
+        let graph_ok = b
+            .sparse
+            .as_ref()
+            .is_none_or(|st| st.opts.graph_capturable());
+        if let Some(st) = b.sparse.as_mut() {
+            let p = b.opts.page_size;
+            for (i, &len) in b.lens.iter().enumerate() {
+                if len % p == 0 {
+                    st.pool.ensure_pages(s, i, len / p + 1)?;
+                }
+            }
+            let active = vec![true; bs];
+            let plan = plan_step(&st.budget, &b.lens, &active, &mut st.started)?;
+            // Captured steps join their recalls at the end, so one buffer suffices; eager
+            // freekv steps leave recalls running into the next step: alternate two buffers.
+            st.cur = if b.opts.use_graph && graph_ok {
+                0
+            } else {
+                st.parity ^= 1;
+                st.parity
+            };
+            s.memcpy_htod(&plan.flatten(), &mut st.smeta[st.cur])
+                .map_err(drv("uploading sparse step metadata"))?;
+            s.memcpy_htod(&plan.fill, &mut st.fill[st.cur])
+                .map_err(drv("uploading sparse step metadata"))?;
+            st.last_plan = Some(plan);
+        }
         let mode = if let Some(g) = &b.graph {
             g.launch().map_err(drv("launching the decode graph"))?;
             StepMode::Replayed
-        } else if b.opts.use_graph && b.graph_error.is_none() && b.eager_steps > 0 {
+        } else if b.opts.use_graph && graph_ok && b.graph_error.is_none() && b.eager_steps > 0 {
             match self.capture(b) {
                 Ok(g) => {
                     g.launch().map_err(drv("launching the decode graph"))?;
@@ -346,6 +530,9 @@ impl CudaLlama {
         };
         for l in &mut b.lens {
             *l += 1;
+        }
+        if let Some(st) = b.sparse.as_mut() {
+            st.account_step(s)?;
         }
         Ok(mode)
     }
@@ -475,12 +662,90 @@ impl CudaLlama {
         }
         let init = InitKernels::load(&self.gpu)?;
         let s = self.gpu.stream();
+        if let Some(st) = b.sparse.as_mut() {
+            st.join_recalls(s)?;
+        }
         for (l, pages) in b.kv.iter_mut().enumerate() {
             init.uniform_bf16(s, pages, seed.wrapping_add(l as u64), 1.0, 0.0)?;
         }
         b.lens.copy_from_slice(lens);
+        if let Some(st) = b.sparse.as_mut() {
+            // The history of every sequence: random pages of the prefill scratch offloaded
+            // (with their summaries) as the host pages, sinks and window copied into the slots.
+            for (i, layer) in st.layers.iter_mut().enumerate() {
+                init.uniform_bf16(
+                    s,
+                    &mut layer.slots,
+                    seed.wrapping_add(1000 + i as u64),
+                    1.0,
+                    0.0,
+                )?;
+            }
+            let scratch = st.prefill_pages.max(1);
+            for seq in 0..lens.len() {
+                self.finish_sparse_prefill(b, seq, Some(&|p| p % scratch))?;
+            }
+        }
         self.gpu.synchronize()?;
         Ok(())
+    }
+
+    /// The device state of model layer `layer` of a sparse batch, read back after the last
+    /// step (every pending recall joined first): for tests that check the GPU selection against
+    /// the CPU reference. `None` for dense layers and `full` batches.
+    pub fn sparse_snapshot(
+        &self,
+        b: &mut CudaBatch,
+        layer: usize,
+    ) -> Result<Option<SparseSnapshot>, ModelError> {
+        let Some(st) = b.sparse.as_mut() else {
+            return Ok(None);
+        };
+        let Some(si) = st.layer_of.get(layer).copied().flatten() else {
+            return Ok(None);
+        };
+        let s = self.gpu.stream();
+        st.join_recalls(s)?;
+        let l = st
+            .layers
+            .get(si)
+            .ok_or_else(|| ModelError::Config(format!("no sparse layer {si}")))?;
+        let read_i = |v: &CudaSlice<i32>| -> Result<Vec<i32>, ModelError> {
+            let mut h = vec![0i32; v.len()];
+            s.memcpy_dtoh(v, &mut h)
+                .map_err(drv("reading sparse state"))?;
+            Ok(h)
+        };
+        let read_f = |v: &CudaSlice<f32>| -> Result<Vec<f32>, ModelError> {
+            let mut h = vec![0f32; v.len()];
+            s.memcpy_dtoh(v, &mut h)
+                .map_err(drv("reading sparse state"))?;
+            Ok(h)
+        };
+        let snap = SparseSnapshot {
+            seq_info: st
+                .last_plan_info
+                .clone()
+                .unwrap_or_else(|| vec![0; st.shape.seqs * super::sparse_plan::SEQ_INFO_WIDTH]),
+            q: read_f(&l.q_prev)?,
+            summaries: read_f(&l.summaries)?,
+            selected: read_i(&l.selected)?,
+            mid_page: read_i(&l.mid_page)?,
+            flags: read_i(&l.flags)?,
+            shape: st.shape,
+        };
+        s.synchronize().map_err(drv("stream synchronize"))?;
+        Ok(Some(snap))
+    }
+
+    /// What the recalls of a sparse batch moved so far: (units, bytes) — `None` for `full`.
+    /// Joins every pending recall and synchronises.
+    pub fn kv_recall_totals(&self, b: &mut CudaBatch) -> Result<Option<(u64, u64)>, ModelError> {
+        let Some(st) = b.sparse.as_mut() else {
+            return Ok(None);
+        };
+        let c = st.recall_counters(self.gpu.stream())?;
+        Ok(Some((c.units, c.bytes)))
     }
 
     /// Diagnostics for speed work: the mean time in milliseconds of the matrix products of one
@@ -521,6 +786,209 @@ impl CudaLlama {
         Ok(ms / reps.max(1) as f64)
     }
 
+    /// One decode step of sparse layer `si` after QKV and RoPE: append, offload of a filled
+    /// page, the policy's selection and recall, attention into `att` (see the
+    /// [`sparse`](super::sparse) module docs for the order and the events).
+    #[allow(clippy::too_many_arguments)]
+    fn sparse_decode_layer(
+        &self,
+        st: &mut SparseState,
+        si: usize,
+        geom: &PageGeometry,
+        qkv: &CudaSlice<bf16>,
+        src: &KvSource,
+        token_seq: &CudaView<'_, i32>,
+        qkv_w: usize,
+        att: &mut CudaSlice<bf16>,
+        workspace: &mut CudaSlice<f32>,
+    ) -> Result<(), ModelError> {
+        let _span = tracing::debug_span!("sparse_layer", layer = si).entered();
+        let k = self.gpu.kernels();
+        let s = self.gpu.stream();
+        let bs = st.shape.seqs;
+        let nb = st.shape.slots();
+        let kind = st.opts.kv.kind;
+        let summary = st.opts.kv.summary;
+        let policy = st.opts.kv.group_policy;
+        let eager_overlap = !(st.opts.graph_capturable() && st.use_graph);
+        let o = st.meta_offsets();
+        let meta = &st.smeta[st.cur];
+        let spos = meta.slice(o[0]..o[1]);
+        let att_len = meta.slice(o[1]..o[2]);
+        let seq_info = meta.slice(o[2]..o[3]);
+        let spec_info = meta.slice(o[3]..o[4]);
+        let att_table = meta.slice(o[5]..o[6]);
+        let fill = &st.fill[st.cur];
+        let layer = st
+            .layers
+            .get_mut(si)
+            .ok_or_else(|| ModelError::Config(format!("no sparse layer {si}")))?;
+        // 1. The new token into its slot (slot-space positions), a filled page to the host.
+        k.kv_append(
+            s,
+            &mut layer.slots,
+            geom,
+            qkv,
+            qkv,
+            src,
+            &st.slot_table,
+            &PageTableLayout {
+                num_seqs: bs,
+                stride: nb,
+            },
+            token_seq,
+            &spos,
+        )?;
+        st.pool.offload(
+            k,
+            s,
+            si,
+            &st.shape,
+            &layer.slots,
+            fill,
+            bs,
+            &mut layer.summaries,
+            summary,
+        )?;
+        // 2. The speculative recall issued after this layer's previous attention.
+        if kind == KvKind::FreeKv {
+            if let (Some(streamed), Some(slot)) = (&st.streamed, st.tickets.get_mut(si)) {
+                if let Some(t) = slot.take() {
+                    streamed.wait(t, s)?;
+                }
+            } else if eager_overlap {
+                let ev = st
+                    .recall_done
+                    .get(si)
+                    .ok_or_else(|| ModelError::Config(format!("no recall event for layer {si}")))?;
+                s.wait(ev)
+                    .map_err(drv("waiting for the speculative recall"))?;
+            }
+        }
+        // 3. Correction flags (all heads for oracle / arkvale and at a first sparse step), the
+        //    stored query ← q_t, selection of the flagged heads with q_t and their recall.
+        let trigger = match kind {
+            KvKind::FreeKv if !st.opts.kv.correction.is_always() => {
+                Some(st.opts.kv.correction.tau())
+            }
+            _ => None,
+        };
+        k.freekv_correction(
+            s,
+            &st.shape,
+            qkv,
+            SparseState::q_rows(qkv_w),
+            &mut layer.q_prev,
+            &seq_info,
+            trigger,
+            st.opts.kv.correction.aggregate(),
+            &mut layer.flags,
+            None,
+        )?;
+        k.freekv_select(
+            s,
+            &st.shape,
+            policy,
+            summary,
+            &layer.q_prev,
+            &layer.summaries,
+            &seq_info,
+            &layer.flags,
+            HeadFilter::Flagged,
+            &mut layer.mid_page,
+            &mut layer.page_mid,
+            &mut layer.recall_count,
+            &mut layer.recall_list,
+            Some(&mut layer.selected),
+            &mut st.scratch[0],
+        )?;
+        {
+            let lists = RecallLists {
+                count: &layer.recall_count,
+                list: &layer.recall_list,
+                flags: &layer.flags,
+                filter: HeadFilter::Flagged,
+            };
+            match (&st.per_page, &st.streamed) {
+                (Some(pp), _) => {
+                    pp.recall(s, &st.pool, si, &lists, &mut layer.slots)?;
+                }
+                (None, Some(streamed)) => {
+                    streamed.recall_blocking(s, &st.pool, si, &lists, &mut layer.slots)?;
+                }
+                (None, None) => {
+                    st.gather
+                        .recall(k, s, &st.shape, &st.pool, si, &lists, &mut layer.slots)?;
+                }
+            }
+        }
+        // 4. Attention over the resident slots, the current page last.
+        k.decode_attention(
+            s,
+            &st.plan,
+            qkv,
+            &layer.slots,
+            &att_table,
+            &att_len,
+            att,
+            workspace,
+        )?;
+        // 5. freekv: the speculative selection with q_t and its recall, off the critical path,
+        //    ordered after this attention by an event.
+        if kind == KvKind::FreeKv {
+            let (Some(attn_done), Some(recall_done)) =
+                (st.attn_done.get(si), st.recall_done.get(si))
+            else {
+                return Err(ModelError::Config(format!("no events for layer {si}")));
+            };
+            let r = &st.recall_stream;
+            attn_done
+                .record(s)
+                .map_err(drv("recording attention done"))?;
+            r.wait(attn_done)
+                .map_err(drv("ordering the speculative recall"))?;
+            k.freekv_select(
+                r,
+                &st.shape,
+                policy,
+                summary,
+                &layer.q_prev,
+                &layer.summaries,
+                &spec_info,
+                &layer.flags,
+                HeadFilter::All,
+                &mut layer.mid_page,
+                &mut layer.page_mid,
+                &mut layer.recall_count,
+                &mut layer.recall_list,
+                Some(&mut layer.selected),
+                &mut st.scratch[1],
+            )?;
+            let lists = RecallLists {
+                count: &layer.recall_count,
+                list: &layer.recall_list,
+                flags: &layer.flags,
+                filter: HeadFilter::All,
+            };
+            match &st.streamed {
+                Some(streamed) => {
+                    let t = streamed.submit(r, &st.pool, si, &lists, &mut layer.slots)?;
+                    if let Some(slot) = st.tickets.get_mut(si) {
+                        *slot = Some(t);
+                    }
+                }
+                None => {
+                    st.gather
+                        .recall(k, r, &st.shape, &st.pool, si, &lists, &mut layer.slots)?;
+                }
+            }
+            recall_done
+                .record(r)
+                .map_err(drv("recording recall done"))?;
+        }
+        Ok(())
+    }
+
     fn forward(&self, b: &mut CudaBatch, phase: Phase) -> Result<(), ModelError> {
         let k = self.gpu.kernels();
         let s = self.gpu.stream();
@@ -531,23 +999,25 @@ impl CudaLlama {
         let bs = b.opts.max_seqs;
         let c = b.chunk;
         let pps = b.pages_per_seq;
-        let (t, ids, positions, seq_lens, token_seq, table, table_rows) = match phase {
+        let table_range = match phase {
+            Phase::Decode => 0..bs * pps,
+            Phase::Prefill { seq, .. } => seq * pps..(seq + 1) * pps,
+        };
+        let (t, ids, positions, seq_lens, token_seq, table_rows) = match phase {
             Phase::Decode => (
                 bs,
                 b.dmeta.slice(0..bs),
                 b.dmeta.slice(bs..2 * bs),
                 b.dmeta.slice(2 * bs..3 * bs),
                 b.dseq.slice(0..bs),
-                b.page_table.slice(0..bs * pps),
                 bs,
             ),
-            Phase::Prefill { seq, n } => (
+            Phase::Prefill { n, .. } => (
                 n,
                 b.pmeta.slice(0..n),
                 b.pmeta.slice(c..c + n),
                 b.pmeta.slice(2 * c + 2..2 * c + 3),
                 b.pzeros.slice(0..n),
-                b.page_table.slice(seq * pps..(seq + 1) * pps),
                 1,
             ),
         };
@@ -606,6 +1076,55 @@ impl CudaLlama {
                     stride: qkv_w,
                 },
             };
+            let sparse_idx = b
+                .sparse
+                .as_ref()
+                .and_then(|st| st.layer_of.get(l).copied().flatten());
+            if let (Phase::Decode, Some(si)) = (phase, sparse_idx) {
+                let st = b
+                    .sparse
+                    .as_mut()
+                    .ok_or_else(|| ModelError::Config("no sparse state".into()))?;
+                self.sparse_decode_layer(
+                    st,
+                    si,
+                    &b.geom,
+                    &b.qkv,
+                    &src,
+                    &token_seq,
+                    qkv_w,
+                    &mut b.att,
+                    &mut b.workspace,
+                )?;
+                self.blas.linear(&b.att, &lw.wo, &mut b.o, t, qd, h)?;
+                k.add_rmsnorm(s, &mut b.x, &b.o, &lw.ffn_norm, &mut b.xn, t, h, eps)?;
+                self.blas
+                    .linear(&b.xn, &lw.w_gate_up, &mut b.gu, t, h, 2 * ff)?;
+                k.swiglu_fused(s, &b.gu, &mut b.act, t, ff)?;
+                self.blas.linear(&b.act, &lw.w_down, &mut b.o, t, ff, h)?;
+                if l + 1 == n_layers {
+                    k.add_rmsnorm(s, &mut b.x, &b.o, &w.output_norm, &mut b.xn, t, h, eps)?;
+                }
+                continue;
+            }
+            // A sparse layer's prefill runs over its one-sequence scratch pool.
+            let (table, table_layout) = match (&b.sparse, sparse_idx) {
+                (Some(st), Some(_)) => (
+                    st.prefill_table.slice(0..st.prefill_pages),
+                    PageTableLayout {
+                        num_seqs: 1,
+                        stride: st.prefill_pages,
+                    },
+                ),
+                _ => (b.page_table.slice(table_range.clone()), table_layout),
+            };
+            let shape_l = match (&b.sparse, sparse_idx) {
+                (Some(st), Some(_)) => AttentionShape {
+                    table_stride: st.prefill_pages,
+                    ..shape
+                },
+                _ => shape,
+            };
             let pages =
                 b.kv.get_mut(l)
                     .ok_or_else(|| ModelError::Config(format!("no KV pool for layer {l}")))?;
@@ -634,7 +1153,7 @@ impl CudaLlama {
                 )?,
                 Phase::Prefill { n, .. } => {
                     let plan = PrefillPlan {
-                        shape,
+                        shape: shape_l,
                         batch: 1,
                         total_q: n,
                         max_q: n,
@@ -657,6 +1176,20 @@ impl CudaLlama {
         }
         if n_layers == 0 {
             k.rmsnorm(s, &b.x, &w.output_norm, &mut b.xn, t, h, eps)?;
+        }
+        // A step that may be captured joins its speculative recalls before it ends.
+        if let (Phase::Decode, Some(st)) = (phase, b.sparse.as_mut()) {
+            if b.opts.use_graph && st.opts.graph_capturable() {
+                st.join_recalls_in_step(s)?;
+            }
+            if st.opts.collect_stats && st.opts.kv.kind == KvKind::FreeKv {
+                let fl = st.shape.rows();
+                for (si, layer) in st.layers.iter().enumerate() {
+                    let mut dst = st.flags_all.slice_mut(si * fl..(si + 1) * fl);
+                    s.memcpy_dtod(&layer.flags, &mut dst)
+                        .map_err(drv("gathering correction flags"))?;
+                }
+            }
         }
         let v = cfg.vocab_size;
         match phase {
@@ -734,6 +1267,8 @@ pub struct CudaBatch {
     workspace: CudaSlice<f32>,
     graph_error: Option<String>,
     eager_steps: usize,
+    /// The sparse KV policy's state (`None`: full KV on the device).
+    sparse: Option<SparseState>,
 }
 
 impl std::fmt::Debug for CudaBatch {
@@ -748,7 +1283,11 @@ impl std::fmt::Debug for CudaBatch {
 }
 
 impl CudaBatch {
-    fn new(m: &CudaLlama, opts: BatchOptions) -> Result<Self, ModelError> {
+    fn new(
+        m: &CudaLlama,
+        opts: BatchOptions,
+        kv: Option<GpuKvOptions>,
+    ) -> Result<Self, ModelError> {
         let _span = tracing::debug_span!("cuda_new_batch").entered();
         let cfg = &m.cfg;
         if opts.max_seqs == 0 || opts.max_seq_len == 0 || opts.page_size == 0 {
@@ -781,24 +1320,7 @@ impl CudaBatch {
                 })
             }
         };
-        let mut kv = Vec::with_capacity(cfg.n_layers);
-        for l in 0..cfg.n_layers {
-            kv.push(s.alloc_zeros::<bf16>(pool_elems).map_err(oom(format!(
-                "allocating the KV pool of layer {l} ({:.2} GiB of {:.2} GiB in all)",
-                (2 * pool_elems) as f64 / (1u64 << 30) as f64,
-                kv_bytes as f64 / (1u64 << 30) as f64
-            )))?);
-        }
-        let table: Vec<i32> = (0..total_pages as i32).collect();
-        let page_table = s.clone_htod(&table).map_err(drv("uploading page tables"))?;
-        let chunk = opts.prefill_chunk.max(1);
-        let t_max = chunk.max(opts.max_seqs);
         let (h, qd, kvd, ff) = dims(cfg);
-        let zeros_bf = |n: usize| {
-            s.alloc_zeros::<bf16>(n)
-                .map_err(oom("allocating activations".into()))
-        };
-        let dseq_host: Vec<i32> = (0..opts.max_seqs as i32).collect();
         let shape = AttentionShape {
             q_heads: cfg.n_heads,
             geom,
@@ -809,6 +1331,53 @@ impl CudaBatch {
             },
             scale: None,
         };
+        let sparse = match kv {
+            Some(kvo) => {
+                let nb = kvo.kv.budget_pages()?.total_pages();
+                Some(SparseState::new(
+                    &m.gpu,
+                    kvo,
+                    &SparseDims {
+                        n_layers: cfg.n_layers,
+                        q_heads: cfg.n_heads,
+                        kv_heads: cfg.n_kv_heads,
+                        head_dim: cfg.head_dim,
+                        max_seqs: opts.max_seqs,
+                        max_seq_len: opts.max_seq_len,
+                        use_graph: opts.use_graph,
+                    },
+                    AttentionShape {
+                        table_stride: nb,
+                        ..shape
+                    },
+                )?)
+            }
+            None => None,
+        };
+        let mut kv = Vec::with_capacity(cfg.n_layers);
+        for l in 0..cfg.n_layers {
+            // A sparse layer keeps only a one-sequence prefill scratch on the device.
+            let elems = match &sparse {
+                Some(st) if st.layer_of.get(l).copied().flatten().is_some() => {
+                    st.prefill_pages * geom.page_elems()
+                }
+                _ => pool_elems,
+            };
+            kv.push(s.alloc_zeros::<bf16>(elems).map_err(oom(format!(
+                "allocating the KV pool of layer {l} ({:.2} GiB of {:.2} GiB in all)",
+                (2 * elems) as f64 / (1u64 << 30) as f64,
+                kv_bytes as f64 / (1u64 << 30) as f64
+            )))?);
+        }
+        let table: Vec<i32> = (0..total_pages as i32).collect();
+        let page_table = s.clone_htod(&table).map_err(drv("uploading page tables"))?;
+        let chunk = opts.prefill_chunk.max(1);
+        let t_max = chunk.max(opts.max_seqs);
+        let zeros_bf = |n: usize| {
+            s.alloc_zeros::<bf16>(n)
+                .map_err(oom("allocating activations".into()))
+        };
+        let dseq_host: Vec<i32> = (0..opts.max_seqs as i32).collect();
         let plan = m
             .gpu
             .kernels()
@@ -851,12 +1420,17 @@ impl CudaBatch {
                 .alloc_zeros::<i32>(4 * opts.max_seqs)
                 .map_err(drv("allocating sampling inputs"))?,
             workspace: s
-                .alloc_zeros::<f32>(plan.workspace_len().max(1))
+                .alloc_zeros::<f32>(
+                    plan.workspace_len()
+                        .max(sparse.as_ref().map_or(0, |st| st.plan.workspace_len()))
+                        .max(1),
+                )
                 .map_err(oom("allocating the attention workspace".into()))?,
             plan,
             graph: None,
             graph_error: None,
             eager_steps: 0,
+            sparse,
         };
         m.gpu.synchronize()?;
         Ok(batch)
@@ -873,13 +1447,53 @@ impl CudaBatch {
     }
 
     /// Forgets the tail of sequence `seq` beyond `len` tokens (e.g. to start it over with 0).
+    /// A batch with a sparse KV policy can only start a sequence over (`len` 0): its resident
+    /// window would not match a shorter length.
     pub fn truncate(&mut self, seq: usize, len: usize) -> Result<(), ModelError> {
         let cur = self
             .lens
             .get_mut(seq)
             .ok_or_else(|| ModelError::Config(format!("sequence {seq} outside the batch")))?;
+        if let Some(st) = self.sparse.as_mut()
+            && len < *cur
+        {
+            if len != 0 {
+                return Err(ModelError::Config(format!(
+                    "a batch with the {} KV policy can only start a sequence over (length 0), \
+                     not truncate it to {len}",
+                    st.opts.policy_name()
+                )));
+            }
+            if let Some(s) = st.started.get_mut(seq) {
+                *s = false;
+            }
+        }
         *cur = (*cur).min(len);
         Ok(())
+    }
+
+    /// The KV policy of the batch: `full`, `oracle`, `arkvale` or `freekv`.
+    pub fn kv_policy(&self) -> &'static str {
+        self.sparse
+            .as_ref()
+            .map_or("full", |st| st.opts.policy_name())
+    }
+
+    /// Statistics of a sparse KV policy (`None` for `full`).
+    pub fn kv_stats(&self) -> Option<&GpuKvStats> {
+        self.sparse.as_ref().map(|st| &st.stats)
+    }
+
+    /// Pinned host bytes reserved for the KV history of the sparse layers (0 for `full`).
+    pub fn host_kv_bytes(&self) -> usize {
+        self.sparse
+            .as_ref()
+            .map_or(0, |st| st.pool.bytes_reserved() as usize)
+    }
+
+    /// Device bytes of the sparse state: resident slots, summaries, tables (0 for `full`).
+    pub fn sparse_device_bytes(&self) -> usize {
+        self.sparse.as_ref().map_or(0, |st| st.device_bytes())
     }
 
     /// Whether a decode graph has been captured.

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use super::decoder::{BatchOptions, CudaLlama};
+use super::sparse::{GpuKvOptions, GpuKvStats};
 use crate::ModelError;
 use crate::generate::{GenerateOptions, Generation, StopReason, Timings};
 use crate::sampling::Rng;
@@ -31,6 +32,21 @@ impl CudaLlama {
         cancel: &AtomicBool,
         on_token: &mut dyn FnMut(u32),
     ) -> Result<Generation, ModelError> {
+        self.generate_with_kv(tokenizer, prompt_ids, opts, None, cancel, on_token)
+            .map(|(g, _)| g)
+    }
+
+    /// [`generate`](Self::generate) with a KV policy (`None` or `full`: everything on the
+    /// device); also returns the policy's statistics.
+    pub fn generate_with_kv(
+        &self,
+        tokenizer: Option<&Tokenizer>,
+        prompt_ids: &[u32],
+        opts: &GenerateOptions,
+        kv: Option<GpuKvOptions>,
+        cancel: &AtomicBool,
+        on_token: &mut dyn FnMut(u32),
+    ) -> Result<(Generation, Option<GpuKvStats>), ModelError> {
         let _span = tracing::debug_span!("cuda_generate", prompt = prompt_ids.len()).entered();
         opts.sampling.validate()?;
         if prompt_ids.is_empty() {
@@ -44,10 +60,23 @@ impl CudaLlama {
             )));
         }
         let cap = (prompt_ids.len() + opts.max_new_tokens).clamp(1, ctx);
-        let mut batch = self.new_batch(BatchOptions {
-            max_seq_len: cap,
-            ..BatchOptions::default()
-        })?;
+        let mut batch = match kv {
+            Some(kv) => {
+                let page_size = kv.kv.page_size;
+                self.new_batch_with_kv(
+                    BatchOptions {
+                        max_seq_len: cap,
+                        page_size,
+                        ..BatchOptions::default()
+                    },
+                    kv,
+                )?
+            }
+            None => self.new_batch(BatchOptions {
+                max_seq_len: cap,
+                ..BatchOptions::default()
+            })?,
+        };
         let mut rng = Rng::new(opts.sampling.seed);
         let mut timings = Timings {
             prompt_tokens: prompt_ids.len(),
@@ -115,13 +144,17 @@ impl CudaLlama {
         if let Some(e) = batch.graph_error() {
             tracing::warn!("decoded without a CUDA graph: {e}");
         }
-        Ok(Generation {
-            prompt_ids: prompt_ids.to_vec(),
-            generated_ids: generated,
-            text,
-            top_logprobs: Vec::new(),
-            timings,
-            stop,
-        })
+        let stats = batch.kv_stats().cloned();
+        Ok((
+            Generation {
+                prompt_ids: prompt_ids.to_vec(),
+                generated_ids: generated,
+                text,
+                top_logprobs: Vec::new(),
+                timings,
+                stop,
+            },
+            stats,
+        ))
     }
 }

@@ -39,6 +39,8 @@
 mod blas;
 mod decoder;
 mod generate;
+pub mod sparse;
+pub mod sparse_plan;
 mod synthetic;
 mod weights;
 
@@ -48,7 +50,8 @@ use std::sync::Arc;
 pub use freekv_kernels::probe::cuda_available;
 pub use freekv_kernels::{Gpu, KernelError};
 
-pub use decoder::{BatchOptions, CudaBatch, CudaLlama, ModelSource, StepMode};
+pub use decoder::{BatchOptions, CudaBatch, CudaLlama, ModelSource, SparseSnapshot, StepMode};
+pub use sparse::{GpuKvOptions, GpuKvStats, GpuRecall};
 pub use synthetic::{
     SYNTHETIC_MODELS, SYNTHETIC_PREFIX, decode_weight_bytes, kv_bytes_per_token, synthetic_config,
     synthetic_name,

@@ -1,0 +1,583 @@
+//! FreeKV on the CUDA backend: the sparse KV policies `oracle`, `arkvale` and `freekv` of a
+//! [`CudaBatch`](super::CudaBatch).
+//!
+//! # Memory
+//!
+//! * Host: the full KV history of every sparse layer in a [`HostKvPool`] (pinned, mapped, HND
+//!   pages `[Hkv][2][P][d]`, grown in chunks, bounded by [`GpuKvOptions::host_max_bytes`]). Pages
+//!   are written by the GPU (the offload kernel transposes NHD → HND and writes through the mapped
+//!   pointer when a page fills), never by a CPU core.
+//! * Device, per sparse layer: the resident slots `[bs·nb][2][P][Hkv][d]` (sinks, retrieved
+//!   pages, the recent-window ring), the page summaries `[bs][Hkv][MP][2][d]` f32, the slot
+//!   tables of the middle, the recall lists and the last query. Apart from the summaries nothing
+//!   grows with the context. During prefill a per-layer scratch pool holds one sequence's prompt
+//!   (`max_prompt` tokens); its full pages are offloaded and summarised when the prompt is done.
+//! * Dense layers (`dense_layers`) keep their full KV on the device, as with `full`.
+//!
+//! # One decode step of a sparse layer
+//!
+//! QKV → RoPE → append into the current page's ring slot → offload + summary of a page that
+//! filled → per policy:
+//!
+//! * `oracle` (`KvKind::Quest`): select with `q_t` and gather the missing pages from a
+//!   device-resident copy of the history — attention over the budget the current query picks,
+//!   with no PCIe cost (the lower bound).
+//! * `arkvale`: select with `q_t`, then the published recall: the recall list read back, one
+//!   copy per (page, head) into the slots, the host waiting, then attention.
+//! * `freekv`: (wait for the speculative recall of the previous step) → correction: per KV
+//!   head the mean cosine of `q_t` and `q_{t−1}` on the device; the flagged heads select with
+//!   `q_t` and are recalled on the compute stream (kernels launched unconditionally, exiting at
+//!   once when nothing is flagged: no host read-back) → attention → on the recall stream, after
+//!   an event recorded behind the attention: select every head with `q_t` and recall the
+//!   differences (zero-copy gather kernel, or the double-buffered streamed copy), to be waited
+//!   for before this layer's next attention.
+//!
+//! Events order everything the original code raced on (spec §9 items 10–14): the speculative
+//! selection and recall start only after the layer's attention has read the slots; the next
+//! attention waits for them; per-step metadata is double-buffered in eager mode; a prefill joins
+//! every pending recall first.
+
+use std::str::FromStr;
+use std::sync::Arc;
+
+use freekv_kernels::cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DriverError};
+use freekv_kernels::half::bf16;
+use freekv_kernels::{DecodePlan, FreeKvShape, Gpu, KernelError, Strided};
+use freekv_layout::Budget;
+use freekv_recall::cuda::{
+    Backing, GatherRecall, HostKvPool, HostPoolConfig, PerPageRecall, StreamedRecall,
+    StreamedTicket,
+};
+
+use super::sparse_plan::{MODE_FIRST, MODE_SPARSE, SEQ_INFO_WIDTH, StepPlan};
+use crate::ModelError;
+use crate::kv::{KvConfig, KvKind};
+
+/// How `freekv`'s recall moves pages on the GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum GpuRecall {
+    /// One zero-copy gather kernel per layer reading the mapped host pages (few SMs, no host
+    /// round trip, graph-capturable). The default: the faster one on the H200.
+    #[default]
+    Gather,
+    /// The paper's double-buffered streamed copy: the recall list read back by a worker thread,
+    /// one `cuMemcpyHtoDAsync` per (page, head) into two staging buffers on two streams, the
+    /// scatter of row i−1 overlapping the copy of row i. Eager only.
+    Streamed,
+}
+
+impl GpuRecall {
+    /// `gather` or `streamed`.
+    pub fn name(self) -> &'static str {
+        match self {
+            GpuRecall::Gather => "gather",
+            GpuRecall::Streamed => "streamed",
+        }
+    }
+}
+
+impl FromStr for GpuRecall {
+    type Err = ModelError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "gather" | "zero-copy" | "zerocopy" => Ok(GpuRecall::Gather),
+            "streamed" | "copy" | "double-buffered" => Ok(GpuRecall::Streamed),
+            _ => Err(ModelError::Config(format!(
+                "unknown GPU recall `{s}` (expected gather or streamed)"
+            ))),
+        }
+    }
+}
+
+/// The KV policy of a CUDA batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GpuKvOptions {
+    /// Policy and its parameters (the same as the CPU backend's; `quest` runs as `oracle`).
+    pub kv: KvConfig,
+    /// How `freekv` recalls.
+    pub recall: GpuRecall,
+    /// Thread blocks of the gather kernel (the link saturates with ~8 SMs).
+    pub gather_blocks: usize,
+    /// Longest prompt one sequence is prefilled with (sizes the prefill scratch; default: the
+    /// batch's `max_seq_len`).
+    pub max_prompt: Option<usize>,
+    /// Bound on the pinned host memory of the KV history (`None`: unbounded).
+    pub host_max_bytes: Option<usize>,
+    /// Read back the correction flags after every step for [`GpuKvStats`] (one small copy).
+    pub collect_stats: bool,
+}
+
+/// Default thread blocks of the gather kernel.
+pub const DEFAULT_GATHER_BLOCKS: usize = freekv_recall::cuda::DEFAULT_GATHER_BLOCKS;
+
+impl GpuKvOptions {
+    /// `kv` with the GPU defaults (gather recall, [`DEFAULT_GATHER_BLOCKS`] blocks, statistics
+    /// on).
+    pub fn new(kv: KvConfig) -> Self {
+        Self {
+            kv,
+            recall: GpuRecall::Gather,
+            gather_blocks: DEFAULT_GATHER_BLOCKS,
+            max_prompt: None,
+            host_max_bytes: None,
+            collect_stats: true,
+        }
+    }
+
+    /// `oracle` for `quest`, otherwise the policy's own name.
+    pub fn policy_name(&self) -> &'static str {
+        match self.kv.kind {
+            KvKind::Quest => "oracle",
+            k => k.name(),
+        }
+    }
+
+    /// Whether the decode step can be captured as a CUDA graph (everything but the host-driven
+    /// recalls).
+    pub fn graph_capturable(&self) -> bool {
+        match self.kv.kind {
+            KvKind::ArkVale => false,
+            KvKind::FreeKv => self.recall == GpuRecall::Gather,
+            _ => true,
+        }
+    }
+}
+
+/// Statistics of a sparse CUDA batch.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GpuKvStats {
+    /// Decode steps.
+    pub steps: u64,
+    /// (step, sparse layer, sequence) triples in the sparse phase.
+    pub sparse_seq_layer_steps: u64,
+    /// Of those, first sparse steps (full synchronous selection).
+    pub first_sparse: u64,
+    /// KV heads checked by the correction (sparse, non-first steps).
+    pub heads_checked: u64,
+    /// KV heads flagged by it (recalled synchronously).
+    pub heads_flagged: u64,
+    /// (step, layer, sequence) triples with at least one flagged head.
+    pub corrected_seq_layer_steps: u64,
+}
+
+impl GpuKvStats {
+    /// Flagged heads ÷ checked heads.
+    pub fn head_correction_rate(&self) -> f64 {
+        if self.heads_checked == 0 {
+            0.0
+        } else {
+            self.heads_flagged as f64 / self.heads_checked as f64
+        }
+    }
+
+    /// As JSON (for `--json` and the benches).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "steps": self.steps,
+            "sparse_seq_layer_steps": self.sparse_seq_layer_steps,
+            "first_sparse": self.first_sparse,
+            "heads_checked": self.heads_checked,
+            "heads_flagged": self.heads_flagged,
+            "head_correction_rate": self.head_correction_rate(),
+            "corrected_seq_layer_steps": self.corrected_seq_layer_steps,
+        })
+    }
+}
+
+pub(crate) fn drv(what: impl Into<String>) -> impl FnOnce(DriverError) -> ModelError {
+    let what = what.into();
+    move |source| ModelError::Kernel(KernelError::Driver { what, source })
+}
+
+fn oom(what: String) -> impl FnOnce(DriverError) -> ModelError {
+    move |source| {
+        ModelError::Kernel(KernelError::Driver {
+            what: format!("{what} (lower the batch size, the budget or --max-prompt)"),
+            source,
+        })
+    }
+}
+
+/// Device state of one sparse layer.
+pub(crate) struct SparseLayer {
+    pub(crate) slots: CudaSlice<bf16>,
+    pub(crate) summaries: CudaSlice<f32>,
+    pub(crate) mid_page: CudaSlice<i32>,
+    pub(crate) page_mid: CudaSlice<i32>,
+    pub(crate) recall_count: CudaSlice<i32>,
+    pub(crate) recall_list: CudaSlice<i32>,
+    pub(crate) selected: CudaSlice<i32>,
+    pub(crate) q_prev: CudaSlice<f32>,
+    pub(crate) flags: CudaSlice<i32>,
+}
+
+/// The sparse part of a CUDA batch.
+pub(crate) struct SparseState {
+    pub(crate) opts: GpuKvOptions,
+    pub(crate) budget: Budget,
+    pub(crate) shape: FreeKvShape,
+    /// Model layer → sparse layer index.
+    pub(crate) layer_of: Vec<Option<usize>>,
+    pub(crate) layers: Vec<SparseLayer>,
+    pub(crate) pool: HostKvPool,
+    pub(crate) gather: GatherRecall,
+    /// Pages of one sequence's prompt the per-layer prefill scratch holds.
+    pub(crate) prefill_pages: usize,
+    /// `0..prefill_pages` (the page table of a prefill).
+    pub(crate) prefill_table: CudaSlice<i32>,
+    /// `0..bs·nb` (the page table of the KV append into the slots).
+    pub(crate) slot_table: CudaSlice<i32>,
+    /// Per-step metadata ([`StepPlan::flatten`]), double-buffered for eager steps.
+    pub(crate) smeta: [CudaSlice<i32>; 2],
+    pub(crate) parity: usize,
+    /// The metadata buffer of the step being run.
+    pub(crate) cur: usize,
+    /// Offload entries of the step (`[bs][3]`), double-buffered like `smeta`.
+    pub(crate) fill: [CudaSlice<i32>; 2],
+    /// Correction flags of every sparse layer gathered at the end of a step, `[layer][bs][Hkv]`
+    /// (one read-back per step for the statistics).
+    pub(crate) flags_all: CudaSlice<i32>,
+    pub(crate) streamed: Option<StreamedRecall>,
+    pub(crate) tickets: Vec<Option<StreamedTicket>>,
+    pub(crate) per_page: Option<PerPageRecall>,
+    /// Split-K plan of the attention over `nb` slots.
+    pub(crate) plan: DecodePlan,
+    pub(crate) scratch: [CudaSlice<f32>; 2],
+    pub(crate) recall_stream: Arc<CudaStream>,
+    pub(crate) attn_done: Vec<CudaEvent>,
+    pub(crate) recall_done: Vec<CudaEvent>,
+    pub(crate) started: Vec<bool>,
+    /// Whether the batch replays captured steps (then every step joins its recalls).
+    pub(crate) use_graph: bool,
+    pub(crate) stats: GpuKvStats,
+    /// Host copy of the last step's plan (statistics).
+    pub(crate) last_plan: Option<StepPlan>,
+    /// The last step's `seq_info` rows (snapshots).
+    pub(crate) last_plan_info: Option<Vec<i32>>,
+}
+
+impl std::fmt::Debug for SparseState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SparseState")
+            .field("policy", &self.opts.policy_name())
+            .field("budget", &self.budget)
+            .field("shape", &self.shape)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Sizes the sparse state needs from the batch.
+pub(crate) struct SparseDims {
+    pub(crate) n_layers: usize,
+    pub(crate) q_heads: usize,
+    pub(crate) kv_heads: usize,
+    pub(crate) head_dim: usize,
+    pub(crate) max_seqs: usize,
+    pub(crate) max_seq_len: usize,
+    pub(crate) use_graph: bool,
+}
+
+impl SparseState {
+    pub(crate) fn new(
+        gpu: &Arc<Gpu>,
+        opts: GpuKvOptions,
+        dims: &SparseDims,
+        plan_shape: freekv_kernels::AttentionShape,
+    ) -> Result<Self, ModelError> {
+        let kernels = gpu.kernels();
+        let s = gpu.stream();
+        let kv = &opts.kv;
+        if kv.kind == KvKind::Full {
+            return Err(ModelError::Config(
+                "the sparse CUDA state is for oracle, arkvale and freekv".into(),
+            ));
+        }
+        kv.validate(dims.n_layers)?;
+        let budget = kv.budget_pages()?;
+        let p = budget.page_size();
+        let nb = budget.total_pages();
+        let bs = dims.max_seqs;
+        let max_pages = dims.max_seq_len.div_ceil(p).max(1);
+        if dims.kv_heads == 0 || !dims.q_heads.is_multiple_of(dims.kv_heads) {
+            return Err(ModelError::Config(format!(
+                "{} query heads do not form groups over {} KV heads",
+                dims.q_heads, dims.kv_heads
+            )));
+        }
+        let shape = FreeKvShape::from_budget(
+            bs,
+            dims.kv_heads,
+            dims.q_heads / dims.kv_heads,
+            dims.head_dim,
+            &budget,
+            max_pages,
+        );
+        shape.validate("freekv batch")?;
+        let max_prompt = opts
+            .max_prompt
+            .unwrap_or(dims.max_seq_len)
+            .clamp(1, dims.max_seq_len);
+        let prefill_pages = max_prompt.div_ceil(p);
+        let mut layer_of = vec![None; dims.n_layers];
+        let mut n_sparse = 0;
+        for (l, slot) in layer_of.iter_mut().enumerate() {
+            if !kv.dense_layers.contains(&l) {
+                *slot = Some(n_sparse);
+                n_sparse += 1;
+            }
+        }
+        let (hkv, d, hq) = (dims.kv_heads, dims.head_dim, dims.q_heads);
+        let page_elems = 2 * p * hkv * d;
+        let k = budget.retrieved_pages();
+        let mut layers = Vec::with_capacity(n_sparse);
+        let neg = |n: usize| vec![-1i32; n];
+        for l in 0..n_sparse {
+            let what = |x: &str| format!("allocating the {x} of sparse layer {l}");
+            layers.push(SparseLayer {
+                slots: s
+                    .alloc_zeros::<bf16>(bs * nb * page_elems)
+                    .map_err(oom(what("resident slots")))?,
+                summaries: s
+                    .alloc_zeros::<f32>(bs * hkv * max_pages * 2 * d)
+                    .map_err(oom(what("page summaries")))?,
+                mid_page: s
+                    .clone_htod(&neg(bs * hkv * k))
+                    .map_err(oom(what("slot table")))?,
+                page_mid: s
+                    .clone_htod(&neg(bs * hkv * max_pages))
+                    .map_err(oom(what("page table")))?,
+                recall_count: s
+                    .alloc_zeros::<i32>(bs * hkv)
+                    .map_err(oom(what("recall counts")))?,
+                recall_list: s
+                    .alloc_zeros::<i32>(bs * hkv * k * 2)
+                    .map_err(oom(what("recall list")))?,
+                selected: s
+                    .clone_htod(&neg(bs * hkv * k))
+                    .map_err(oom(what("selection")))?,
+                q_prev: s
+                    .alloc_zeros::<f32>(bs * hq * d)
+                    .map_err(oom(what("query history")))?,
+                flags: s
+                    .alloc_zeros::<i32>(bs * hkv)
+                    .map_err(oom(what("correction flags")))?,
+            });
+        }
+        let backing = if kv.kind == KvKind::Quest {
+            Backing::Device
+        } else {
+            Backing::MappedHost
+        };
+        let pool = HostKvPool::new(
+            s,
+            HostPoolConfig {
+                layers: n_sparse,
+                seqs: bs,
+                max_pages,
+                kv_heads: hkv,
+                page_elems,
+                chunk_pages: 1024,
+                max_bytes: opts.host_max_bytes,
+                backing,
+            },
+        )?;
+        let prefill_table: Vec<i32> = (0..prefill_pages as i32).collect();
+        let slot_table: Vec<i32> = (0..(bs * nb) as i32).collect();
+        let meta_len = StepPlan::offsets(bs, nb)[6];
+        let plan = kernels.plan_decode(plan_shape, bs, nb * p)?;
+        let scratch_len = shape.select_scratch_len().max(1);
+        let ctx = s.context();
+        let mut attn_done = Vec::with_capacity(n_sparse);
+        let mut recall_done = Vec::with_capacity(n_sparse);
+        for _ in 0..n_sparse {
+            attn_done.push(ctx.new_event(None).map_err(drv("creating an event"))?);
+            recall_done.push(ctx.new_event(None).map_err(drv("creating an event"))?);
+        }
+        let gather = GatherRecall::new(opts.gather_blocks).with_counters(s)?;
+        let streamed = if kv.kind == KvKind::FreeKv && opts.recall == GpuRecall::Streamed {
+            Some(StreamedRecall::new(gpu, &shape)?)
+        } else {
+            None
+        };
+        let per_page = if kv.kind == KvKind::ArkVale {
+            Some(PerPageRecall::new(s, &shape)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            budget,
+            shape,
+            layer_of,
+            layers,
+            pool,
+            gather,
+            prefill_pages,
+            prefill_table: s
+                .clone_htod(&prefill_table)
+                .map_err(drv("uploading the prefill table"))?,
+            slot_table: s
+                .clone_htod(&slot_table)
+                .map_err(drv("uploading the slot table"))?,
+            smeta: [
+                s.alloc_zeros::<i32>(meta_len)
+                    .map_err(drv("allocating step metadata"))?,
+                s.alloc_zeros::<i32>(meta_len)
+                    .map_err(drv("allocating step metadata"))?,
+            ],
+            parity: 0,
+            cur: 0,
+            fill: [
+                s.alloc_zeros::<i32>(3 * bs)
+                    .map_err(drv("allocating offload entries"))?,
+                s.alloc_zeros::<i32>(3 * bs)
+                    .map_err(drv("allocating offload entries"))?,
+            ],
+            flags_all: s
+                .alloc_zeros::<i32>((n_sparse * bs * hkv).max(1))
+                .map_err(drv("allocating correction flags"))?,
+            streamed,
+            tickets: (0..n_sparse).map(|_| None).collect(),
+            per_page,
+            plan,
+            scratch: [
+                s.alloc_zeros::<f32>(scratch_len)
+                    .map_err(oom("allocating selection scratch".into()))?,
+                s.alloc_zeros::<f32>(scratch_len)
+                    .map_err(oom("allocating selection scratch".into()))?,
+            ],
+            recall_stream: s.fork().map_err(drv("creating the recall stream"))?,
+            attn_done,
+            recall_done,
+            started: vec![false; bs],
+            use_graph: dims.use_graph,
+            stats: GpuKvStats::default(),
+            last_plan: None,
+            last_plan_info: None,
+            opts,
+        })
+    }
+
+    /// Make `s` wait for every recall issued so far (before touching slots or tables from the
+    /// host side, and at the end of a captured step).
+    pub(crate) fn join_recalls(&mut self, s: &Arc<CudaStream>) -> Result<(), ModelError> {
+        // Captured steps (and the eager steps of a batch that captures) join their recalls
+        // before they end; their events were last recorded inside a capture and cannot be
+        // waited for from outside one.
+        if self.opts.graph_capturable() && self.use_graph {
+            return Ok(());
+        }
+        self.join_recalls_in_step(s)
+    }
+
+    /// Make `s` wait for every recall issued so far, from inside a step (also under capture).
+    pub(crate) fn join_recalls_in_step(&mut self, s: &Arc<CudaStream>) -> Result<(), ModelError> {
+        if self.opts.kv.kind != KvKind::FreeKv {
+            return Ok(());
+        }
+        if let Some(st) = &self.streamed {
+            for t in &mut self.tickets {
+                if let Some(t) = t.take() {
+                    st.wait(t, s)?;
+                }
+            }
+        }
+        for e in &self.recall_done {
+            s.wait(e).map_err(drv("waiting for a recall"))?;
+        }
+        Ok(())
+    }
+
+    /// Recall counters of every executor so far (units, bytes); synchronises `s` and the recall
+    /// stream.
+    pub(crate) fn recall_counters(
+        &mut self,
+        s: &Arc<CudaStream>,
+    ) -> Result<freekv_recall::cuda::CudaRecallCounters, ModelError> {
+        self.join_recalls(s)?;
+        let mut c = self.gather.counters(s, &self.shape)?.unwrap_or_default();
+        if let Some(st) = &self.streamed {
+            c.accumulate(&st.totals());
+        }
+        if let Some(pp) = &self.per_page {
+            c.accumulate(&pp.totals());
+        }
+        Ok(c)
+    }
+
+    /// Offsets of the plan's parts in the metadata buffer.
+    pub(crate) fn meta_offsets(&self) -> [usize; 7] {
+        StepPlan::offsets(self.shape.seqs, self.shape.slots())
+    }
+
+    /// After a decode step ran (and its stream was synchronised by the caller or not), account
+    /// the step: reads the correction flags back when statistics are on.
+    pub(crate) fn account_step(&mut self, s: &Arc<CudaStream>) -> Result<(), ModelError> {
+        self.stats.steps += 1;
+        let Some(plan) = self.last_plan.take() else {
+            return Ok(());
+        };
+        self.last_plan_info = Some(plan.seq_info.clone());
+        let bs = self.shape.seqs;
+        let hkv = self.shape.kv_heads;
+        let n_sparse = self.layers.len() as u64;
+        let freekv = self.opts.kv.kind == KvKind::FreeKv && self.opts.collect_stats;
+        if freekv {
+            let mut flags = vec![0i32; self.flags_all.len()];
+            s.memcpy_dtoh(&self.flags_all, &mut flags)
+                .map_err(drv("reading correction flags"))?;
+            for layer_flags in flags.chunks_exact(bs * hkv) {
+                for seq in 0..bs {
+                    if plan.seq_info[SEQ_INFO_WIDTH * seq + 1] != MODE_SPARSE {
+                        continue;
+                    }
+                    let f = &layer_flags[seq * hkv..(seq + 1) * hkv];
+                    let n = f.iter().filter(|&&x| x != 0).count() as u64;
+                    self.stats.heads_checked += hkv as u64;
+                    self.stats.heads_flagged += n;
+                    if n > 0 {
+                        self.stats.corrected_seq_layer_steps += 1;
+                    }
+                }
+            }
+        }
+        for seq in 0..bs {
+            match plan.seq_info[SEQ_INFO_WIDTH * seq + 1] {
+                0 => {}
+                m => {
+                    self.stats.sparse_seq_layer_steps += n_sparse;
+                    if m == MODE_FIRST {
+                        self.stats.first_sparse += n_sparse;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Device bytes held by the sparse layers (slots, summaries, tables, queries).
+    pub(crate) fn device_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| {
+                2 * l.slots.len()
+                    + 4 * (l.summaries.len()
+                        + l.mid_page.len()
+                        + l.page_mid.len()
+                        + l.recall_count.len()
+                        + l.recall_list.len()
+                        + l.selected.len()
+                        + l.q_prev.len()
+                        + l.flags.len())
+            })
+            .sum::<usize>()
+            + 4 * self.flags_all.len()
+    }
+
+    /// The query rows for the correction kernel.
+    pub(crate) fn q_rows(qkv_width: usize) -> Strided {
+        Strided {
+            offset: 0,
+            stride: qkv_width,
+        }
+    }
+}

@@ -1,0 +1,425 @@
+//! FreeKV on the CUDA backend against the CPU reference (skipped with one line without a GPU).
+//!
+//! * The GPU selection is exact: after decode steps, every sparse layer's stored query and page
+//!   summaries are read back and the CPU reference selector (`freekv_select::Selector`) must pick
+//!   exactly the pages the fused GPU kernel picked, for every (sequence, KV head).
+//! * `oracle`, `arkvale` and `freekv` with τ = always make the same selections and move the same
+//!   bytes, so their logits are bitwise equal; the three recall paths agree.
+//! * With a budget covering the context every sparse policy equals `full` (bf16 tolerance).
+//! * On the default model (when cached), 200+ teacher-forced decode steps of `freekv` on the GPU
+//!   against the CPU `freekv` policy: logits within bf16 tolerance, selections overlapping, the
+//!   GPU selections exact against the CPU selector on the GPU's own inputs, GPU memory flat.
+
+use std::sync::Arc;
+
+use freekv_kernels::testing::gpu;
+use freekv_model::cuda::{BatchOptions, CudaBatch, CudaLlama, GpuKvOptions, GpuRecall};
+use freekv_model::kv::{KvConfig, KvKind};
+use freekv_model::testing::{TinyConfig, default_model_path, tiny_random_model};
+use freekv_model::{GgufFile, LlamaModel};
+use freekv_select::{HeadSummaries, Selector, SelectorConfig, SummaryKind};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    let (mut num, mut den) = (0f64, 0f64);
+    for (x, y) in a.iter().zip(b) {
+        num += ((x - y) as f64).powi(2);
+        den += (*y as f64).powi(2);
+    }
+    (num / den.max(1e-30)).sqrt()
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn kv(kind: KvKind, budget: usize, page: usize, summary: SummaryKind) -> KvConfig {
+    KvConfig {
+        kind,
+        budget,
+        sink: page * 2,
+        window: page * 4,
+        page_size: page,
+        summary,
+        ..KvConfig::default()
+    }
+}
+
+fn tiny_gguf(seed: u64, layers: usize) -> Arc<GgufFile> {
+    let cfg = TinyConfig {
+        n_layers: layers,
+        hidden: 256,
+        n_heads: 4,
+        n_kv_heads: 2,
+        ffn_hidden: 256,
+        context_length: 1024,
+        ..TinyConfig::default()
+    };
+    Arc::new(tiny_random_model(seed, &cfg).unwrap())
+}
+
+/// Check every (sequence, KV head) selection of every sparse layer of `b` against the CPU
+/// selector on the GPU's own query and summaries; returns the number of rows checked.
+fn check_selections_exact(model: &CudaLlama, b: &mut CudaBatch, kvc: &KvConfig) -> usize {
+    let budget = kvc.budget_pages().unwrap();
+    let sel = Selector::new(SelectorConfig {
+        top_k: budget.retrieved_pages(),
+        sink_pages: budget.sink_pages(),
+        window_pages: budget.window_pages(),
+        policy: kvc.group_policy,
+        summary: kvc.summary,
+    })
+    .unwrap();
+    let mut checked = 0;
+    for layer in 0..model.config().n_layers {
+        let Some(snap) = model.sparse_snapshot(b, layer).unwrap() else {
+            continue;
+        };
+        let sh = snap.shape;
+        let (hkv, g, d, mp, k) = (sh.kv_heads, sh.group, sh.head_dim, sh.max_pages, sh.top_k);
+        for seq in 0..sh.seqs {
+            let n_pages = snap.seq_info[4 * seq] as usize;
+            let mode = snap.seq_info[4 * seq + 1];
+            if mode == 0 {
+                continue;
+            }
+            for h in 0..hkv {
+                let q0 = (seq * hkv + h) * g * d;
+                let q = &snap.q[q0..q0 + g * d];
+                let base = (seq * hkv + h) * mp * 2 * d;
+                let mut upper = Vec::with_capacity(mp * d);
+                let mut lower = Vec::with_capacity(mp * d);
+                for p in 0..mp {
+                    let o = base + p * 2 * d;
+                    upper.extend_from_slice(&snap.summaries[o..o + d]);
+                    lower.extend_from_slice(&snap.summaries[o + d..o + 2 * d]);
+                }
+                let hs = HeadSummaries::new(kvc.summary, d, &upper, &lower).unwrap();
+                let want = sel.select(q, hs, n_pages).unwrap();
+                let r = (seq * hkv + h) * k;
+                let got: Vec<usize> = snap.selected[r..r + k]
+                    .iter()
+                    .filter(|&&p| p >= 0)
+                    .map(|&p| p as usize)
+                    .collect();
+                assert_eq!(
+                    got,
+                    want.pages(),
+                    "layer {layer} seq {seq} KV head {h}: GPU selection differs from the CPU selector"
+                );
+                // The middle holds exactly the selection (after the speculative recall).
+                let mut mid: Vec<usize> = snap.mid_page[r..r + k]
+                    .iter()
+                    .filter(|&&p| p >= 0)
+                    .map(|&p| p as usize)
+                    .collect();
+                mid.sort_unstable();
+                assert_eq!(
+                    mid,
+                    want.pages(),
+                    "layer {layer} seq {seq} head {h}: middle slots"
+                );
+                checked += 1;
+            }
+        }
+    }
+    checked
+}
+
+/// Prefill `prompts` into a new batch of `kv` and run `steps` greedy steps driven by `feed`
+/// (or the batch's own argmax); returns the logits of every step.
+#[allow(clippy::too_many_arguments)]
+fn run_gpu(
+    model: &CudaLlama,
+    kvo: Option<GpuKvOptions>,
+    prompts: &[Vec<u32>],
+    page: usize,
+    steps: usize,
+    feed: Option<&[Vec<u32>]>,
+    use_graph: bool,
+) -> (Vec<Vec<f32>>, Vec<Vec<u32>>, CudaBatch) {
+    let max_len = prompts.iter().map(Vec::len).max().unwrap() + steps + 1;
+    let opts = BatchOptions {
+        max_seqs: prompts.len(),
+        max_seq_len: max_len,
+        page_size: page,
+        prefill_chunk: 64,
+        use_graph,
+    };
+    let mut b = match kvo {
+        Some(k) => model.new_batch_with_kv(opts, k).unwrap(),
+        None => model.new_batch(opts).unwrap(),
+    };
+    for (i, p) in prompts.iter().enumerate() {
+        model.prefill(&mut b, i, p).unwrap();
+    }
+    let mut logits = vec![model.logits(&b).unwrap()];
+    let mut fed = Vec::new();
+    for step in 0..steps {
+        let t = match feed {
+            Some(f) => f[step].clone(),
+            None => model.argmax(&mut b).unwrap(),
+        };
+        model.decode_step(&mut b, &t).unwrap();
+        fed.push(t);
+        logits.push(model.logits(&b).unwrap());
+    }
+    (logits, fed, b)
+}
+
+#[test]
+fn tiny_model_sparse_policies_on_the_gpu() {
+    let Some(g) = gpu() else { return };
+    let gguf = tiny_gguf(21, 3);
+    let model = CudaLlama::from_gguf(g.clone(), &gguf).unwrap();
+    let vocab = model.config().vocab_size as u32;
+    let mut r = StdRng::seed_from_u64(9);
+    // Ragged prompts: one long enough to be sparse at once, one crossing the budget while
+    // decoding, one staying dense.
+    let prompts: Vec<Vec<u32>> = [300usize, 140, 40]
+        .iter()
+        .map(|&n| (0..n).map(|_| r.random_range(3..vocab)).collect())
+        .collect();
+    let page = 8;
+    let budget = 128; // 16 pages: 2 sink, 10 retrieved, 4 window
+    let steps = 60;
+    for summary in [SummaryKind::ArkVale, SummaryKind::MinMax] {
+        // Reference run: freekv τ = always through the gather path, graphs on.
+        let mut always = kv(KvKind::FreeKv, budget, page, summary);
+        always.set_tau("always").unwrap();
+        let (l_free, fed, mut b) = run_gpu(
+            &model,
+            Some(GpuKvOptions::new(always.clone())),
+            &prompts,
+            page,
+            steps,
+            None,
+            true,
+        );
+        assert!(check_selections_exact(&model, &mut b, &always) > 0);
+        let st = b.kv_stats().unwrap();
+        assert!(
+            st.sparse_seq_layer_steps > 0 && st.first_sparse > 0,
+            "{st:?}"
+        );
+        // oracle and arkvale with the same tokens: bitwise equal logits.
+        for kind in [KvKind::Quest, KvKind::ArkVale] {
+            let c = kv(kind, budget, page, summary);
+            let (l, _, mut b2) = run_gpu(
+                &model,
+                Some(GpuKvOptions::new(c.clone())),
+                &prompts,
+                page,
+                steps,
+                Some(&fed),
+                true,
+            );
+            for (step, (x, y)) in l.iter().zip(&l_free).enumerate() {
+                assert!(
+                    x == y,
+                    "{summary}: {} differs from freekv(always) at step {step} (rel L2 {:.2e})",
+                    b2.kv_policy(),
+                    rel_l2(x, y)
+                );
+            }
+            check_selections_exact(&model, &mut b2, &c);
+        }
+        // The streamed recall and eager steps give the same result as the gather kernel.
+        let mut streamed = GpuKvOptions::new(always.clone());
+        streamed.recall = GpuRecall::Streamed;
+        let (l, _, _) = run_gpu(
+            &model,
+            Some(streamed),
+            &prompts,
+            page,
+            steps,
+            Some(&fed),
+            false,
+        );
+        assert!(
+            l == l_free,
+            "{summary}: streamed recall differs from gather"
+        );
+        // freekv with τ = 0.8: exact selections, logits close to τ = always.
+        let c = kv(KvKind::FreeKv, budget, page, summary);
+        let (l, _, mut b3) = run_gpu(
+            &model,
+            Some(GpuKvOptions::new(c.clone())),
+            &prompts,
+            page,
+            steps,
+            Some(&fed),
+            true,
+        );
+        check_selections_exact(&model, &mut b3, &c);
+        let st = b3.kv_stats().unwrap().clone();
+        println!(
+            "{summary}: freekv τ=0.8 on the tiny model: {:?}",
+            st.to_json()
+        );
+        assert!(st.heads_checked > 0);
+        let worst = l
+            .iter()
+            .zip(&l_free)
+            .map(|(x, y)| rel_l2(x, y))
+            .fold(0.0, f64::max);
+        assert!(
+            worst < 0.5,
+            "{summary}: freekv τ=0.8 vs always rel L2 {worst}"
+        );
+    }
+    // A budget covering the context: every sparse policy equals full (bf16 tolerance).
+    let big = 512;
+    let (l_full, fed, _) = run_gpu(&model, None, &prompts, page, 20, None, true);
+    for kind in [KvKind::Quest, KvKind::ArkVale, KvKind::FreeKv] {
+        let c = kv(kind, big, page, SummaryKind::ArkVale);
+        let (l, _, _) = run_gpu(
+            &model,
+            Some(GpuKvOptions::new(c)),
+            &prompts,
+            page,
+            20,
+            Some(&fed),
+            true,
+        );
+        for (step, (x, y)) in l.iter().zip(&l_full).enumerate() {
+            let e = rel_l2(x, y);
+            assert!(
+                e < 2e-2,
+                "{kind}: budget ≥ context differs from full at step {step}: {e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn long_generation_keeps_gpu_memory_flat() {
+    let Some(g) = gpu() else { return };
+    let gguf = tiny_gguf(5, 2);
+    let model = CudaLlama::from_gguf(g.clone(), &gguf).unwrap();
+    let c = kv(KvKind::FreeKv, 128, 8, SummaryKind::ArkVale);
+    let steps = 700;
+    let mut b = model
+        .new_batch_with_kv(
+            BatchOptions {
+                max_seqs: 2,
+                max_seq_len: 64 + steps + 1,
+                page_size: 8,
+                prefill_chunk: 64,
+                use_graph: true,
+            },
+            GpuKvOptions::new(c),
+        )
+        .unwrap();
+    model.prefill(&mut b, 0, &[5; 64]).unwrap();
+    model.prefill(&mut b, 1, &[7; 30]).unwrap();
+    let ctx = g.ctx();
+    let mut t = model.argmax(&mut b).unwrap();
+    let mut free_after_warmup = None;
+    for step in 0..steps {
+        model.decode_step(&mut b, &t).unwrap();
+        t = model.argmax(&mut b).unwrap();
+        if step == 100 {
+            free_after_warmup = Some(ctx.mem_get_info().unwrap().0);
+        }
+    }
+    let free_end = ctx.mem_get_info().unwrap().0;
+    let w = free_after_warmup.unwrap();
+    println!(
+        "GPU free memory after warm-up {} MiB, after {steps} steps {} MiB; host KV {} KiB",
+        w >> 20,
+        free_end >> 20,
+        b.host_kv_bytes() >> 10
+    );
+    assert_eq!(w, free_end, "device memory changed during decoding");
+}
+
+#[test]
+fn default_model_freekv_matches_the_cpu_policy() {
+    let Some(g) = gpu() else { return };
+    let Some(path) = default_model_path() else {
+        println!("skipped: default model not cached");
+        return;
+    };
+    let refdir = std::env::var_os("FREEKV_REFERENCE_DIR")
+        .map(std::path::PathBuf::from)
+        .or_else(|| freekv_model::reference_dir!());
+    let Some(refdir) = refdir else {
+        println!("skipped: reference outputs not present");
+        return;
+    };
+    let prompt: Vec<u32> = match std::fs::read_to_string(refdir.join("text_1k.json")) {
+        Ok(s) => {
+            let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+            v["prompt_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect()
+        }
+        Err(_) => {
+            println!("skipped: reference outputs not present");
+            return;
+        }
+    };
+    let gguf = Arc::new(GgufFile::open(&path).unwrap());
+    let steps = 210;
+    let c = kv(KvKind::FreeKv, 256, 8, SummaryKind::ArkVale);
+    // CPU reference policy, teacher-forced with its own greedy tokens.
+    let cpu = LlamaModel::new(gguf.clone()).unwrap();
+    let policy = freekv_model::kv::build_policy(&c, cpu.config().n_layers).unwrap();
+    let mut s = cpu.session_with_policy(8, policy).unwrap();
+    let mut cpu_logits = vec![cpu.prefill(&mut s, &prompt).unwrap().to_vec()];
+    let mut feed = Vec::new();
+    for _ in 0..steps {
+        let t = argmax(cpu_logits.last().unwrap());
+        feed.push(vec![t]);
+        cpu_logits.push(cpu.decode(&mut s, t).unwrap().to_vec());
+    }
+    let cuda = CudaLlama::from_gguf(g, &gguf).unwrap();
+    let (gpu_logits, _, mut b) = run_gpu(
+        &cuda,
+        Some(GpuKvOptions::new(c.clone())),
+        &[prompt.clone()],
+        8,
+        steps,
+        Some(&feed),
+        true,
+    );
+    let rows = check_selections_exact(&cuda, &mut b, &c);
+    let mut errs: Vec<f64> = Vec::new();
+    let (mut agree, mut checked) = (0, 0);
+    for (gl, cl) in gpu_logits.iter().zip(&cpu_logits) {
+        errs.push(rel_l2(gl, cl));
+        let mut sorted = cl.clone();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        if sorted[0] - sorted[1] > 0.5 {
+            checked += 1;
+            agree += usize::from(argmax(gl) == argmax(cl));
+        }
+    }
+    errs.sort_by(f64::total_cmp);
+    let median = errs[errs.len() / 2];
+    let p90 = errs[errs.len() * 9 / 10];
+    let st = b.kv_stats().unwrap();
+    println!(
+        "default model, freekv budget 256 (page 8), {steps} steps: GPU vs CPU policy rel L2 median {median:.3e}, p90 {p90:.3e}, max {:.3e}; argmax agreement {agree}/{checked} where the CPU margin > 0.5; {rows} GPU selections exact vs the CPU selector at the end; stats {}",
+        errs.last().unwrap(),
+        st.to_json()
+    );
+    assert!(median < 0.06 && p90 < 0.15, "median {median} p90 {p90}");
+    assert!(
+        agree * 100 >= checked * 95,
+        "argmax agreement {agree}/{checked}"
+    );
+    assert!(rows > 0);
+    assert!(st.heads_checked > 0 && st.sparse_seq_layer_steps > 0);
+}
