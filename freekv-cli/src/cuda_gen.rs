@@ -143,6 +143,27 @@ pub fn run(
     Ok(result.cancelled())
 }
 
+/// The GPU KV options of a run: `None` for `full` (everything on the device), otherwise the
+/// policy (`quest` runs as `oracle`) with the recall mode and the host pool bound.
+pub fn kv_options(
+    kv: freekv_model::kv::KvConfig,
+    recall: freekv_model::cuda::GpuRecall,
+    max_host_kv_gib: Option<f64>,
+) -> Result<Option<GpuKvOptions>> {
+    if kv.kind == freekv_model::kv::KvKind::Full {
+        return Ok(None);
+    }
+    let mut o = GpuKvOptions::new(kv);
+    o.recall = recall;
+    if let Some(g) = max_host_kv_gib {
+        if !(g.is_finite() && g > 0.0) {
+            bail!("--max-host-kv-gib must be a positive number of GiB, got {g}");
+        }
+        o.host_max_bytes = Some((g * (1u64 << 30) as f64) as usize);
+    }
+    Ok(Some(o))
+}
+
 /// Generation options of `generate` on the CUDA decoder (greedy unless a temperature is given;
 /// no top log-probabilities: logits stay on the device).
 pub fn options(

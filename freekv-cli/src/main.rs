@@ -103,6 +103,10 @@ struct GenerateArgs {
     /// available].
     #[arg(long, value_name = "GIB", allow_negative_numbers = true)]
     max_host_kv_gib: Option<f64>,
+    /// How freekv recalls pages on the GPU: `gather` (one zero-copy kernel per layer, the
+    /// default) or `streamed` (the paper's double-buffered copy).
+    #[arg(long, value_name = "MODE", default_value = "gather")]
+    gpu_recall: String,
     #[command(flatten)]
     kv: eval::KvArgs,
     #[command(flatten)]
@@ -376,10 +380,12 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         top_p: a.top_p,
         seed: a.seed,
     };
-    let non_full = if a.kv.kv.len() != 1 || a.kv.kv.first().is_none_or(|k| k != "full") {
-        Some("a KV policy other than full")
-    } else if a.max_host_kv_gib.is_some() {
-        Some("a host KV limit (--max-host-kv-gib)")
+    let gpu_recall: freekv_model::cuda::GpuRecall = a
+        .gpu_recall
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--gpu-recall: {e}"))?;
+    let non_full = if a.kv.kv.len() != 1 {
+        Some("a list of KV policies")
     } else if a.repeat > 1 {
         Some("--repeat")
     } else {
@@ -403,13 +409,18 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
             bail!("synthetic models need a CUDA device");
         };
         let model = freekv_model::cuda::CudaLlama::synthetic(gpu, name, a.seed)?;
+        let kv = cuda_gen::kv_options(
+            a.kv.single(model.config().n_layers)?,
+            gpu_recall,
+            a.max_host_kv_gib,
+        )?;
         let mut opts = cuda_gen::options(a.max_new_tokens, sampling);
         opts.stop_at_eog = !a.ignore_eos;
         let out = cuda_gen::Output {
             json: a.json,
             tokenizer: None,
         };
-        if cuda_gen::run(&model, ids, &opts, cuda_gen::cancel_flag(), out)? {
+        if cuda_gen::run(&model, ids, &opts, kv, cuda_gen::cancel_flag(), out)? {
             std::process::exit(130);
         }
         return Ok(());
@@ -470,13 +481,14 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     )?;
     if let Some(gpu) = gpu {
         let model = freekv_model::cuda::CudaLlama::from_gguf(gpu, &gguf)?;
+        let kv = cuda_gen::kv_options(kv_cfg.clone(), gpu_recall, a.max_host_kv_gib)?;
         let mut opts = cuda_gen::options(a.max_new_tokens, sampling);
         opts.stop_at_eog = !a.ignore_eos;
         let out = cuda_gen::Output {
             json: a.json,
             tokenizer: Some(&tok),
         };
-        if cuda_gen::run(&model, &prompt_ids, &opts, cuda_gen::cancel_flag(), out)? {
+        if cuda_gen::run(&model, &prompt_ids, &opts, kv, cuda_gen::cancel_flag(), out)? {
             std::process::exit(130);
         }
         return Ok(());

@@ -66,11 +66,12 @@ impl FromStr for KvKind {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.trim().to_ascii_lowercase().as_str() {
             "full" | "dense" => Ok(KvKind::Full),
-            "quest" => Ok(KvKind::Quest),
+            // On the GPU `quest` runs as `oracle` (the current query's budget, no recall cost).
+            "quest" | "oracle" => Ok(KvKind::Quest),
             "arkvale" => Ok(KvKind::ArkVale),
             "freekv" => Ok(KvKind::FreeKv),
             _ => Err(ModelError::Config(format!(
-                "unknown KV policy `{s}` (expected full, quest, arkvale or freekv)"
+                "unknown KV policy `{s}` (expected full, quest (alias oracle), arkvale or freekv)"
             ))),
         }
     }
