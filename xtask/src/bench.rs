@@ -1,8 +1,11 @@
 //! `cargo xtask bench`: orchestration of the criterion runs, the end-to-end matrix, the
-//! ceilings and the peers; writing the JSON, markdown and SVG outputs.
+//! ceilings and the peers; writing the JSON, markdown and SVG outputs. With `--prebuilt DIR`
+//! it runs on a machine without cargo from a bundle made by `cargo xtask bench-bundle`.
 
+use crate::bundle::{self, Manifest};
 use crate::criterion::{self, Estimate};
-use crate::{probe, report, svg};
+use crate::runner::{self, BenchBin, Budget, Mode, Target};
+use crate::{gpu_e2e, probe, report, svg};
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
@@ -21,12 +24,25 @@ pub struct Options {
     pub no_e2e: bool,
     /// Only these criterion bench targets (empty: all that apply).
     pub targets: Vec<String>,
+    /// Run the bench binaries of this bundle (`cargo xtask bench-bundle`) instead of cargo.
+    pub prebuilt: Option<PathBuf>,
+    /// Time budget of the whole run, minutes: what does not fit is skipped (and said so), a
+    /// bench still running at the end is stopped and keeps what it measured.
+    pub max_minutes: Option<f64>,
+    /// GPU name to assume instead of detecting one (`FREEKV_XTASK_ASSUME_GPU`): rehearses the
+    /// GPU flow on a machine without a GPU, where the GPU benches say "skipped: no CUDA device".
+    pub assume_gpu: Option<String>,
 }
 
 impl Options {
     /// Parses the arguments after `bench`.
     pub fn parse(args: &[String]) -> Result<Self> {
-        let mut o = Options::default();
+        let mut o = Options {
+            assume_gpu: std::env::var("FREEKV_XTASK_ASSUME_GPU")
+                .ok()
+                .filter(|n| !n.trim().is_empty()),
+            ..Options::default()
+        };
         let mut it = args.iter();
         while let Some(a) = it.next() {
             match a.as_str() {
@@ -50,21 +66,27 @@ impl Options {
                     let t = it
                         .next()
                         .ok_or_else(|| anyhow!("--targets needs a comma list"))?;
-                    for name in t.split(',').filter(|n| !n.is_empty()) {
-                        if !TARGETS.iter().any(|x| x.bench == name) {
-                            let known: Vec<&str> = TARGETS.iter().map(|x| x.bench).collect();
-                            bail!(
-                                "unknown bench target `{name}` (known: {})",
-                                known.join(", ")
-                            );
-                        }
-                        o.targets.push(name.to_string());
-                    }
+                    o.targets
+                        .extend(t.split(',').filter(|n| !n.is_empty()).map(str::to_string));
                 }
                 "--out" => {
                     o.out = Some(PathBuf::from(
                         it.next().ok_or_else(|| anyhow!("--out needs a folder"))?,
                     ));
+                }
+                "--prebuilt" => {
+                    o.prebuilt =
+                        Some(PathBuf::from(it.next().ok_or_else(|| {
+                            anyhow!("--prebuilt needs the bundle folder")
+                        })?));
+                }
+                "--max-minutes" => {
+                    let m: f64 = it
+                        .next()
+                        .and_then(|m| m.parse().ok())
+                        .filter(|m: &f64| m.is_finite() && *m > 0.0)
+                        .ok_or_else(|| anyhow!("--max-minutes needs a positive number"))?;
+                    o.max_minutes = Some(m);
                 }
                 other => bail!("unknown bench option `{other}` (see cargo xtask help)"),
             }
@@ -72,8 +94,35 @@ impl Options {
         if o.cpu_only && o.gpu_only {
             bail!("--cpu-only and --gpu-only exclude each other");
         }
+        if o.prebuilt.is_some() {
+            if o.cpu_only {
+                bail!("--prebuilt runs the bundled GPU benches: not with --cpu-only");
+            }
+            if o.out.is_none() {
+                bail!("--prebuilt needs --out DIR (the repository's docs/bench is not there)");
+            }
+            // The bundle holds the GPU benches; the CPU part needs cargo and the model.
+            o.gpu_only = true;
+        }
         Ok(o)
     }
+}
+
+/// Checks `--targets` names against the known targets and the benches at hand.
+pub fn check_targets(names: &[String], available: &[String]) -> Result<()> {
+    for n in names {
+        if !available.contains(n) && Target::known(n, "").is_none() {
+            let mut known: Vec<String> = runner::TARGETS
+                .iter()
+                .map(|t| t.bench.to_string())
+                .chain(available.iter().cloned())
+                .collect();
+            known.sort();
+            known.dedup();
+            bail!("unknown bench target `{n}` (known: {})", known.join(", "));
+        }
+    }
+    Ok(())
 }
 
 pub(crate) fn root() -> PathBuf {
@@ -83,28 +132,31 @@ pub(crate) fn root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
-fn cargo() -> Command {
+pub(crate) fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(root());
     c
 }
 
-fn run_status(mut c: Command) -> Result<()> {
-    let status = c.status().with_context(|| format!("cannot run {c:?}"))?;
+pub(crate) fn run_status(mut c: Command) -> Result<()> {
+    let status = c
+        .status()
+        .with_context(|| format!("cannot run `{}`", crate::runner::show(&c)))?;
     if !status.success() {
-        bail!("{c:?} failed: {status}");
+        bail!("`{}` failed: {status}", crate::runner::show(&c));
     }
     Ok(())
 }
 
-fn output(mut c: Command) -> Result<String> {
+pub(crate) fn output(mut c: Command) -> Result<String> {
     let o = c
         .stderr(Stdio::piped())
         .output()
-        .with_context(|| format!("cannot run {c:?}"))?;
+        .with_context(|| format!("cannot run `{}`", crate::runner::show(&c)))?;
     if !o.status.success() {
         bail!(
-            "{c:?} failed: {}: {}",
+            "`{}` failed: {}: {}",
+            crate::runner::show(&c),
             o.status,
             String::from_utf8_lossy(&o.stderr)
                 .lines()
@@ -121,15 +173,22 @@ struct Progress {
     est: Vec<(String, f64)>,
     done: usize,
     t0: Instant,
-    scale_t0: Instant,
     est_done: f64,
 }
 
 impl Progress {
+    fn new(est: Vec<(String, f64)>) -> Self {
+        Self {
+            est,
+            done: 0,
+            t0: Instant::now(),
+            est_done: 0.0,
+        }
+    }
     fn start(&mut self) {
         let el = self.t0.elapsed().as_secs_f64();
         let scale = if self.est_done > 0.0 {
-            (self.scale_t0.elapsed().as_secs_f64() / self.est_done).clamp(0.3, 5.0)
+            (el / self.est_done).clamp(0.3, 5.0)
         } else {
             1.0
         };
@@ -151,51 +210,30 @@ impl Progress {
         self.est_done += self.est.get(self.done).map_or(0.0, |e| e.1);
         self.done += 1;
     }
-    /// Ends the build item: its time (other people's edits, cold caches) says nothing about
-    /// the rest, so the ETA scale restarts after it.
-    fn finish_build(&mut self) {
+    /// Ends an item that was skipped (its estimate does not count towards the ETA scale).
+    fn skip(&mut self) {
         self.done += 1;
-        self.scale_t0 = Instant::now();
     }
 }
 
-/// Runs one criterion bench target, printing one line per finished benchmark (its id and
-/// criterion's `time:` interval) as it goes; `skipped` lines become notes.
-fn stream_criterion(
-    mut c: Command,
+/// Runs one criterion bench binary, printing one line per finished benchmark (its id and
+/// criterion's `time:` interval) as it goes; `skipped` lines become notes. Stops it at
+/// `deadline`; returns whether it was stopped.
+fn run_criterion(
+    c: Command,
     bench: &str,
-    t0: Instant,
+    deadline: Option<Instant>,
     notes: &mut Vec<String>,
-) -> Result<()> {
-    use std::io::BufRead;
-    c.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = c.spawn().with_context(|| format!("cannot run {c:?}"))?;
-    let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-    // Drain stderr on a thread (cargo's progress, criterion's warnings) so the child never blocks.
-    let stderr = child.stderr.take();
-    let err_thread = std::thread::spawn(move || {
-        let mut tail = Vec::new();
-        if let Some(e) = stderr {
-            for l in std::io::BufReader::new(e).lines().map_while(Result::ok) {
-                tail.push(l);
-                if tail.len() > 5 {
-                    tail.remove(0);
-                }
-            }
-        }
-        tail
-    });
+) -> Result<bool> {
+    let t0 = Instant::now();
     let mut id = String::new();
     let mut n = 0usize;
-    for line in std::io::BufReader::new(stdout)
-        .lines()
-        .map_while(Result::ok)
-    {
+    let ended = runner::stream(c, deadline, |line| {
         let l = line.trim_end();
         if l.starts_with("skipped") || l.contains("not cached") {
             println!("  {bench}: {l}");
             notes.push(format!("criterion `{bench}`: {l}"));
-        } else if l.starts_with("device:") {
+        } else if l.starts_with("device:") || l.contains("does not fit") {
             println!("  {bench}: {l}");
         } else if let Some(k) = l.find("time:").filter(|_| !l.contains('%')) {
             // (`time:` lines with percentages are criterion's change against the last run.)
@@ -209,115 +247,19 @@ fn stream_criterion(
                 l[k + 5..].trim(),
                 t0.elapsed().as_secs_f64()
             );
-        } else if !l.is_empty() && !l.starts_with(' ') && !l.contains(':') {
+        } else if !l.is_empty() && !l.starts_with(' ') && !l.starts_with('|') && !l.contains(':') {
             id = l.trim().to_string();
         }
+    })?;
+    if ended.killed {
+        return Ok(true);
     }
-    let status = child.wait()?;
-    let tail = err_thread.join().unwrap_or_default();
-    if !status.success() {
-        bail!("{status}: {}", tail.join(" / "));
+    if !ended.status.success() {
+        bail!("{}: {}", ended.status, ended.stderr_tail.join(" / "));
     }
-    Ok(())
+    Ok(false)
 }
 
-/// A criterion bench target and what to run of it.
-struct CritTarget {
-    bench: &'static str,
-    gpu: bool,
-    /// Criterion filter in quick mode (`None`: skipped in quick mode).
-    quick_filter: Option<&'static str>,
-    env: &'static [(&'static str, &'static str)],
-    quick_env: &'static [(&'static str, &'static str)],
-    est_s: f64,
-    quick_est_s: f64,
-}
-
-const TARGETS: &[CritTarget] = &[
-    CritTarget {
-        bench: "transpose",
-        gpu: false,
-        quick_filter: Some("^transpose_page/.*/f32/P32_H3_d64"),
-        env: &[],
-        quick_env: &[],
-        est_s: 120.0,
-        quick_est_s: 4.0,
-    },
-    CritTarget {
-        bench: "select",
-        gpu: false,
-        quick_filter: Some("mean-softmax/(256|1024)$"),
-        env: &[],
-        quick_env: &[],
-        est_s: 170.0,
-        quick_est_s: 5.0,
-    },
-    CritTarget {
-        bench: "recall",
-        gpu: false,
-        quick_filter: Some("recall_f32_P32_H3_d64/(double_buffered|sync_direct)/(64|256)$"),
-        env: &[],
-        quick_env: &[],
-        est_s: 260.0,
-        quick_est_s: 6.0,
-    },
-    CritTarget {
-        bench: "dequant",
-        gpu: false,
-        quick_filter: Some("^dequant/(q4_1|q8_0|q4_k)/4M$"),
-        env: &[],
-        quick_env: &[],
-        est_s: 160.0,
-        quick_est_s: 5.0,
-    },
-    CritTarget {
-        bench: "tokenizer",
-        gpu: false,
-        quick_filter: Some("^encode/text-5k$"),
-        env: &[],
-        quick_env: &[],
-        est_s: 40.0,
-        quick_est_s: 4.0,
-    },
-    CritTarget {
-        bench: "qmatmul",
-        gpu: false,
-        quick_filter: Some("^model/decode-step/2t$"),
-        env: &[],
-        quick_env: &[],
-        est_s: 900.0,
-        quick_est_s: 6.0,
-    },
-    CritTarget {
-        bench: "decode",
-        gpu: false,
-        quick_filter: Some("^(prefill|decode)/37$"),
-        env: &[],
-        quick_env: &[("FREEKV_BENCH_SIZES", "37")],
-        est_s: 240.0,
-        quick_est_s: 10.0,
-    },
-    CritTarget {
-        bench: "kv",
-        gpu: false,
-        quick_filter: None,
-        env: &[("FREEKV_BENCH_CONTEXT", "2048")],
-        quick_env: &[],
-        est_s: 120.0,
-        quick_est_s: 0.0,
-    },
-    CritTarget {
-        bench: "kernels",
-        gpu: true,
-        quick_filter: Some("(decode_attention|gemm)"),
-        env: &[],
-        quick_env: &[],
-        est_s: 200.0,
-        quick_est_s: 30.0,
-    },
-];
-
-/// Parses `freekv info` output into the figures the ceilings need.
 pub fn parse_model_info(text: &str, name: &str) -> Result<Value> {
     let key = |suffix: &str| -> Option<f64> {
         text.lines().find_map(|l| {
@@ -499,7 +441,7 @@ fn loadavg() -> String {
         .join(" ")
 }
 
-fn now_utc() -> String {
+pub(crate) fn now_utc() -> String {
     Command::new("date")
         .args(["-u", "+%Y-%m-%d %H:%M UTC"])
         .output()
@@ -508,7 +450,7 @@ fn now_utc() -> String {
         .unwrap_or_default()
 }
 
-fn git_rev() -> String {
+pub(crate) fn git_rev() -> String {
     let mut c = Command::new("git");
     c.current_dir(root()).args(["rev-parse", "--short", "HEAD"]);
     let rev = output(c)
@@ -557,115 +499,71 @@ impl E2ePlan {
     }
 }
 
-/// Runs `cargo xtask bench`.
-pub fn run(o: &Options) -> Result<()> {
-    let t_start = SystemTime::now();
-    let gpu = if o.cpu_only { None } else { detect_gpu() };
-    if o.gpu_only && gpu.is_none() {
-        bail!("--gpu-only: no GPU found (nvidia-smi)");
-    }
-    let cpu_part = !o.gpu_only;
-    let host = host_kind(gpu.as_deref());
-    let out_dir = o.out.clone().unwrap_or_else(|| root().join("docs/bench"));
-    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
-    let out_dir = out_dir.canonicalize()?;
-    let work = root().join("target/xtask-bench");
-    std::fs::create_dir_all(&work)?;
-    let load0 = loadavg();
-    println!(
-        "cargo xtask bench{}: host {host}{}, output {}",
-        if o.quick { " --quick" } else { "" },
-        gpu.as_ref().map(|g| format!(" ({g})")).unwrap_or_default(),
-        out_dir.display()
-    );
+/// Where the binaries, scripts and scratch files of a run are.
+struct Setup {
+    bins: Vec<BenchBin>,
+    freekv: PathBuf,
+    peers: PathBuf,
+    work: PathBuf,
+    git: String,
+    bundle: Option<(PathBuf, Manifest)>,
+    /// Environment every bench gets (`CUDA_HOME` on the GPU machine, where NVRTC needs it).
+    env: Vec<(String, String)>,
+}
 
-    // The plan, for progress lines.
-    let plan = E2ePlan::new(o.quick);
-    // The CLI on the CPU always; on a GPU machine also on CUDA (policies the CUDA path does not
-    // support yet are reported as such).
-    let backends: Vec<&str> = if gpu.is_some() {
-        vec!["cpu", "cuda"]
-    } else {
-        vec!["cpu"]
-    };
-    let mut items: Vec<(String, f64)> =
-        vec![("build (cargo bench --no-run, freekv CLI)".into(), 20.0)];
-    if cpu_part {
-        items.push(("ceiling: CPU memory bandwidth".into(), 5.0));
-    }
-    let targets: Vec<&CritTarget> = if o.no_criterion {
-        Vec::new()
-    } else {
-        TARGETS
-            .iter()
-            .filter(|t| if t.gpu { gpu.is_some() } else { cpu_part })
-            .filter(|t| {
-                if o.targets.is_empty() {
-                    !o.quick || t.quick_filter.is_some()
-                } else {
-                    o.targets.iter().any(|n| n == t.bench)
-                }
-            })
-            .collect()
-    };
-    for t in &targets {
-        items.push((
-            format!("criterion: {}", t.bench),
-            if o.quick { t.quick_est_s } else { t.est_s },
-        ));
-    }
-    if cpu_part && !o.no_e2e {
-        for &ctx in &plan.contexts {
-            for b in &backends {
-                for p in &plan.policies {
-                    let est = plan.reps as f64
-                        * (ctx as f64 / 200.0 + plan.new_tokens as f64 / 60.0 + 0.5);
-                    items.push((format!("e2e {b}: {p} @ {ctx} tokens × {}", plan.reps), est));
-                }
-            }
+/// The bench binaries of a bundle folder, as [`BenchBin`]s (all GPU benches).
+pub fn bundle_bins(dir: &Path, m: &Manifest) -> Vec<BenchBin> {
+    m.benches
+        .iter()
+        .map(|b| BenchBin {
+            name: b.name.clone(),
+            package: b.package.clone(),
+            exe: dir.join(&b.file),
+            cwd: None,
+            gpu: true,
+        })
+        .collect()
+}
+
+fn setup(o: &Options, cpu_part: bool, notes: &mut Vec<String>) -> Result<Setup> {
+    if let Some(dir) = &o.prebuilt {
+        let m = Manifest::load(dir)?;
+        let dir = dir
+            .canonicalize()
+            .with_context(|| format!("bundle folder {}", dir.display()))?;
+        let mut env = Vec::new();
+        if std::env::var_os("CUDA_HOME").is_none() && Path::new("/usr/local/cuda/include").is_dir()
+        {
+            env.push(("CUDA_HOME".to_string(), "/usr/local/cuda".to_string()));
         }
+        return Ok(Setup {
+            bins: bundle_bins(&dir, &m),
+            freekv: m.freekv.as_ref().map(|f| dir.join(f)).unwrap_or_default(),
+            peers: dir.join("peers"),
+            work: std::env::temp_dir().join(format!("freekv-xtask-bench-{}", std::process::id())),
+            git: format!("{} (prebuilt bundle of {})", m.git, m.created),
+            bundle: Some((dir, m)),
+            env,
+        });
     }
-    if gpu.is_some() && !o.no_e2e {
-        items.push((
-            "e2e cuda: decode matrix (cuda_decode bench)".into(),
-            if o.quick { 60.0 } else { 300.0 },
-        ));
-        items.push((
-            "ceiling: host → device pinned bandwidth (torch probe)".into(),
-            15.0,
-        ));
-    }
-    for p in &o.peers {
-        items.push((format!("peer {p}"), if p == "hf" { 300.0 } else { 60.0 }));
-    }
-    let mut prog = Progress {
-        est: items,
-        done: 0,
-        t0: Instant::now(),
-        scale_t0: Instant::now(),
-        est_done: 0.0,
-    };
-
-    let mut notes: Vec<String> = Vec::new();
-    let mut ceilings = json!({});
-    let mut results = json!({
-        "schema": "freekv-bench/1", "host_kind": host, "date": now_utc(), "quick": o.quick,
-        "git": git_rev(), "machine": machine(gpu.as_deref()),
-        "options": {"targets": o.targets, "no_criterion": o.no_criterion, "no_e2e": o.no_e2e,
-                    "cpu_only": o.cpu_only, "gpu_only": o.gpu_only, "peers": o.peers},
-    });
-
-    // Build.
-    prog.start();
-    let mut c = cargo();
-    c.args(["bench", "--workspace", "--bench", "*", "--no-run"]);
-    if let Err(e) = run_status(c) {
-        // Go on: each bench target reports its own failure below.
-        notes.push(format!(
-            "building the benches failed ({e}); targets that build still ran"
-        ));
-    }
+    println!("building the benches (cargo bench --workspace --no-run) ...");
+    let (arts, n) = bundle::build_benches();
+    notes.extend(n);
+    let bins = arts
+        .into_iter()
+        .map(|a| {
+            let src = std::fs::read_to_string(&a.src).unwrap_or_default();
+            BenchBin {
+                gpu: bundle::has_gpu_groups(&src),
+                name: a.name,
+                package: a.package,
+                exe: a.exe,
+                cwd: a.package_dir,
+            }
+        })
+        .collect();
     if cpu_part {
+        println!("building the freekv CLI ...");
         let mut c = cargo();
         c.args(["build", "--release", "-p", "freekv-cli", "--bin", "freekv"]);
         if let Err(e) = run_status(c) {
@@ -677,7 +575,342 @@ pub fn run(o: &Options) -> Result<()> {
             ));
         }
     }
-    prog.finish_build();
+    Ok(Setup {
+        bins,
+        freekv: freekv_bin(),
+        peers: root().join("xtask/peers"),
+        work: root().join("target/xtask-bench"),
+        git: git_rev(),
+        bundle: None,
+        env: Vec::new(),
+    })
+}
+
+/// Order of the GPU benches in a run (lower first): `cuda_freekv*`, `cuda_decode`, recall,
+/// `kernels`, then the rest by name.
+pub fn gpu_priority(name: &str) -> (u8, String) {
+    let rank = if name.starts_with("cuda_freekv") {
+        0
+    } else if name == "cuda_decode" {
+        1
+    } else if name.contains("recall") {
+        2
+    } else if name == "kernels" {
+        3
+    } else {
+        4
+    };
+    (rank, name.to_string())
+}
+
+/// `package/name` of a bench: how results files name the bench an estimate came from.
+fn qualified(b: &BenchBin) -> String {
+    format!("{}/{}", b.package, b.name)
+}
+
+/// The self-limit (`FREEKV_BENCH_MAX_SECONDS`) of an end-to-end bench: in a quick run 80 % of
+/// its estimate; in a budgeted run its estimate, at most what is left less a minute (the
+/// configuration running at the limit still finishes); none when unlimited or when the
+/// caller set the variable.
+pub fn e2e_self_limit(
+    quick: bool,
+    est_s: f64,
+    left_s: f64,
+    env_set: &dyn Fn(&str) -> bool,
+) -> Option<f64> {
+    if env_set("FREEKV_BENCH_MAX_SECONDS") {
+        return None;
+    }
+    let share = if quick { 0.8 * est_s } else { est_s };
+    if left_s.is_finite() {
+        Some(share.min(left_s - 60.0).max(10.0))
+    } else if quick {
+        Some(share)
+    } else {
+        None
+    }
+}
+
+/// Starts the next item when the budget admits it; else notes it as skipped.
+fn admit(
+    budget: &Budget,
+    prog: &mut Progress,
+    what: &str,
+    est_s: f64,
+    notes: &mut Vec<String>,
+) -> bool {
+    if budget.admits(est_s) {
+        prog.start();
+        return true;
+    }
+    let msg = format!(
+        "skipped: {what} does not fit in the time budget (estimated {est_s:.0} s, {:.0} s left)",
+        budget.left_s()
+    );
+    println!("  {msg}");
+    notes.push(msg);
+    prog.skip();
+    false
+}
+
+/// Runs criterion bench binaries one after the other within the budget, collecting their
+/// estimates (tagged with their bench) into `out`.
+fn run_micro(
+    benches: &[(BenchBin, runner::RunSpec)],
+    budget: &Budget,
+    prog: &mut Progress,
+    env: &[(String, String)],
+    notes: &mut Vec<String>,
+    out: &mut Vec<Value>,
+) -> Result<()> {
+    for (b, sp) in benches {
+        if !admit(
+            budget,
+            prog,
+            &format!("criterion `{}`", b.name),
+            sp.est_s,
+            notes,
+        ) {
+            continue;
+        }
+        // This bench's own criterion folder, emptied: what is there afterwards is this run's.
+        let _ = std::fs::remove_dir_all(&sp.criterion_home);
+        let t_i = Instant::now();
+        let mut c = runner::bench_command(b, sp);
+        c.envs(env.iter().map(|(k, v)| (k, v)));
+        // In a budgeted run one bench may take at most twice its estimate.
+        let cap = budget.limited().then_some(2.0 * sp.est_s.max(30.0));
+        match run_criterion(c, &b.name, budget.deadline(cap), notes) {
+            Ok(true) => notes.push(format!(
+                "criterion `{}` stopped after {:.0} s ({}); the benchmarks it finished are kept",
+                b.name,
+                t_i.elapsed().as_secs_f64(),
+                if budget.left_s() <= 1.0 {
+                    "the time budget"
+                } else {
+                    "twice its estimate, in a budgeted run"
+                }
+            )),
+            Ok(false) => {}
+            Err(e) => notes.push(format!("criterion `{}` failed: {e}", b.name)),
+        }
+        let done = criterion::collect(&sp.criterion_home, None)?;
+        println!(
+            "  {}: {} benchmarks in {:.0} s",
+            b.name,
+            done.len(),
+            t_i.elapsed().as_secs_f64()
+        );
+        for e in done {
+            let mut v = e.to_json();
+            v["bench"] = json!(qualified(b));
+            out.push(v);
+        }
+        prog.finish();
+    }
+    Ok(())
+}
+
+/// The GPU ceilings from `hf_decode.py --bandwidth-only` (torch, CUDA events).
+fn gpu_probe(peers: &Path, deadline: Option<Instant>) -> Result<Value> {
+    if !python_has("torch") {
+        bail!("not measured (the probe needs python3 with torch)");
+    }
+    let mut c = Command::new("python3");
+    c.arg(peers.join("hf_decode.py")).arg("--bandwidth-only");
+    let mut v = None;
+    let e = runner::stream(c, deadline, |l| {
+        if let Ok(j) = serde_json::from_str::<Value>(l)
+            && j.get("h2d_pinned_gbs").is_some()
+        {
+            v = Some(j);
+        }
+    })?;
+    v.ok_or_else(|| anyhow!("no JSON line ({})", e.stderr_tail.join(" / ")))
+}
+
+/// Runs `cargo xtask bench` (or, with `--prebuilt`, `xtask bench` from a bundle).
+pub fn run(o: &Options) -> Result<()> {
+    let t_start = SystemTime::now();
+    let budget = Budget::new(o.max_minutes, 15.0);
+    let gpu = if o.cpu_only {
+        None
+    } else {
+        o.assume_gpu.clone().or_else(detect_gpu)
+    };
+    if o.gpu_only && gpu.is_none() {
+        bail!("--gpu-only: no GPU found (nvidia-smi, /proc/driver/nvidia)");
+    }
+    let cpu_part = !o.gpu_only;
+    let host = host_kind(gpu.as_deref());
+    let out_dir = o.out.clone().unwrap_or_else(|| root().join("docs/bench"));
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let out_dir = out_dir.canonicalize()?;
+    let load0 = loadavg();
+    println!(
+        "{}xtask bench{}: host {host}{}, output {}{}",
+        if o.prebuilt.is_some() { "" } else { "cargo " },
+        if o.quick { " --quick" } else { "" },
+        gpu.as_ref().map(|g| format!(" ({g})")).unwrap_or_default(),
+        out_dir.display(),
+        o.max_minutes
+            .map(|m| format!(", time budget {m} min"))
+            .unwrap_or_default()
+    );
+    let mut notes: Vec<String> = Vec::new();
+    let s = setup(o, cpu_part, &mut notes)?;
+    std::fs::create_dir_all(&s.work)?;
+    let available: Vec<String> = s.bins.iter().map(|b| b.name.clone()).collect();
+    check_targets(&o.targets, &available)?;
+    let named = |n: &str| o.targets.iter().any(|t| t == n);
+    let wanted = |n: &str| o.targets.is_empty() || named(n);
+    let crit_dir = s.work.join("criterion");
+    let env_set = |k: &str| std::env::var_os(k).is_some();
+
+    // What runs: the CPU criterion targets, the GPU benches (end-to-end matrix, micro).
+    let mut cpu_crit = Vec::new();
+    if cpu_part && !o.no_criterion {
+        let mode = Mode {
+            quick: o.quick,
+            gpu_only: false,
+            as_gpu: false,
+        };
+        for t in runner::TARGETS.iter().filter(|t| t.cpu && wanted(t.bench)) {
+            let bins: Vec<&BenchBin> = s
+                .bins
+                .iter()
+                .filter(|b| b.name == t.bench && b.package == t.package)
+                .collect();
+            if bins.is_empty() {
+                notes.push(format!(
+                    "criterion `{}`: no bench binary (it did not build)",
+                    t.bench
+                ));
+            }
+            for b in bins {
+                if let Some(sp) = runner::spec_for(
+                    &b.name,
+                    &b.package,
+                    mode,
+                    &crit_dir.join(format!("{}-{}", b.package, b.name)),
+                    None,
+                    &env_set,
+                    named(&b.name),
+                ) {
+                    cpu_crit.push((b.clone(), sp));
+                }
+            }
+        }
+    }
+    let mut gpu_e2e_runs = Vec::new();
+    let mut gpu_micro = Vec::new();
+    if gpu.is_some() {
+        let mode = Mode {
+            quick: o.quick,
+            gpu_only: o.gpu_only,
+            as_gpu: true,
+        };
+        for b in s.bins.iter().filter(|b| b.gpu && wanted(&b.name)) {
+            let t = Target::of(&b.name, &b.package);
+            if (t.cpu && cpu_part) || (t.e2e && o.no_e2e) || (!t.e2e && o.no_criterion) {
+                continue;
+            }
+            let side = s.work.join(format!("side-{}-{}.json", b.package, b.name));
+            if let Some(sp) = runner::spec_for(
+                &b.name,
+                &b.package,
+                mode,
+                &crit_dir.join(format!("{}-{}", b.package, b.name)),
+                Some(side),
+                &env_set,
+                named(&b.name),
+            ) {
+                if t.e2e {
+                    gpu_e2e_runs.push((b.clone(), sp));
+                } else {
+                    gpu_micro.push((b.clone(), sp));
+                }
+            }
+        }
+    }
+    // The headline figures first: FreeKV's matrix before the full-KV one, recall and the
+    // decode kernels before the other micro-benchmarks.
+    gpu_e2e_runs.sort_by_key(|(b, _)| gpu_priority(&b.name));
+    gpu_micro.sort_by_key(|(b, _)| gpu_priority(&b.name));
+    let gpu_benches: Vec<String> = gpu_e2e_runs
+        .iter()
+        .chain(&gpu_micro)
+        .filter(|(b, _)| !Target::of(&b.name, &b.package).cpu)
+        .map(|(b, _)| qualified(b))
+        .collect();
+
+    // The plan, for progress lines and the budget.
+    let plan = E2ePlan::new(o.quick);
+    // The CLI on the CPU always; on a GPU machine also on CUDA (policies the CUDA path does not
+    // support yet are reported as such).
+    let backends: Vec<&str> = if gpu.is_some() {
+        vec!["cpu", "cuda"]
+    } else {
+        vec!["cpu"]
+    };
+    let cpu_e2e = cpu_part && !o.no_e2e;
+    let mut items: Vec<(String, f64)> = Vec::new();
+    if cpu_part {
+        items.push(("ceiling: CPU memory bandwidth".into(), 5.0));
+    }
+    if gpu.is_some() {
+        items.push((
+            "ceiling: GPU bandwidths (torch probe: host → device pinned, device copy)".into(),
+            20.0,
+        ));
+    }
+    for (b, sp) in &gpu_e2e_runs {
+        items.push((format!("e2e gpu: {} bench", b.name), sp.est_s));
+    }
+    let peer_est = |p: &str| match (p, o.quick) {
+        ("hf", true) => 150.0,
+        ("hf", false) => 300.0,
+        _ => 60.0,
+    };
+    let (micro_first, micro_rest): (Vec<_>, Vec<_>) = gpu_micro
+        .into_iter()
+        .partition(|(b, _)| gpu_priority(&b.name).0 <= 2);
+    for (b, sp) in &micro_first {
+        items.push((format!("criterion: {}", b.name), sp.est_s));
+    }
+    for p in o.peers.iter().filter(|p| *p == "hf") {
+        items.push((format!("peer {p}"), peer_est(p)));
+    }
+    for (b, sp) in micro_rest.iter().chain(&cpu_crit) {
+        items.push((format!("criterion: {}", b.name), sp.est_s));
+    }
+    let e2e_est =
+        |ctx: usize| plan.reps as f64 * (ctx as f64 / 200.0 + plan.new_tokens as f64 / 60.0 + 0.5);
+    if cpu_e2e {
+        for &ctx in &plan.contexts {
+            for b in &backends {
+                for p in &plan.policies {
+                    items.push((
+                        format!("e2e {b}: {p} @ {ctx} tokens × {}", plan.reps),
+                        e2e_est(ctx),
+                    ));
+                }
+            }
+        }
+    }
+    for p in o.peers.iter().filter(|p| *p != "hf") {
+        items.push((format!("peer {p}"), peer_est(p)));
+    }
+    let mut prog = Progress::new(items);
+
+    let mut ceilings = json!({});
+    let mut results = json!({
+        "schema": "freekv-bench/1", "host_kind": host, "date": now_utc(), "quick": o.quick,
+        "git": s.git, "machine": machine(gpu.as_deref()),
+        "options": {"targets": o.targets, "no_criterion": o.no_criterion, "no_e2e": o.no_e2e,
+                    "cpu_only": o.cpu_only, "gpu_only": o.gpu_only, "peers": o.peers,
+                    "max_minutes": o.max_minutes, "prebuilt": o.prebuilt.is_some()},
+    });
 
     // Ceilings.
     if cpu_part {
@@ -696,64 +929,152 @@ pub fn run(o: &Options) -> Result<()> {
             json!({"threads": bw.threads, "bytes": bw.bytes, "estimate": "best of repetitions"});
         prog.finish();
     }
-
-    // Criterion, into a folder of our own (CRITERION_HOME), so that benches other people run
-    // at the same time in the shared target/criterion never mix into these results.
-    let crit_dir = work.join("criterion");
-    let crit_t0 = SystemTime::now();
-    for t in &targets {
-        prog.start();
-        let t_target = SystemTime::now();
-        let mut c = cargo();
-        c.args(["bench", "--workspace", "--bench", t.bench, "--"]);
-        c.env("CRITERION_HOME", &crit_dir);
-        if o.quick {
-            c.args([
-                "--warm-up-time",
-                "0.3",
-                "--measurement-time",
-                "0.6",
-                "--sample-size",
-                "10",
-            ]);
-            if let Some(f) = t.quick_filter {
-                c.arg(f);
+    if gpu.is_some()
+        && admit(
+            &budget,
+            &mut prog,
+            "the GPU bandwidth probe",
+            20.0,
+            &mut notes,
+        )
+    {
+        match gpu_probe(&s.peers, budget.deadline(Some(120.0))) {
+            Ok(v) => {
+                println!(
+                    "  host → device pinned {:.1} GB/s, device → host {:.1} GB/s, device copy {:.0} GB/s (read + written)",
+                    v["h2d_pinned_gbs"].as_f64().unwrap_or(f64::NAN),
+                    v["d2h_pinned_gbs"].as_f64().unwrap_or(f64::NAN),
+                    v["d2d_copy_gbs"].as_f64().unwrap_or(f64::NAN)
+                );
+                ceilings["h2d_pinned_gbs"] = v["h2d_pinned_gbs"].clone();
+                ceilings["d2h_pinned_gbs"] = v["d2h_pinned_gbs"].clone();
+                ceilings["gpu_copy_gbs"] = v["d2d_copy_gbs"].clone();
+                ceilings["gpu_probe"] = json!({
+                    "by": "xtask/peers/hf_decode.py --bandwidth-only (torch, CUDA events, median of 10 copies)",
+                    "bytes": v["bytes"], "device": v["device"]});
             }
-            for (k, v) in t.quick_env {
-                c.env(k, v);
-            }
-        } else {
-            c.args(["--warm-up-time", "1", "--measurement-time", "3"]);
-            for (k, v) in t.env {
-                c.env(k, v);
+            Err(e) => {
+                println!("  GPU bandwidth probe: {e}");
+                notes.push(format!("GPU bandwidth probe: {e}"));
             }
         }
-        let t_bench = Instant::now();
-        if let Err(e) = stream_criterion(c, t.bench, t_bench, &mut notes) {
-            notes.push(format!("criterion `{}` failed: {e}", t.bench));
-        }
-        let done = criterion::collect(&crit_dir, Some(t_target))?;
-        println!(
-            "  {}: {} benchmarks in {:.0} s",
-            t.bench,
-            done.len(),
-            t_bench.elapsed().as_secs_f64()
-        );
         prog.finish();
     }
-    let ests: Vec<Estimate> = criterion::collect(&crit_dir, Some(crit_t0))?;
-    results["criterion"] = Value::Array(ests.iter().map(Estimate::to_json).collect());
+
+    // The GPU end-to-end matrix: each bench's side file, else its criterion ids.
+    let mut e2e_meta = serde_json::Map::new();
+    let mut e2e_rows: Vec<Value> = Vec::new();
+    for (b, sp) in &gpu_e2e_runs {
+        if !admit(
+            &budget,
+            &mut prog,
+            &format!("the `{}` bench", b.name),
+            sp.est_s,
+            &mut notes,
+        ) {
+            continue;
+        }
+        if let Some(p) = &sp.side_json {
+            let _ = std::fs::remove_file(p);
+        }
+        // This bench's own criterion folder, emptied: what is there afterwards is this run's.
+        let _ = std::fs::remove_dir_all(&sp.criterion_home);
+        let t_i = Instant::now();
+        let mut c = runner::bench_command(b, sp);
+        c.envs(s.env.iter().map(|(k, v)| (k, v)));
+        // Benches that budget themselves (`FREEKV_BENCH_MAX_SECONDS`: start nothing after it)
+        // get their share, so that they write their results before the run's deadline.
+        if let Some(m) = e2e_self_limit(o.quick, sp.est_s, budget.left_s(), &env_set) {
+            c.env("FREEKV_BENCH_MAX_SECONDS", format!("{m:.0}"));
+        }
+        let killed = match run_criterion(c, &b.name, budget.deadline(None), &mut notes) {
+            Ok(k) => k,
+            Err(e) => {
+                notes.push(format!("`{}` failed: {e}", b.name));
+                false
+            }
+        };
+        let ests = criterion::collect(&sp.criterion_home, None)?;
+        let side: Option<Value> = sp
+            .side_json
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .and_then(|t| serde_json::from_str(&t).ok());
+        let (meta, rows) = gpu_e2e::bench_rows(&b.name, side.as_ref(), &ests);
+        let msg = format!(
+            "`{}`: {} matrix rows (from its {}) in {:.0} s",
+            b.name,
+            rows.len(),
+            meta["source"].as_str().unwrap_or("output"),
+            t_i.elapsed().as_secs_f64()
+        );
+        println!("  {msg}");
+        if killed {
+            notes.push(format!("{msg}: stopped at the time budget"));
+        }
+        if ceilings["gpu_copy_gbs"].is_null()
+            && let Some(bw) = meta.get("copy_bandwidth_gbs").filter(|v| v.is_number())
+        {
+            ceilings["gpu_copy_gbs"] = bw.clone();
+        }
+        e2e_meta.insert(b.name.clone(), meta);
+        e2e_rows.extend(rows);
+        prog.finish();
+    }
+
+    // Criterion micro-benchmarks, each into a folder of its own (CRITERION_HOME), so that
+    // benches other people run at the same time in the shared target/criterion never mix into
+    // these results. GPU recall first (a plot and a target of its own), then the HF peer (it
+    // takes the matrix's shapes), then the other GPU benches, then the CPU ones.
+    let mut crit_json: Vec<Value> = Vec::new();
+    let env = &s.env;
+    run_micro(
+        &micro_first,
+        &budget,
+        &mut prog,
+        env,
+        &mut notes,
+        &mut crit_json,
+    )?;
+    let mut peers = json!({});
+    for p in o.peers.iter().filter(|p| *p == "hf") {
+        if !admit(
+            &budget,
+            &mut prog,
+            &format!("peer {p}"),
+            peer_est(p),
+            &mut notes,
+        ) {
+            peers[p.as_str()] = json!({"status": format!("peer {p}: skipped (time budget)")});
+            continue;
+        }
+        let v = peer_hf(
+            gpu.is_some(),
+            &e2e_rows,
+            &s.peers,
+            &s.work,
+            o.quick,
+            &budget,
+        );
+        println!("  {}", v["status"].as_str().unwrap_or("peer ran"));
+        peers[p.as_str()] = v;
+        prog.finish();
+    }
+
+    let rest: Vec<(BenchBin, runner::RunSpec)> = micro_rest.into_iter().chain(cpu_crit).collect();
+    run_micro(&rest, &budget, &mut prog, env, &mut notes, &mut crit_json)?;
+    results["criterion"] = Value::Array(crit_json);
 
     // End to end on the CPU.
     let mut model_path = default_model_path();
-    if cpu_part && !o.no_e2e {
-        let bin = freekv_bin();
+    if cpu_e2e {
+        let bin = &s.freekv;
         let model_args = |c: &mut Command, mp: &Option<PathBuf>| {
             if let Some(p) = mp {
                 c.arg("--model").arg(p);
             }
         };
-        let mut c = Command::new(&bin);
+        let mut c = Command::new(bin);
         c.args(["tokenize", &format!("1. {FILLER}")]);
         model_args(&mut c, &model_path);
         let per_rep = output(c)?
@@ -765,22 +1086,30 @@ pub fn run(o: &Options) -> Result<()> {
         model_path = model_path.or_else(default_model_path);
         let mut rows = Vec::new();
         for &ctx in &plan.contexts {
-            let prompt = work.join(format!("prompt-{ctx}.txt"));
+            let prompt = s.work.join(format!("prompt-{ctx}.txt"));
             std::fs::write(&prompt, build_prompt(ctx, per_rep))?;
             for backend in &backends {
                 for p in &plan.policies {
-                    prog.start();
-                    let budget = E2ePlan::budget(ctx);
+                    if !admit(
+                        &budget,
+                        &mut prog,
+                        &format!("e2e {backend} {p} @ {ctx}"),
+                        e2e_est(ctx),
+                        &mut notes,
+                    ) {
+                        continue;
+                    }
+                    let budget_tokens = E2ePlan::budget(ctx);
                     let mut row = json!({"backend": backend, "policy": p, "target_context": ctx,
                                          "new_tokens": plan.new_tokens});
                     if *p != "full" {
-                        row["budget"] = json!(budget);
+                        row["budget"] = json!(budget_tokens);
                     }
                     let (mut dec, mut pre) = (Vec::new(), Vec::new());
                     for _ in 0..plan.reps {
-                        let mut c = Command::new(&bin);
+                        let mut c = Command::new(bin);
                         c.args(["generate", "--json", "--device", backend, "--kv", p]);
-                        c.args(["--budget", &budget.to_string()]);
+                        c.args(["--budget", &budget_tokens.to_string()]);
                         c.args(["-n", &plan.new_tokens.to_string(), "--prompt-file"]);
                         c.arg(&prompt);
                         model_args(&mut c, &model_path);
@@ -820,7 +1149,7 @@ pub fn run(o: &Options) -> Result<()> {
     if let Some(mp) = &model_path
         && cpu_part
     {
-        let mut c = Command::new(freekv_bin());
+        let mut c = Command::new(&s.freekv);
         c.arg("info").arg("--model").arg(mp);
         let name = mp
             .file_name()
@@ -832,67 +1161,25 @@ pub fn run(o: &Options) -> Result<()> {
             Err(e) => notes.push(format!("model info: {e}")),
         }
     }
-
-    // GPU: the CUDA decode matrix and the pinned-bandwidth probe.
-    if gpu.is_some() && !o.no_e2e {
-        prog.start();
-        let json_path = work.join("cuda_decode.json");
-        let _ = std::fs::remove_file(&json_path);
-        let mut c = cargo();
-        c.args(["bench", "--workspace", "--bench", "cuda_decode", "--"]);
-        c.env("FREEKV_BENCH_JSON", &json_path);
-        if o.quick {
-            c.env(
-                "FREEKV_BENCH_CONFIGS",
-                "llama-3.1-8b:1:4096,llama-3.1-8b:8:4096,llama-3.1-8b:1:32768,smollm2-135m:1:512",
-            );
-            c.args(["--warm-up-time", "0.5", "--measurement-time", "1"]);
-        }
-        c.env("CRITERION_HOME", &crit_dir);
-        let t_cd = Instant::now();
-        match stream_criterion(c, "cuda_decode", t_cd, &mut notes)
-            .and_then(|_| Ok(std::fs::read_to_string(&json_path)?))
-        {
-            Ok(t) => {
-                let v: Value = serde_json::from_str(&t)?;
-                ceilings["gpu_copy_gbs"] = v["copy_bandwidth_gbs"].clone();
-                results["cuda_decode"] = v;
-            }
-            Err(e) => notes.push(format!("cuda_decode: {e}")),
-        }
-        prog.finish();
-        prog.start();
-        let script = root().join("xtask/peers/hf_decode.py");
-        if python_has("torch") {
-            let mut c = Command::new("python3");
-            c.arg(&script).arg("--bandwidth-only");
-            match output(c).and_then(|t| {
-                t.lines()
-                    .rev()
-                    .find_map(|l| serde_json::from_str::<Value>(l).ok())
-                    .ok_or_else(|| anyhow!("no JSON line"))
-            }) {
-                Ok(v) => ceilings["h2d_pinned_gbs"] = v["h2d_pinned_gbs"].clone(),
-                Err(e) => notes.push(format!("pinned bandwidth probe: {e}")),
-            }
-        } else {
-            notes.push(
-                "host → device pinned bandwidth: not measured (the probe needs python3 with torch)"
-                    .into(),
-            );
-        }
-        prog.finish();
+    if gpu.is_some() && (!e2e_rows.is_empty() || !e2e_meta.is_empty()) {
+        results["gpu_e2e"] = json!({"benches": e2e_meta, "rows": e2e_rows});
     }
-    results["ceilings"] = ceilings;
-
-    // Peers.
-    let mut peers = json!({});
-    for p in &o.peers {
-        prog.start();
-        let v = match p.as_str() {
-            "hf" => peer_hf(gpu.is_some(), &results, &work, o.quick),
-            _ => peer_llamacpp(&model_path, &plan, &work),
-        };
+    if !gpu_benches.is_empty() {
+        results["gpu_benches"] = json!(gpu_benches);
+    }
+    results["ceilings"] = ceilings; // The other peers (llama.cpp uses the CPU matrix's prompts).
+    for p in o.peers.iter().filter(|p| *p != "hf") {
+        if !admit(
+            &budget,
+            &mut prog,
+            &format!("peer {p}"),
+            peer_est(p),
+            &mut notes,
+        ) {
+            peers[p.as_str()] = json!({"status": format!("peer {p}: skipped (time budget)")});
+            continue;
+        }
+        let v = peer_llamacpp(&model_path, &plan, &s.work, &s.peers);
         println!("  {}", v["status"].as_str().unwrap_or("peer ran"));
         peers[p.as_str()] = v;
         prog.finish();
@@ -901,16 +1188,32 @@ pub fn run(o: &Options) -> Result<()> {
         results["peers"] = peers;
     }
 
-    notes.push(format!(
-        "This machine is shared: other processes (other helpers' builds and experiments) ran during the run; \
-         load average {load0} at the start, {} at the end. Treat spreads accordingly.",
-        loadavg()
-    ));
+    if let Some((_, m)) = &s.bundle {
+        results["bundle"] = json!({"git": m.git, "created": m.created,
+            "benches": m.benches.iter().map(|b| b.name.clone()).collect::<Vec<_>>()});
+        notes.push(format!(
+            "Prebuilt bundle (commit {}, built {}); load average {load0} at the start, {} at the end.",
+            m.git,
+            m.created,
+            loadavg()
+        ));
+    } else {
+        notes.push(format!(
+            "This machine is shared: other processes (other helpers' builds and experiments) ran during the run; \
+             load average {load0} at the start, {} at the end. Treat spreads accordingly.",
+            loadavg()
+        ));
+    }
     let secs = SystemTime::now()
         .duration_since(t_start)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    notes.push(format!("Wall time of the run: {secs} s."));
+    match o.max_minutes {
+        Some(m) => notes.push(format!(
+            "Wall time of the run: {secs} s (time budget {m} min)."
+        )),
+        None => notes.push(format!("Wall time of the run: {secs} s.")),
+    }
     results["notes"] = json!(notes);
 
     // Plots, JSON, README.
@@ -919,6 +1222,10 @@ pub fn run(o: &Options) -> Result<()> {
     let json_path = out_dir.join(format!("results-{host}.json"));
     std::fs::write(&json_path, serde_json::to_string_pretty(&results)? + "\n")?;
     write_readme(&out_dir)?;
+    if s.bundle.is_some() {
+        // The scratch folder of a prebuilt run is this process's own.
+        let _ = std::fs::remove_dir_all(&s.work);
+    }
     println!(
         "wrote {}, README.md and {} plots in {} ({secs} s)",
         json_path.display(),
@@ -928,49 +1235,111 @@ pub fn run(o: &Options) -> Result<()> {
     Ok(())
 }
 
-fn peer_hf(has_gpu: bool, results: &Value, work: &Path, quick: bool) -> Value {
+/// The `--configs` of the HF peer: the (batch, context) cells of the GPU matrix on synthetic
+/// llama-3.1-8b, in order, once each, at most `max` (default `1:4096,8:4096`).
+pub fn hf_configs(rows: &[Value], max: usize) -> String {
+    let mut configs: Vec<String> = Vec::new();
+    for r in rows {
+        if gpu_e2e::model_short(r["model"].as_str().unwrap_or_default()) != "llama-3.1-8b" {
+            continue;
+        }
+        let (Some(b), Some(c)) = (r["batch"].as_u64(), r["context"].as_u64()) else {
+            continue;
+        };
+        let cfg = format!("{b}:{c}");
+        if !configs.contains(&cfg) {
+            configs.push(cfg);
+        }
+    }
+    configs.truncate(max.max(1));
+    if configs.is_empty() {
+        "1:4096,8:4096".into()
+    } else {
+        configs.join(",")
+    }
+}
+
+fn peer_hf(
+    has_gpu: bool,
+    rows: &[Value],
+    peers: &Path,
+    work: &Path,
+    quick: bool,
+    budget: &Budget,
+) -> Value {
     if !has_gpu {
         return json!({"status": "peer hf: skipped (no GPU; it runs on the GPU machine)"});
     }
     if !python_has("torch") || !python_has("transformers") {
         return json!({"status": "peer hf: not installed (python3 with torch and transformers)"});
     }
-    let configs: Vec<String> = results["cuda_decode"]["rows"]
-        .as_array()
-        .map(|rows| {
-            rows.iter()
-                .filter(|r| r["model"].as_str() == Some("synthetic:llama-3.1-8b"))
-                .map(|r| format!("{}:{}", r["batch"], r["context"]))
-                .collect()
-        })
-        .unwrap_or_default();
-    let configs = if configs.is_empty() {
-        "1:4096,8:4096".to_string()
-    } else {
-        configs.join(",")
-    };
+    let cap: f64 = if quick { 150.0 } else { 420.0 };
+    let deadline_s = cap.min(budget.left_s() - 20.0).max(30.0);
     let path = work.join("hf.json");
+    let _ = std::fs::remove_file(&path);
     let mut c = Command::new("python3");
-    c.arg(root().join("xtask/peers/hf_decode.py"))
+    c.arg(peers.join("hf_decode.py"))
         .args([
             "--configs",
-            &configs,
+            &hf_configs(rows, if quick { 3 } else { usize::MAX }),
             "--deadline-s",
-            if quick { "150" } else { "420" },
+            &format!("{deadline_s:.0}"),
+            "--compile-reserve-s",
+            "75",
             "--json",
         ])
-        .arg(&path);
-    match run_status(c).and_then(|_| {
-        Ok(serde_json::from_str::<Value>(&std::fs::read_to_string(
-            &path,
-        )?)?)
-    }) {
-        Ok(v) => v,
+        .arg(&path)
+        .env("PYTHONUNBUFFERED", "1");
+    let mut streamed: Vec<Value> = Vec::new();
+    let ended = runner::stream(c, budget.deadline(Some(deadline_s + 90.0)), |l| {
+        if let Ok(v) = serde_json::from_str::<Value>(l)
+            && v.get("form").is_some()
+        {
+            println!(
+                "  hf {} b{} ctx {}: {} ms/step {}",
+                v["form"].as_str().unwrap_or("?"),
+                v["batch"],
+                v["context"],
+                v["ms_per_step"]
+                    .as_f64()
+                    .map_or("-".into(), |m| format!("{m:.2}")),
+                v["note"].as_str().unwrap_or_default()
+            );
+            streamed.push(v);
+        }
+    });
+    match ended {
         Err(e) => json!({"status": format!("peer hf: failed: {e}")}),
+        Ok(e) => {
+            if let Some(mut v) = std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+            {
+                v["status"] = json!("peer hf: ran");
+                return v;
+            }
+            let status = if e.killed {
+                "peer hf: stopped at the time budget; the configurations it finished are kept"
+                    .to_string()
+            } else if !e.status.success() {
+                format!(
+                    "peer hf: failed ({}): {}",
+                    e.status,
+                    e.stderr_tail.join(" / ")
+                )
+            } else {
+                "peer hf: ran (no JSON file)".to_string()
+            };
+            let mut v = json!({ "status": status });
+            if !streamed.is_empty() {
+                v["rows"] = json!(streamed);
+            }
+            v
+        }
     }
 }
 
-fn peer_llamacpp(model: &Option<PathBuf>, plan: &E2ePlan, work: &Path) -> Value {
+fn peer_llamacpp(model: &Option<PathBuf>, plan: &E2ePlan, work: &Path, peers: &Path) -> Value {
     if !python_has("llama_cpp") {
         return json!({"status": "peer llamacpp: not installed (pip install llama-cpp-python)"});
     }
@@ -987,7 +1356,7 @@ fn peer_llamacpp(model: &Option<PathBuf>, plan: &E2ePlan, work: &Path) -> Value 
         .map(|n| n.get())
         .unwrap_or(1);
     let mut c = Command::new("python3");
-    c.arg(root().join("xtask/peers/llamacpp_decode.py"))
+    c.arg(peers.join("llamacpp_decode.py"))
         .arg("--model")
         .arg(model)
         .args([
@@ -1110,99 +1479,46 @@ pub fn write_plots(res: &Value, dir: &Path, host: &str) -> Result<Vec<String>> {
             ),
         )?;
     }
-    let cuda = res["cuda_decode"]["rows"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    if !cuda.is_empty() {
-        let s = series_by(
-            &cuda,
-            |r| {
-                Some(format!(
-                    "{} b{}",
-                    r["model"].as_str()?.trim_start_matches("synthetic:"),
-                    r["batch"]
-                ))
-            },
-            |r| Some((r["context"].as_f64()?, r["ms_per_step"].as_f64()?)),
-        );
-        put(
-            format!("step-time-cuda-{host}.svg"),
-            svg::line_plot(
-                "CUDA decode step time (synthetic models, full KV)",
-                "context (log scale)",
-                "ms per step",
-                &s,
-                true,
-            ),
-        )?;
-        let one: Vec<(String, u64, f64)> = cuda
-            .iter()
-            .filter(|r| r["batch"].as_u64() == Some(1))
-            .filter_map(|r| {
-                Some((
-                    r["model"].as_str()?.to_string(),
-                    r["context"].as_u64()?,
-                    r["ms_per_step"].as_f64()?,
-                ))
-            })
-            .collect();
-        let s = series_by(
-            &cuda,
-            |r| {
-                Some(format!(
-                    "{} ctx {}",
-                    r["model"].as_str()?.trim_start_matches("synthetic:"),
-                    r["context"]
-                ))
-            },
-            |r| {
-                let (m, c, b) = (
-                    r["model"].as_str()?,
-                    r["context"].as_u64()?,
-                    r["batch"].as_f64()?,
-                );
-                let base = one.iter().find(|o| o.0 == m && o.1 == c)?.2;
-                Some((b, b * base / r["ms_per_step"].as_f64()?))
-            },
-        );
-        put(
-            format!("speedup-batch-{host}.svg"),
-            svg::line_plot(
-                "CUDA decode throughput speedup against batch size",
-                "batch (log scale)",
-                "tokens/s ÷ batch-1 tokens/s",
-                &s,
-                true,
-            ),
-        )?;
+    for (name, text) in gpu_e2e::plots(res, host) {
+        put(name, text)?;
     }
-    let ests: Vec<Estimate> = res["criterion"]
+    let gpu_benches = gpu_e2e::gpu_bench_names(res);
+    let mut bars: Vec<(String, f64)> = res["criterion"]
         .as_array()
         .map(|a| {
             a.iter()
+                .filter(|v| !report::is_gpu_estimate(v, &gpu_benches))
                 .filter_map(|v| Estimate::from_json(v).ok())
+                .filter(|e| e.group.starts_with("recall"))
+                .filter_map(|e| {
+                    Some((
+                        e.id.trim_start_matches("recall_").to_string(),
+                        e.bytes_per_s()? / 1e9,
+                    ))
+                })
                 .collect()
         })
         .unwrap_or_default();
-    let bars: Vec<(String, f64)> = ests
-        .iter()
-        .filter(|e| e.group.starts_with("recall"))
-        .filter_map(|e| {
-            Some((
-                e.id.trim_start_matches("recall_").to_string(),
-                e.bytes_per_s()? / 1e9,
-            ))
-        })
+    let gpu_bars: Vec<(String, f64)> = gpu_e2e::gpu_recall_bars(res)
+        .into_iter()
+        .map(|(g, id)| (id, g))
+        .chain(gpu_e2e::row_recall_bars(res))
         .collect();
-    if !bars.is_empty() {
-        let ceiling = res["ceilings"]["cpu_copy_gbs"]
+    let ceiling = if gpu_bars.is_empty() {
+        res["ceilings"]["cpu_copy_gbs"]
             .as_f64()
-            .map(|c| ("CPU copy ceiling (one way)", c / 2.0));
+            .map(|c| ("CPU copy ceiling (one way)", c / 2.0))
+    } else {
+        res["ceilings"]["h2d_pinned_gbs"]
+            .as_f64()
+            .map(|c| ("host → device pinned", c))
+    };
+    bars.extend(gpu_bars);
+    if !bars.is_empty() {
         put(
             format!("recall-{host}.svg"),
             svg::bar_plot(
-                "Recall executor throughput (criterion median)",
+                "Recall throughput (criterion medians; GPU matrix rows)",
                 "GB/s of recalled KV",
                 &bars,
                 ceiling,
@@ -1235,6 +1551,196 @@ pub fn rerender(dir: Option<&Path>) -> Result<()> {
         std::fs::write(&p, serde_json::to_string_pretty(&v)? + "\n")?;
     }
     write_readme(&dir)
+}
+
+/// Combines two results files of one host kind (`later` ran after `earlier`, e.g. the
+/// end-to-end matrix in one device call and the micro-benchmarks in another): criterion
+/// estimates by id, the GPU matrix by bench, ceilings, peers and the GPU bench list key by
+/// key, the later one winning; notes of both; the later date, machine and commit.
+pub fn combine(earlier: &Value, later: &Value) -> Result<Value> {
+    if earlier["host_kind"] != later["host_kind"] {
+        bail!(
+            "results of different host kinds ({} and {}) do not combine",
+            earlier["host_kind"],
+            later["host_kind"]
+        );
+    }
+    let mut out = later.clone();
+    let arr = |v: &Value, k: &str| v[k].as_array().cloned().unwrap_or_default();
+    // Criterion: by id.
+    let mut crit = arr(earlier, "criterion");
+    for e in arr(later, "criterion") {
+        crit.retain(|x| x["id"] != e["id"]);
+        crit.push(e);
+    }
+    out["criterion"] = json!(crit);
+    // The GPU matrix: a bench's rows come from its latest run.
+    let g0 = earlier.get("gpu_e2e").cloned().unwrap_or(json!({}));
+    let g1 = later.get("gpu_e2e").cloned().unwrap_or(json!({}));
+    let mut benches = g0["benches"].as_object().cloned().unwrap_or_default();
+    let newer = g1["benches"].as_object().cloned().unwrap_or_default();
+    let mut rows: Vec<Value> = arr(&g0, "rows")
+        .into_iter()
+        .filter(|r| !r["bench"].as_str().is_some_and(|b| newer.contains_key(b)))
+        .collect();
+    rows.extend(arr(&g1, "rows"));
+    benches.extend(newer);
+    if !rows.is_empty() || !benches.is_empty() {
+        out["gpu_e2e"] = json!({"benches": benches, "rows": rows});
+    }
+    for key in ["ceilings", "peers"] {
+        let mut m = earlier[key].as_object().cloned().unwrap_or_default();
+        m.extend(later[key].as_object().cloned().unwrap_or_default());
+        if !m.is_empty() {
+            out[key] = Value::Object(m);
+        }
+    }
+    let mut gb = arr(earlier, "gpu_benches");
+    for b in arr(later, "gpu_benches") {
+        if !gb.contains(&b) {
+            gb.push(b);
+        }
+    }
+    if !gb.is_empty() {
+        out["gpu_benches"] = json!(gb);
+    }
+    for key in ["e2e", "model"] {
+        if out.get(key).is_none_or(Value::is_null) && !earlier[key].is_null() {
+            out[key] = earlier[key].clone();
+        }
+    }
+    let mut notes: Vec<Value> = arr(earlier, "notes")
+        .into_iter()
+        .map(|n| {
+            json!(format!(
+                "(run of {}) {}",
+                earlier["date"].as_str().unwrap_or("?"),
+                n.as_str().unwrap_or_default()
+            ))
+        })
+        .collect();
+    notes.extend(arr(later, "notes").into_iter().map(|n| {
+        json!(format!(
+            "(run of {}) {}",
+            later["date"].as_str().unwrap_or("?"),
+            n.as_str().unwrap_or_default()
+        ))
+    }));
+    out["notes"] = json!(notes);
+    if earlier["git"] != later["git"] {
+        out["git"] = json!(format!(
+            "{} + {}",
+            earlier["git"].as_str().unwrap_or("?"),
+            later["git"].as_str().unwrap_or("?")
+        ));
+    }
+    out["quick"] = json!(earlier["quick"] == true && later["quick"] == true);
+    let mut from = arr(earlier, "merged_options");
+    if from.is_empty() {
+        from.push(earlier["options"].clone());
+    }
+    from.push(later["options"].clone());
+    out["merged_options"] = json!(from);
+    // The run was partial in what both left out only.
+    let both = |k: &str| earlier["options"][k] == true && later["options"][k] == true;
+    let mut opts = later["options"].clone();
+    for k in ["no_criterion", "no_e2e", "cpu_only", "gpu_only"] {
+        if opts.is_object() {
+            opts[k] = json!(both(k));
+        }
+    }
+    if opts.is_object() {
+        let t0 = arr(&earlier["options"], "targets");
+        let t1 = arr(&later["options"], "targets");
+        opts["targets"] = if t0.is_empty() || t1.is_empty() {
+            json!([])
+        } else {
+            let mut t = t0;
+            t.extend(t1);
+            json!(t)
+        };
+        out["options"] = opts;
+    }
+    Ok(out)
+}
+
+fn read_results(src: &Path) -> Result<Value> {
+    let v: Value = serde_json::from_str(
+        &std::fs::read_to_string(src).with_context(|| format!("reading {}", src.display()))?,
+    )
+    .with_context(|| format!("parsing {}", src.display()))?;
+    if v["schema"] != "freekv-bench/1" {
+        bail!(
+            "{}: not a results file of cargo xtask bench (schema {})",
+            src.display(),
+            v["schema"]
+        );
+    }
+    Ok(v)
+}
+
+/// `cargo xtask bench-report --merge FILE [--merge FILE2 ...] [DIR]`: takes results files
+/// written elsewhere (the GPU machine's `xtask bench --prebuilt ... --out $OUT/bench`), combined
+/// in the order given when there are several of one host kind (see [`combine`]), into `DIR`
+/// (default docs/bench) as `results-<host kind>.json`, replacing the one there; draws their
+/// plots and rewrites `README.md` from every results file of `DIR`, so that it shows the latest
+/// results of each host kind side by side. Returns the paths written.
+pub fn merge(srcs: &[PathBuf], dir: Option<&Path>) -> Result<Vec<PathBuf>> {
+    let dir = dir
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| root().join("docs/bench"));
+    let mut by_host: Vec<(String, Value)> = Vec::new();
+    for src in srcs {
+        let v = read_results(src)?;
+        let host = v["host_kind"]
+            .as_str()
+            .filter(|h| {
+                !h.is_empty()
+                    && h.bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            })
+            .ok_or_else(|| anyhow!("{}: no usable host_kind", src.display()))?
+            .to_string();
+        match by_host.iter_mut().find(|(h, _)| *h == host) {
+            Some((_, acc)) => *acc = combine(acc, &v)?,
+            None => by_host.push((host, v)),
+        }
+    }
+    std::fs::create_dir_all(&dir)?;
+    let mut written = Vec::new();
+    for (host, mut v) in by_host {
+        v["plots"] = json!(write_plots(&v, &dir, &host)?);
+        let dst = dir.join(format!("results-{host}.json"));
+        std::fs::write(&dst, serde_json::to_string_pretty(&v)? + "\n")?;
+        written.push(dst);
+    }
+    write_readme(&dir)?;
+    Ok(written)
+}
+
+/// `cargo xtask bench-report [--merge FILE ...] [DIR]`.
+pub fn report_cmd(args: &[String]) -> Result<()> {
+    let mut merge_from: Vec<PathBuf> = Vec::new();
+    let mut dir: Option<PathBuf> = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--merge" => merge_from
+                .push(PathBuf::from(it.next().ok_or_else(|| {
+                    anyhow!("--merge needs a results JSON file")
+                })?)),
+            other if !other.starts_with('-') && dir.is_none() => dir = Some(PathBuf::from(other)),
+            other => bail!("unknown bench-report argument `{other}`"),
+        }
+    }
+    if merge_from.is_empty() {
+        return rerender(dir.as_deref());
+    }
+    for dst in merge(&merge_from, dir.as_deref())? {
+        println!("wrote {}", dst.display());
+    }
+    println!("README.md and the plots re-rendered");
+    Ok(())
 }
 
 /// Rewrites `README.md` in `dir` from every `results-*.json` there.
@@ -1273,37 +1779,83 @@ cargo xtask bench --cpu-only         # or --gpu-only\n\
 cargo xtask bench --peer llamacpp    # llama-cpp-python on the CPU, same GGUF and prompts\n\
 cargo xtask bench --peer hf          # Hugging Face transformers on the GPU, same shapes\n\
 cargo xtask bench --out DIR          # write somewhere else than docs/bench\n\
-cargo xtask bench --targets kv       # only some criterion targets (here the KV policies' decode step)\n\
+cargo xtask bench --targets kv       # only some bench targets (here the KV policies' decode step)\n\
+cargo xtask bench --max-minutes 9    # time budget: what does not fit is skipped and said so\n\
 cargo xtask bench-report             # re-render this file and the plots from the JSON, measuring nothing\n\
-cargo test -p xtask                  # tests of the parsing, tables and plots\n\
+cargo test -p xtask                  # tests of the parsing, tables, plots, bundle and merge\n\
 ```\n\n\
 `--quick` runs: criterion with 0.3 s warm-up and 0.6 s measurement on a subset of each target \
 (page transposes, selection and recall at two sizes, three dequantizers, tokenizer encode, one \
 decode-step matrix product, prefill/decode at 37 tokens), no `kv` target, and the end-to-end matrix \
 at 256 and 1024 tokens with 32 new tokens, twice each. A full run uses 1 s / 3 s criterion times, \
 every benchmark of every target, and prompts of 512, 1K, 2K and 4K tokens with 64 new tokens, three \
-times each (about half an hour on 2 cores). On a GPU machine the command needs cargo there (it \
-builds and runs the benches); where only prebuilt bench binaries can be copied, run them as \
-[cuda-decode.md](cuda-decode.md) shows.\n\n\
+times each (about half an hour on 2 cores).\n\n\
+## On a GPU machine without cargo\n\n\
+The GPU machine has the CUDA driver and python3 with torch and transformers but no Rust toolchain, \
+so its half runs from prebuilt binaries:\n\n\
+```sh\n\
+cargo xtask bench-bundle                          # here: .device/bench (git-ignored), about 20-30 MiB\n\
+./.device/bench/xtask bench --prebuilt .device/bench --gpu-only --out OUT/bench --peer hf --max-minutes 9\n\
+cargo xtask bench-report --merge OUT/bench/results-gpu-nvidia-h200.json   # here: into docs/bench\n\
+```\n\n\
+* `bench-bundle` builds every bench (`cargo bench --workspace --no-run --message-format=json`; when \
+the workspace does not build, package by package) and keeps the bench binaries with GPU groups \
+(their source names CUDA or the GPU; `--add a,b` or `--only a,b` to choose), the xtask binary and \
+the `freekv` CLI, stripped, with the peer scripts and `manifest.json` (bench name → file, commit). \
+It says so when the bundle is over 50 MiB (the device tool carries at most 64 MiB with the tree).\n\
+* `--prebuilt DIR` runs each bench binary directly (`BIN --bench [filter] --warm-up-time … \
+--measurement-time …`, `CRITERION_HOME` in a scratch folder, `CUDA_HOME=/usr/local/cuda` when unset) \
+in this order: the GPU bandwidth probe, the end-to-end benches (`cuda_freekv`, `cuda_decode`), the \
+HF peer, then the micro-benchmarks (recall, kernels, the others). It writes only \
+`results-<host>.json`, `README.md` and at most four SVGs into `--out`.\n\
+* `--max-minutes N`: an item starts only when at least half its estimate (and 20 s) is left, a bench \
+still running at the end is stopped (what criterion finished is kept), end-to-end benches get \
+`FREEKV_BENCH_MAX_SECONDS` (their share, at most what is left less a minute), the HF peer its \
+deadline; the report lists what was skipped or stopped. 15 s are kept for writing the results.\n\
+* `bench-report --merge FILE [--merge FILE2 …] [DIR]` takes results written elsewhere into `DIR` \
+(default docs/bench) as `results-<host>.json`, draws their plots and rewrites this file; several \
+files of one host kind (say the matrix from one device call, the micro-benchmarks from another) \
+are combined, the later winning bench by bench.\n\
+* `FREEKV_XTASK_ASSUME_GPU=NAME` rehearses the GPU flow on a machine without a GPU (the GPU benches \
+then print \"skipped: no CUDA device\").\n\n\
+The GPU end-to-end matrix (backend × KV policy × batch × context) is generic: every bench run as \
+an end-to-end bench (`cuda_decode*`, `cuda_freekv*`, `*e2e*`) gets `FREEKV_BENCH_JSON=path` and may \
+write `{\"device\", \"model\", \"copy_bandwidth_gbs\", …, \"rows\": [...]}` there; each row gives `batch`, \
+`context`, `ms_per_step` (or `ms_median`) and any of `model`, `scenario`, `policy` (default `full`), \
+`budget`, `gen`, `ms_p90`, `ms_quarters`, `floor_ms`, `recall_gbs`, `correction_rate` (or \
+`stats.head_correction_rate`), `gpu_used_gib`, `host_kv_gib`, `note` (or `error`, `skipped`); any \
+other number or string becomes a column of its own. A bench that writes no side file gives its rows \
+through its criterion ids (`…/b4/ctx32768/freekv@2048`). Writing the side file after every row \
+keeps the rows of a bench stopped at the time budget. Benches also see `FREEKV_BENCH_QUICK=1` with \
+`--quick` and `FREEKV_BENCH_GPU_ONLY=1` with `--gpu-only`. New policies appear in the table, the \
+ratios (`vs full` / `vs oracle` / `vs arkvale`), the targets and the plots with no change here.\n\n\
 What runs:\n\n\
-* **Criterion micro-benchmarks** (`cargo bench --workspace --bench NAME`): transposes, selection, the \
-recall executor, dequantization, the tokenizer, the quantized matrix products, prefill/decode of the \
-default model, the KV policies' decode step (full runs only) and, on a GPU machine, the CUDA kernels \
-(timed with CUDA events). Medians, MAD and the 95 % interval of the median are read from \
-`target/xtask-bench/criterion/**/new/estimates.json` (`CRITERION_HOME`, so that benches run by others at the same time never mix in).\n\
+* **Criterion micro-benchmarks** (each bench binary of `cargo bench --workspace --no-run`, run with \
+criterion's arguments): transposes, selection, the recall executor, dequantization, the tokenizer, \
+the quantized matrix products, prefill/decode of the default model, the KV policies' decode step \
+(full runs only) and, on a GPU machine, the CUDA kernels, GPU selection, the skinny products and \
+GPU recall (timed with CUDA events). Medians, MAD and the 95 % interval of the median are read from \
+`CRITERION_HOME/**/new/estimates.json`, one folder per bench (`target/xtask-bench/criterion/PACKAGE-BENCH` \
+here, emptied before the bench runs, so that benches run by others at the same time never mix in).\n\
 * **End-to-end matrix**: on the CPU, `freekv generate --json` on the default model (SmolLM2-135M-Instruct \
 Q4_1) with the policies full / quest / arkvale / freekv at several prompt lengths (prompts built from a \
 repeated, numbered paragraph; sparse budgets a quarter of the context); on a GPU machine the \
-`cuda_decode` bench (synthetic models, batch × context), whose JSON also gives the device-copy \
-bandwidth.\n\
+`cuda_freekv` bench (full / oracle / arkvale / freekv on a synthetic Llama-3.1-8B, long input and \
+long generation, batch 1, 4, 16) and the `cuda_decode` bench (full KV, synthetic models, batch × \
+context).\n\
 * **Ceilings**: CPU streaming-read and copy bandwidth (a Rust probe over 256 MiB, all threads, best of \
-several repetitions); device copy bandwidth (from `cuda_decode`) and host → device pinned bandwidth \
-(`xtask/peers/hf_decode.py --bandwidth-only`, torch) on a GPU machine.\n\
-* **Peers**: `--peer hf` (`xtask/peers/hf_decode.py`), `--peer llamacpp` \
-(`xtask/peers/llamacpp_decode.py`; when `llama_cpp` is not importable the run says so and goes on).\n\n\
+several repetitions); on a GPU machine host → device and device → host pinned bandwidth and the \
+device copy bandwidth (`xtask/peers/hf_decode.py --bandwidth-only`, torch, CUDA events), and the \
+copy bandwidth `cuda_decode` measures for its floors.\n\
+* **Peers**: `--peer hf` (`xtask/peers/hf_decode.py`, the matrix's Llama-3.1-8B shapes, eager and \
+`torch.compile`), `--peer llamacpp` (`xtask/peers/llamacpp_decode.py`; when `llama_cpp` is not \
+importable the run says so and goes on).\n\
+* **Plots**: CPU: step time against context per policy, speed relative to full attention, recall \
+GB/s. GPU: step time against context per policy and batch, speedup of each policy against full (and \
+of freekv against arkvale) against batch size, throughput against batch size, recall GB/s against the \
+pinned host → device bandwidth.\n\n\
 On a CPU-only machine there is no batch dimension (the CLI decodes one sequence), so the \
-\"speedup against batch size\" plot comes from a GPU run; the CPU plots are step time against \
-context per policy and speed relative to full attention. For orientation only (not measured by \
+\"speedup against batch size\" plot comes from a GPU run. For orientation only (not measured by \
 this command unless `--peer llamacpp` runs): llama.cpp with the same GGUF on the 2-core CPU \
 machine was quoted in issue 2 at about 90–125 tok/s decode on a short prompt, 57–67 at 1K, \
 30–34 at 4K, and about 170 tok/s prefill.\n\n\
@@ -1325,7 +1877,17 @@ mod tests {
         assert!(Options::parse(&a(&["--bogus"])).is_err());
         let o = Options::parse(&a(&["--targets", "kv,recall"])).unwrap();
         assert_eq!(o.targets, ["kv", "recall"]);
-        assert!(Options::parse(&a(&["--targets", "nope"])).is_err());
+        // Target names are checked against the benches at hand when the run starts.
+        assert!(check_targets(&o.targets, &[]).is_ok());
+        assert!(check_targets(&["nope".into()], &[]).is_err());
+        assert!(check_targets(&["cuda_freekv".into()], &["cuda_freekv".into()]).is_ok());
+        let o =
+            Options::parse(&a(&["--prebuilt", "b", "--out", "o", "--max-minutes", "9"])).unwrap();
+        assert!(o.gpu_only && o.prebuilt == Some(PathBuf::from("b")) && o.max_minutes == Some(9.0));
+        assert!(Options::parse(&a(&["--prebuilt", "b"])).is_err());
+        assert!(Options::parse(&a(&["--prebuilt", "b", "--out", "o", "--cpu-only"])).is_err());
+        assert!(Options::parse(&a(&["--max-minutes", "0"])).is_err());
+        assert!(Options::parse(&a(&["--max-minutes", "x"])).is_err());
     }
 
     #[test]
@@ -1390,7 +1952,8 @@ mod tests {
         assert!(sp.contains("freekv: x=1010 y=1.6"));
         let rc = std::fs::read_to_string(dir.join(&names[2])).unwrap();
         assert!(rc.contains("f32/double_buffered/64: 4<"));
-        // The GPU plots: step time against context per batch, speedup against batch.
+        // The GPU plots (results of the first version: rows under `cuda_decode`): step time
+        // against context per batch, throughput against batch.
         let mut g = res.clone();
         g["cuda_decode"] = json!({"rows": [
             {"model": "synthetic:llama-3.1-8b", "batch": 1, "context": 4096, "ms_per_step": 5.0},
@@ -1399,11 +1962,25 @@ mod tests {
             {"model": "synthetic:llama-3.1-8b", "batch": 32, "context": 32768, "ms_per_step": null}]});
         let gn = write_plots(&g, &dir, "gpu-x").unwrap();
         assert!(gn.contains(&"step-time-cuda-gpu-x.svg".to_string()));
-        let sb = std::fs::read_to_string(dir.join("speedup-batch-gpu-x.svg")).unwrap();
+        assert!(!gn.contains(&"speedup-batch-gpu-x.svg".to_string()));
+        let sb = std::fs::read_to_string(dir.join("throughput-batch-gpu-x.svg")).unwrap();
         assert!(crate::svg::tests::well_formed(&sb) && crate::svg::tests::coords_numeric(&sb));
         // batch 8 at 4096: 8 × 5 / 8 = 5× the batch-1 tokens/s.
-        assert!(sb.contains("llama-3.1-8b ctx 4096: x=8 y=5<"), "{sb}");
-        assert!(sb.contains("llama-3.1-8b ctx 4096: x=1 y=1<"));
+        assert!(sb.contains("ctx 4096 full: x=8 y=5<"), "{sb}");
+        assert!(sb.contains("ctx 4096 full: x=1 y=1<"));
+        // GPU recall bars join the CPU's, against the pinned host → device bandwidth.
+        g["ceilings"]["h2d_pinned_gbs"] = json!(50.0);
+        g["gpu_benches"] = json!(["cuda_recall"]);
+        g["criterion"].as_array_mut().unwrap().push(json!({"id": "gather/b4", "group": "gather",
+            "bench": "cuda_recall", "median_ns": 1e6, "median_ci_ns": [1e6, 1e6], "mad_ns": 1.0,
+            "mean_ns": 1e6, "std_dev_ns": 1.0, "throughput_kind": "bytes", "throughput_per_iter": 40000000}));
+        write_plots(&g, &dir, "gpu-x").unwrap();
+        let rc = std::fs::read_to_string(dir.join("recall-gpu-x.svg")).unwrap();
+        assert!(
+            rc.contains("gather/b4: 40<") && rc.contains("f32/double_buffered/64: 4<"),
+            "{rc}"
+        );
+        assert!(rc.contains("host → device pinned: 50<"));
         std::fs::write(dir.join("results-cpu.json"), res.to_string()).unwrap();
         write_readme(&dir).unwrap();
         let md = std::fs::read_to_string(dir.join("README.md")).unwrap();
@@ -1411,5 +1988,309 @@ mod tests {
         assert!(md.contains("Raw results: [`results-cpu.json`](results-cpu.json)"));
         assert!(md.contains("| freekv | 1010 | 256 | 80.0 |"));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn merge_takes_gpu_results_next_to_the_cpu_ones() {
+        let dir = std::env::temp_dir().join(format!("xtask-merge-{}", std::process::id()));
+        let docs = dir.join("docs");
+        std::fs::create_dir_all(&docs).unwrap();
+        let cpu = json!({"schema": "freekv-bench/1", "host_kind": "cpu", "date": "d1",
+            "e2e": [{"policy": "full", "target_context": 256, "prompt_tokens": 250, "decode_tok_s": [100.0]}]});
+        std::fs::write(docs.join("results-cpu.json"), cpu.to_string()).unwrap();
+        let gpu = json!({"schema": "freekv-bench/1", "host_kind": "gpu-nvidia-h200", "date": "d2",
+            "machine": {"gpu": "NVIDIA H200"}, "ceilings": {"h2d_pinned_gbs": 55.0},
+            "gpu_e2e": {"benches": {"cuda_freekv": {}}, "rows": [
+                {"bench": "cuda_freekv", "model": "m", "policy": "full", "batch": 4, "context": 32768, "ms_per_step": 20.0},
+                {"bench": "cuda_freekv", "model": "m", "policy": "freekv", "batch": 4, "context": 32768, "ms_per_step": 8.0,
+                 "recall_gbs": 48.0}]}});
+        let src = dir.join("from-device.json");
+        std::fs::write(&src, gpu.to_string()).unwrap();
+        let dst = merge(std::slice::from_ref(&src), Some(&docs)).unwrap();
+        assert_eq!(dst, [docs.join("results-gpu-nvidia-h200.json")]);
+        let dst = &dst[0];
+        let merged: Value = serde_json::from_str(&std::fs::read_to_string(dst).unwrap()).unwrap();
+        assert_eq!(
+            merged["plots"],
+            json!([
+                "step-time-cuda-gpu-nvidia-h200.svg",
+                "speedup-batch-gpu-nvidia-h200.svg",
+                "recall-gpu-nvidia-h200.svg"
+            ])
+        );
+        for p in merged["plots"].as_array().unwrap() {
+            assert!(docs.join(p.as_str().unwrap()).is_file());
+        }
+        let md = std::fs::read_to_string(docs.join("README.md")).unwrap();
+        let (c, g) = (
+            md.find("## Host `cpu`: d1").unwrap(),
+            md.find("## Host `gpu-nvidia-h200`: d2").unwrap(),
+        );
+        assert!(c < g);
+        assert!(
+            md.contains("| m | freekv | 4 | 32768 | 8.000 | 500 | 2.50× |"),
+            "{md}"
+        );
+        assert!(md.contains("![recall-gpu-nvidia-h200.svg](recall-gpu-nvidia-h200.svg)"));
+        // Two runs of one host kind (the matrix, then the micro-benchmarks) combine.
+        let mut micro = json!({"schema": "freekv-bench/1", "host_kind": "gpu-nvidia-h200", "date": "d3",
+            "options": {"no_e2e": true, "gpu_only": true, "targets": []},
+            "machine": {"gpu": "NVIDIA H200"}, "ceilings": {"gpu_copy_gbs": 4200.0},
+            "criterion": [{"id": "gemm_x/tokens/1", "group": "gemm_x", "median_ns": 1e6, "median_ci_ns": [1e6, 1e6],
+                "mad_ns": 1.0, "mean_ns": 1e6, "std_dev_ns": 1.0, "throughput_kind": "none"}],
+            "notes": ["second"]});
+        let src2 = dir.join("micro.json");
+        std::fs::write(&src2, micro.to_string()).unwrap();
+        merge(&[src.clone(), src2.clone()], Some(&docs)).unwrap();
+        let md = std::fs::read_to_string(docs.join("README.md")).unwrap();
+        assert!(
+            md.contains("| m | freekv | 4 | 32768 | 8.000 | 500 | 2.50× |"),
+            "{md}"
+        );
+        assert!(md.contains("| gemm_x/tokens/1 | 1.000 ms |"), "{md}");
+        assert!(md.contains("* (run of d3) second"));
+        assert!(md.contains("| GPU device-to-device copy | 4200 |"), "{md}");
+        assert!(md.contains("| host → device, pinned | 55.0 |"), "{md}");
+        assert!(!md.contains("Partial run"), "{md}");
+        // A file of another kind is refused; so are two host kinds in one combination.
+        micro["host_kind"] = json!("cpu");
+        assert!(combine(&gpu, &micro).is_err());
+        std::fs::write(&src, json!({"schema": "other"}).to_string()).unwrap();
+        assert!(merge(std::slice::from_ref(&src), Some(&docs)).is_err());
+        std::fs::write(
+            &src,
+            json!({"schema": "freekv-bench/1", "host_kind": "../x"}).to_string(),
+        )
+        .unwrap();
+        assert!(merge(std::slice::from_ref(&src), Some(&docs)).is_err());
+        assert!(report_cmd(&["--merge".into()]).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn hf_configs_follow_the_matrix() {
+        let rows = vec![
+            json!({"model": "synthetic:llama-3.1-8b", "batch": 1, "context": 4096}),
+            json!({"model": "llama-3.1-8b", "policy": "freekv", "batch": 1, "context": 4096}),
+            json!({"model": "synthetic:llama-3.1-8b", "batch": 4, "context": 32768}),
+            json!({"model": "synthetic:qwen-2.5-7b", "batch": 1, "context": 4096}),
+        ];
+        assert_eq!(hf_configs(&rows, 9), "1:4096,4:32768");
+        assert_eq!(hf_configs(&rows, 1), "1:4096");
+        assert_eq!(hf_configs(&[], 3), "1:4096,8:4096");
+    }
+
+    #[test]
+    fn bundle_folders_give_bench_binaries() {
+        let m = Manifest {
+            git: "abc".into(),
+            created: "now".into(),
+            benches: vec![crate::bundle::BundledBench {
+                name: "kernels".into(),
+                package: "freekv-kernels".into(),
+                file: "bench-kernels".into(),
+                bytes: 1,
+            }],
+            xtask: Some("xtask".into()),
+            freekv: None,
+            peers: vec![],
+        };
+        let b = bundle_bins(Path::new("/d"), &m);
+        assert_eq!(
+            b,
+            [BenchBin {
+                name: "kernels".into(),
+                package: "freekv-kernels".into(),
+                exe: PathBuf::from("/d/bench-kernels"),
+                cwd: None,
+                gpu: true
+            }]
+        );
+    }
+
+    /// A criterion-like bench script: prints a device line and one `time:` line, writes one
+    /// benchmark into `CRITERION_HOME` and, when asked, a side file whose note records its
+    /// arguments and the variables it got.
+    fn fake_bench(dir: &Path, file: &str, id: &str, side_rows: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let (group, func) = id.split_once('/').unwrap();
+        let est = r#"{"mean":{"confidence_interval":{"confidence_level":0.95,"lower_bound":4.9e6,"upper_bound":5.1e6},"point_estimate":5e6,"standard_error":1.0},"median":{"confidence_interval":{"confidence_level":0.95,"lower_bound":4.9e6,"upper_bound":5.1e6},"point_estimate":5e6,"standard_error":1.0},"median_abs_dev":{"confidence_interval":{"confidence_level":0.95,"lower_bound":1.0,"upper_bound":1.0},"point_estimate":5e4,"standard_error":1.0},"slope":null,"std_dev":{"confidence_interval":{"confidence_level":0.95,"lower_bound":1.0,"upper_bound":1.0},"point_estimate":6e4,"standard_error":1.0}}"#;
+        let bench = format!(
+            r#"{{"group_id":"{group}","function_id":"{func}","value_str":null,"throughput":{{"BytesDecimal":250000000}},"full_id":"{id}","directory_name":"x","title":"{id}"}}"#
+        );
+        let script = format!(
+            "#!/bin/sh\necho 'device: fake GPU'\nd=\"$CRITERION_HOME/{group}/{}/new\"\nmkdir -p \"$d\"\n\
+             printf '%s' '{bench}' > \"$d/benchmark.json\"\nprintf '%s' '{est}' > \"$d/estimates.json\"\n\
+             echo '{id}'\necho '                        time:   [4.9 ms 5.0 ms 5.1 ms]'\n\
+             if [ -n \"$FREEKV_BENCH_JSON\" ] && [ -n '{side_rows}' ]; then\n\
+             printf '{{\"device\": \"fake\", \"model\": \"synthetic:llama-3.1-8b (random weights, seed 1)\", \"rows\": [%s]}}' \
+             '{side_rows}' | sed \"s|ARGS|$* max=$FREEKV_BENCH_MAX_SECONDS quick=$FREEKV_BENCH_QUICK gpu=$FREEKV_BENCH_GPU_ONLY|\" > \"$FREEKV_BENCH_JSON\"\nfi\n",
+            func.replace('/', "_")
+        );
+        let path = dir.join(file);
+        std::fs::write(&path, script).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    #[test]
+    fn prebuilt_run_from_a_bundle_folder() {
+        let dir = std::env::temp_dir().join(format!("xtask-prebuilt-{}", std::process::id()));
+        let (bdir, out) = (dir.join("bundle"), dir.join("out"));
+        std::fs::create_dir_all(bdir.join("peers")).unwrap();
+        fake_bench(
+            &bdir,
+            "bench-cuda_freekv",
+            "cuda_freekv/none",
+            r#"{"scenario": "long-input", "context": 32768, "gen": 64, "batch": 4, "policy": "full", "ms_median": 20.0}, {"scenario": "long-input", "context": 32768, "gen": 64, "batch": 4, "policy": "freekv", "ms_median": 8.0, "note": "ARGS"}"#,
+        );
+        fake_bench(
+            &bdir,
+            "bench-cuda_recall",
+            "cuda_recall_l8/gather_b16/bs4_32units",
+            "",
+        );
+        let m = Manifest {
+            git: "abc1234".into(),
+            created: "2026-11-28 15:00 UTC".into(),
+            benches: ["cuda_freekv:freekv-model", "cuda_recall:freekv-recall"]
+                .iter()
+                .map(|x| {
+                    let (n, p) = x.split_once(':').unwrap();
+                    crate::bundle::BundledBench {
+                        name: n.into(),
+                        package: p.into(),
+                        file: format!("bench-{n}"),
+                        bytes: 1,
+                    }
+                })
+                .collect(),
+            xtask: None,
+            freekv: None,
+            peers: vec![],
+        };
+        std::fs::write(bdir.join("manifest.json"), m.to_json().to_string()).unwrap();
+        let a = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let mut o = Options::parse(&a(&[
+            "--prebuilt",
+            "x",
+            "--out",
+            "y",
+            "--quick",
+            "--max-minutes",
+            "5",
+        ]))
+        .unwrap();
+        o.prebuilt = Some(bdir.clone());
+        o.out = Some(out.clone());
+        o.assume_gpu = Some("Fake GPU 9000".into());
+        run(&o).unwrap();
+        let res: Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("results-gpu-fake-gpu-9000.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            res["git"],
+            "abc1234 (prebuilt bundle of 2026-11-28 15:00 UTC)"
+        );
+        assert_eq!(res["options"]["gpu_only"], true);
+        // The matrix from the side file, with the model from its top level.
+        let rows = res["gpu_e2e"]["rows"].as_array().unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[1]["model"], "synthetic:llama-3.1-8b");
+        assert_eq!(rows[1]["ms_per_step"], 8.0);
+        // The bench got `--bench` and the quick criterion times, its quick variables and a
+        // self-limit within the budget.
+        let note = rows[1]["note"].as_str().unwrap();
+        assert!(
+            note.starts_with(
+                "--bench --warm-up-time 0.5 --measurement-time 1 max=72 quick=1 gpu=1"
+            ),
+            "{note}"
+        );
+        // The micro-benchmark: tagged with its bench, 250 MB in 5 ms = 50 GB/s of recall.
+        let crit = res["criterion"].as_array().unwrap();
+        assert_eq!(crit.len(), 1);
+        assert_eq!(crit[0]["bench"], "freekv-recall/cuda_recall");
+        assert_eq!(
+            res["gpu_benches"],
+            json!(["freekv-model/cuda_freekv", "freekv-recall/cuda_recall"])
+        );
+        let mut files: Vec<String> = std::fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        files.sort();
+        assert_eq!(
+            files,
+            [
+                "README.md",
+                "recall-gpu-fake-gpu-9000.svg",
+                "results-gpu-fake-gpu-9000.json",
+                "speedup-batch-gpu-fake-gpu-9000.svg",
+                "step-time-cuda-gpu-fake-gpu-9000.svg"
+            ]
+        );
+        let md = std::fs::read_to_string(out.join("README.md")).unwrap();
+        assert!(md.contains("| synthetic:llama-3.1-8b | long-input | freekv | 4 | 32768 | 64 | 8.000 | 500 | 2.50× |"), "{md}");
+        assert!(
+            md.contains(
+                "recall ≥ 45 GB/s: met (best 50.0 GB/s, cuda_recall_l8/gather_b16/bs4_32units)"
+            ),
+            "{md}"
+        );
+        // A budget too small for anything: every item is skipped and said so; the results
+        // are still written.
+        o.max_minutes = Some(0.26);
+        run(&o).unwrap();
+        let res: Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("results-gpu-fake-gpu-9000.json")).unwrap(),
+        )
+        .unwrap();
+        let notes = res["notes"].to_string();
+        assert!(
+            notes.contains("skipped: the `cuda_freekv` bench does not fit in the time budget"),
+            "{notes}"
+        );
+        assert!(
+            notes.contains("skipped: criterion `cuda_recall` does not fit"),
+            "{notes}"
+        );
+        assert!(res["criterion"].as_array().unwrap().is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn gpu_order_and_self_limits() {
+        let mut v = vec![
+            "gemv",
+            "kernels",
+            "cuda_recall",
+            "cuda_decode",
+            "select",
+            "cuda_freekv",
+        ];
+        v.sort_by_key(|n| gpu_priority(n));
+        assert_eq!(
+            v,
+            [
+                "cuda_freekv",
+                "cuda_decode",
+                "cuda_recall",
+                "kernels",
+                "gemv",
+                "select"
+            ]
+        );
+        let unset = |_: &str| false;
+        let set = |k: &str| k == "FREEKV_BENCH_MAX_SECONDS";
+        assert_eq!(
+            e2e_self_limit(true, 100.0, f64::INFINITY, &unset),
+            Some(80.0)
+        );
+        assert_eq!(e2e_self_limit(false, 240.0, f64::INFINITY, &unset), None);
+        assert_eq!(e2e_self_limit(false, 240.0, 500.0, &unset), Some(240.0));
+        assert_eq!(e2e_self_limit(false, 240.0, 200.0, &unset), Some(140.0));
+        assert_eq!(e2e_self_limit(false, 240.0, 30.0, &unset), Some(10.0));
+        assert_eq!(e2e_self_limit(true, 100.0, 500.0, &set), None);
     }
 }

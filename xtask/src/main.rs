@@ -4,9 +4,12 @@
 //! report and SVG plots under `docs/bench/` (see `docs/bench/README.md`).
 
 mod bench;
+mod bundle;
 mod criterion;
+mod gpu_e2e;
 mod probe;
 mod report;
+mod runner;
 mod sanitize;
 mod soak;
 mod svg;
@@ -18,7 +21,11 @@ fn usage() -> &'static str {
      tasks:\n  \
        bench [options]   criterion micro-benchmarks, the end-to-end matrix, ceilings, peers;\n                    \
                          writes results-<host>.json, README.md and SVG plots\n  \
-       bench-report [DIR]  re-render README.md and the plots from DIR/results-*.json (default docs/bench)\n\
+       bench-report [DIR]  re-render README.md and the plots from DIR/results-*.json (default docs/bench)\n  \
+       bench-report --merge FILE [DIR]  take a results JSON from the GPU machine into DIR, re-render\n  \
+       bench-bundle [--out DIR] [--add a,b | --only a,b] [--max-mib N]\n                    \
+                         build the GPU bench binaries, xtask and freekv into DIR (default .device/bench)\n                    \
+                         for `xtask bench --prebuilt DIR` on a machine without cargo\n\
      bench options:\n  \
        --quick           short criterion times and a subset of the matrix (about two minutes on 2 cores)\n  \
        --cpu-only        skip everything that needs a GPU\n  \
@@ -29,7 +36,10 @@ fn usage() -> &'static str {
        --no-criterion    skip the criterion micro-benchmarks\n  \
        --no-e2e          skip the end-to-end matrix\n  \
        --targets a,b     only these criterion bench targets (transpose, select, recall, dequant,\n                    \
-                         tokenizer, qmatmul, decode, kv, kernels); with --quick, each its quick subset (kv: all)\n"
+                         tokenizer, qmatmul, decode, kv, kernels, cuda_decode, or any bench built); with\n                    \
+                         --quick, each its quick subset (kv: all)\n  \
+       --prebuilt DIR    run the bench binaries of a bench-bundle folder (no cargo; GPU parts only; needs --out)\n  \
+       --max-minutes N   time budget: what does not fit is skipped, a bench running at the end is stopped\n"
 }
 
 fn main() -> Result<()> {
@@ -39,7 +49,8 @@ fn main() -> Result<()> {
             let opts = bench::Options::parse(&args[1..])?;
             bench::run(&opts)
         }
-        Some("bench-report") => bench::rerender(args.get(1).map(std::path::Path::new)),
+        Some("bench-report") => bench::report_cmd(&args[1..]),
+        Some("bench-bundle") => bundle::run(&bundle::BundleOptions::parse(&args[1..])?),
         Some("soak") => soak::run(&soak::SoakOptions::parse(&args[1..])?),
         Some("sanitize") => sanitize::run(&sanitize::SanitizeOptions::parse(&args[1..])?),
         Some("-h" | "--help" | "help") | None => {

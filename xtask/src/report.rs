@@ -71,13 +71,16 @@ fn nums(v: &Value, k: &str) -> Vec<f64> {
         .unwrap_or_default()
 }
 
-fn opt(x: Option<f64>, prec: usize) -> String {
+/// A number with `prec` decimals, or `-`.
+pub(crate) fn opt(x: Option<f64>, prec: usize) -> String {
     x.filter(|x| x.is_finite())
         .map_or("-".into(), |x| format!("{x:.prec$}"))
 }
 
-/// Groups whose benchmarks run on the GPU (their bandwidth ceiling is the device's).
+/// Groups whose benchmarks run on the GPU (their bandwidth ceiling is the device's): the CUDA
+/// kernels' groups, and any group naming CUDA or the GPU.
 pub fn is_gpu_group(group: &str) -> bool {
+    let g = group.to_ascii_lowercase();
     [
         "decode_attention_",
         "prefill_attention_",
@@ -87,7 +90,20 @@ pub fn is_gpu_group(group: &str) -> bool {
         "cuda_decode",
     ]
     .iter()
-    .any(|p| group.starts_with(p))
+    .any(|p| g.starts_with(p))
+        || g.contains("cuda")
+        || g.contains("gpu")
+}
+
+/// Whether a criterion estimate of a results file ran on the GPU: its group says so, or it
+/// came from a bench that has only GPU groups (`gpu_benches` of the results file).
+pub fn is_gpu_estimate(v: &Value, gpu_benches: &[String]) -> bool {
+    is_gpu_group(s(v, "group")) || gpu_benches.iter().any(|b| b == s(v, "bench"))
+}
+
+/// Whether a criterion estimate measures recall (its group or its bench names it).
+pub fn is_recall_estimate(v: &Value) -> bool {
+    s(v, "group").contains("recall") || s(v, "bench").contains("recall")
 }
 
 /// Bytes one CPU decode step reads at `context` tokens: every weight once plus the KV of the
@@ -202,16 +218,19 @@ pub fn render(res: &Value) -> String {
     let cpu_copy = f(&c, "cpu_copy_gbs");
     let gpu_copy = f(&c, "gpu_copy_gbs");
     let l3 = f(&m, "l3_bytes");
-    rows.push(vec![
-        "CPU streaming read, all threads".into(),
-        opt(cpu_read, 1),
-        "GB/s read".into(),
-    ]);
-    rows.push(vec![
-        "CPU copy, all threads".into(),
-        opt(cpu_copy, 1),
-        "GB/s read + written".into(),
-    ]);
+    // (A GPU-only run measures no CPU ceiling: those rows are left out.)
+    if cpu_read.is_some() || cpu_copy.is_some() || m.get("gpu").and_then(Value::as_str).is_none() {
+        rows.push(vec![
+            "CPU streaming read, all threads".into(),
+            opt(cpu_read, 1),
+            "GB/s read".into(),
+        ]);
+        rows.push(vec![
+            "CPU copy, all threads".into(),
+            opt(cpu_copy, 1),
+            "GB/s read + written".into(),
+        ]);
+    }
     if m.get("gpu").and_then(Value::as_str).is_some() {
         rows.push(vec![
             "GPU device-to-device copy".into(),
@@ -223,6 +242,13 @@ pub fn render(res: &Value) -> String {
             opt(f(&c, "h2d_pinned_gbs"), 1),
             "GB/s".into(),
         ]);
+        if let Some(d2h) = f(&c, "d2h_pinned_gbs") {
+            rows.push(vec![
+                "device → host, pinned".into(),
+                opt(Some(d2h), 1),
+                "GB/s".into(),
+            ]);
+        }
     }
     out.push_str(&table(&["ceiling", "value", "unit"], &rows, 1));
     out.push('\n');
@@ -397,81 +423,8 @@ pub fn render(res: &Value) -> String {
         }
     }
 
-    // CUDA decode matrix.
-    if let Some(cd) = res.get("cuda_decode").filter(|v| !v.is_null()) {
-        let _ = writeln!(
-            out,
-            "### CUDA decode step (synthetic models: random bf16 weights of the named shape), full KV on the GPU\n\n\
-             Device-copy bandwidth in the same run: {} GB/s. Floor = (weight bytes + KV bytes) ÷ that bandwidth.\n",
-            opt(f(cd, "copy_bandwidth_gbs"), 0)
-        );
-        let hf: Vec<Value> = res
-            .get("peers")
-            .and_then(|p| p.get("hf"))
-            .and_then(|h| h.get("rows"))
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default();
-        let hf_ms = |form: &str, b: u64, ctx: u64| {
-            hf.iter()
-                .find(|r| {
-                    s(r, "form") == form
-                        && r.get("batch").and_then(Value::as_u64) == Some(b)
-                        && r.get("context").and_then(Value::as_u64) == Some(ctx)
-                })
-                .and_then(|r| f(r, "ms_per_step"))
-        };
-        let mut rows = Vec::new();
-        for r in cd
-            .get("rows")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default()
-        {
-            let b = r.get("batch").and_then(Value::as_u64).unwrap_or(0);
-            let ctx = r.get("context").and_then(Value::as_u64).unwrap_or(0);
-            let ms = f(&r, "ms_per_step");
-            let floor = f(&r, "floor_ms");
-            let hc = hf_ms("compiled", b, ctx);
-            rows.push(vec![
-                s(&r, "model").to_string(),
-                b.to_string(),
-                ctx.to_string(),
-                opt(ms, 3),
-                opt(ms.map(|m| b as f64 * 1e3 / m), 0),
-                opt(floor, 3),
-                match (ms, floor) {
-                    (Some(a), Some(fl)) if fl > 0.0 => format!("{:.2}", a / fl),
-                    _ => "-".into(),
-                },
-                opt(hf_ms("eager", b, ctx), 2),
-                opt(hc, 2),
-                match (ms, hc) {
-                    (Some(a), Some(h)) if a > 0.0 => format!("{:.2}×", h / a),
-                    _ => "-".into(),
-                },
-                s(&r, "note").to_string(),
-            ]);
-        }
-        out.push_str(&table(
-            &[
-                "model",
-                "batch",
-                "context",
-                "ms/step",
-                "tokens/s",
-                "HBM floor ms",
-                "ratio to floor",
-                "HF eager ms",
-                "HF compiled ms",
-                "speedup vs HF compiled",
-                "note",
-            ],
-            &rows,
-            1,
-        ));
-        out.push('\n');
-    }
+    // The GPU end-to-end matrix.
+    out.push_str(&crate::gpu_e2e::render(res));
     if let Some(hf) = res.get("peers").and_then(|p| p.get("hf"))
         && hf.get("rows").is_none()
     {
@@ -479,21 +432,36 @@ pub fn render(res: &Value) -> String {
     }
 
     // Criterion micro-benchmarks.
-    let ests: Vec<Estimate> = res
+    let gpu_benches = crate::gpu_e2e::gpu_bench_names(res);
+    let tagged: Vec<(Estimate, bool, bool)> = res
         .get("criterion")
         .and_then(Value::as_array)
         .map(|a| {
             a.iter()
-                .filter_map(|v| Estimate::from_json(v).ok())
+                .filter_map(|v| {
+                    Some((
+                        Estimate::from_json(v).ok()?,
+                        is_gpu_estimate(v, &gpu_benches),
+                        is_recall_estimate(v),
+                    ))
+                })
                 .collect()
         })
         .unwrap_or_default();
+    let ests: Vec<Estimate> = tagged.iter().map(|t| t.0.clone()).collect();
     if !ests.is_empty() {
         let _ = writeln!(out, "### Criterion micro-benchmarks\n");
         let mut rows = Vec::new();
-        for e in &ests {
-            let gpu = is_gpu_group(&e.group);
-            let ceiling = if gpu { gpu_copy } else { cpu_read };
+        for (e, gpu, recall) in &tagged {
+            let gpu = *gpu;
+            // GPU recall moves host memory to the device: its ceiling is the pinned H2D rate.
+            let ceiling = if gpu && *recall {
+                f(&c, "h2d_pinned_gbs")
+            } else if gpu {
+                gpu_copy
+            } else {
+                cpu_read
+            };
             // The tokenizer is compute-bound: a bandwidth ratio says nothing about it.
             let compute_bound = e.group == "encode" || e.id.starts_with("decode/text");
             let ceiling = if compute_bound { None } else { ceiling };
@@ -590,7 +558,7 @@ pub fn render(res: &Value) -> String {
             out,
             "\nCeiling for byte throughputs: the CPU streaming-read bandwidth (CPU benches) or the \
              device copy bandwidth counted as bytes read + written, i.e. the HBM traffic rate the \
-             `cuda_decode` floor uses (GPU benches). A CPU benchmark whose bytes per \
+             `cuda_decode` floor uses (GPU benches; GPU recall: the host → device pinned bandwidth). A CPU benchmark whose bytes per \
              iteration fit in the L3 cache is not bound by DRAM: its ratio is shown in parentheses \
              (it can exceed 100 %). For `decode/N`: the bandwidth bound of a full-attention step at N \
              tokens (weights + f32 KV).\n"
@@ -806,7 +774,8 @@ mod tests {
             {"form": "compiled", "batch": 1, "context": 4096, "ms_per_step": 8.0},
             {"form": "eager", "batch": 1, "context": 4096, "ms_per_step": 60.0}]}});
         let md = render(&r);
-        assert!(md.contains("| synthetic:llama-3.1-8b | 1 | 4096 | 5.000 | 200 | 4.000 | 1.25 | 60.00 | 8.00 | 1.60× |  |"), "{md}");
+        assert!(md.contains("| model | policy | batch | context | ms/step | tokens/s | HBM floor ms | ratio to floor | HF eager ms | HF compiled ms | speedup vs HF compiled |\n"), "{md}");
+        assert!(md.contains("| synthetic:llama-3.1-8b | full | 1 | 4096 | 5.000 | 200 | 4.000 | 1.25 | 60.00 | 8.00 | 1.60× |\n"), "{md}");
         // A CUDA row adds the backend column; its ratio is against CUDA full only, no CPU bound.
         r["e2e"].as_array_mut().unwrap().push(json!(
             {"backend": "cuda", "policy": "full", "target_context": 1024, "prompt_tokens": 1000.0, "decode_tok_s": [500.0]}));

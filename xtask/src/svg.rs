@@ -58,17 +58,30 @@ fn nice_ticks(lo: f64, hi: f64) -> Vec<f64> {
     out
 }
 
-/// A series' colour: fixed for the KV policies (so every plot agrees), else by position.
+/// A series' colour: fixed for the KV policies (the first policy named in the label, so every
+/// plot agrees), else by position.
 fn color_of(name: &str, i: usize) -> &'static str {
-    let policy = name.rsplit(' ').next().unwrap_or(name);
+    let policy = name
+        .split([' ', ',', ':'])
+        .find(|w| matches!(*w, "full" | "quest" | "arkvale" | "freekv" | "oracle"));
     match policy {
-        "full" => COLORS[0],
-        "quest" => COLORS[4],
-        "arkvale" => COLORS[1],
-        "freekv" => COLORS[2],
-        "oracle" => COLORS[5],
+        Some("full") => COLORS[0],
+        Some("quest") => COLORS[4],
+        Some("arkvale") => COLORS[1],
+        Some("freekv") => COLORS[2],
+        Some("oracle") => COLORS[5],
         _ => COLORS[i % COLORS.len()],
     }
+}
+
+/// Dash pattern of the `n`-th series drawn in the same colour (solid first).
+fn dash_of(n: usize) -> &'static str {
+    [
+        "",
+        " stroke-dasharray=\"7 4\"",
+        " stroke-dasharray=\"2 3\"",
+        " stroke-dasharray=\"10 3 2 3\"",
+    ][n % 4]
 }
 
 /// Number formatting for tick labels.
@@ -188,8 +201,14 @@ pub fn line_plot(
         out,
         "<rect x=\"{ML}\" y=\"{MT}\" width=\"{pw}\" height=\"{ph}\" fill=\"none\" stroke=\"black\"/>"
     );
+    let colors: Vec<&str> = series
+        .iter()
+        .enumerate()
+        .map(|(i, s)| color_of(&s.name, i))
+        .collect();
     for (i, s) in series.iter().enumerate() {
-        let c = color_of(&s.name, i);
+        let c = colors[i];
+        let dash = dash_of(colors[..i].iter().filter(|x| **x == c).count());
         let mut p: Vec<(f64, f64)> = s
             .points
             .iter()
@@ -204,7 +223,7 @@ pub fn line_plot(
                 .collect();
             let _ = writeln!(
                 out,
-                "<polyline fill=\"none\" stroke=\"{c}\" stroke-width=\"2\" points=\"{}\"/>",
+                "<polyline fill=\"none\" stroke=\"{c}\" stroke-width=\"2\"{dash} points=\"{}\"/>",
                 d.join(" ")
             );
         }
@@ -223,7 +242,7 @@ pub fn line_plot(
         let lx = W - MR + 12.0;
         let _ = write!(
             out,
-            "<line x1=\"{lx}\" y1=\"{ly}\" x2=\"{}\" y2=\"{ly}\" stroke=\"{c}\" stroke-width=\"3\"/>\n\
+            "<line x1=\"{lx}\" y1=\"{ly}\" x2=\"{}\" y2=\"{ly}\" stroke=\"{c}\" stroke-width=\"3\"{dash}/>\n\
              <text x=\"{}\" y=\"{}\">{}</text>\n",
             lx + 18.0,
             lx + 24.0,
@@ -427,6 +446,15 @@ pub(crate) mod tests {
             pre[c + 4..].split('"').next().unwrap().parse().unwrap()
         };
         assert!(cy("full: x=2048") < cy("full: x=512"));
+        // A second series of the same policy is dashed, line and legend alike.
+        let mut s2 = s.clone();
+        s2.push(Series {
+            name: "b4 full".into(),
+            points: vec![(512.0, 8.0), (2048.0, 10.0)],
+        });
+        let svg = line_plot("step time", "context", "ms", &s2, true);
+        assert!(well_formed(&svg), "{svg}");
+        assert_eq!(svg.matches("stroke-dasharray=\"7 4\"").count(), 2);
     }
 
     #[test]
@@ -458,6 +486,14 @@ pub(crate) mod tests {
     #[test]
     fn policy_colours_are_stable_and_numbers_short() {
         assert_eq!(color_of("freekv", 0), color_of("cpu freekv", 3));
+        assert_eq!(
+            color_of("b4 freekv", 0),
+            color_of("freekv vs arkvale, ctx 4096", 1)
+        );
+        assert_eq!(color_of("ctx 4096 oracle", 0), COLORS[5]);
+        assert_eq!(color_of("llama b1", 3), COLORS[3]);
+        assert_eq!(dash_of(0), "");
+        assert_ne!(dash_of(1), dash_of(2));
         assert_ne!(color_of("full", 0), color_of("freekv", 0));
         assert_eq!(fmt_num(0.5), "0.5");
         assert_eq!(fmt_num(0.125), "0.125");
