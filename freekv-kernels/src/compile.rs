@@ -60,14 +60,22 @@ pub const FREEKV_RECALL: KernelModule = KernelModule {
     source: include_str!("../kernels/freekv_recall.cu"),
 };
 
+/// Skinny products for decode steps (≤ 8 token rows; RMSNorm / SwiGLU fusions) and the fused
+/// RoPE + KV append.
+pub const GEMV: KernelModule = KernelModule {
+    name: "gemv",
+    source: include_str!("../kernels/gemv.cu"),
+};
+
 /// Every module, in load order.
-pub const ALL_MODULES: [KernelModule; 6] = [
+pub const ALL_MODULES: [KernelModule; 7] = [
     ELEMENTWISE,
     DECODE_ATTENTION,
     PREFILL_ATTENTION,
     SAMPLING,
     FREEKV_SELECT,
     FREEKV_RECALL,
+    GEMV,
 ];
 
 impl KernelModule {

@@ -54,6 +54,8 @@ pub struct Kernels {
     /// FreeKV data-movement kernels (`ops::recall`).
     #[allow(dead_code)]
     pub(crate) recall: crate::ops::recall::RecallKernels,
+    /// Skinny products and decode fusions (`ops::gemv`).
+    pub(crate) gemv: crate::ops::gemv::GemvKernels,
     pub(crate) sm_count: u32,
     sources: Vec<(&'static str, CubinSource)>,
 }
@@ -145,6 +147,14 @@ impl Kernels {
             cache_dir,
             &mut sources,
         )?;
+        let gemv = load_module(
+            ctx,
+            &compile::GEMV,
+            info,
+            include_dirs,
+            cache_dir,
+            &mut sources,
+        )?;
         let mut decode_rows = Vec::with_capacity(2);
         for d in ATTENTION_HEAD_DIMS {
             let mut row = Vec::with_capacity(MAX_DECODE_GROUP_TILE);
@@ -213,6 +223,7 @@ impl Kernels {
             sample: func(&smp, "sample_f32")?,
             select: crate::ops::select::SelectKernels::resolve(&sel)?,
             recall: crate::ops::recall::RecallKernels::resolve(&rec)?,
+            gemv: crate::ops::gemv::GemvKernels::resolve(&gemv, info.sm_count)?,
             sm_count: info.sm_count,
             sources,
         })

@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod elementwise;
+pub mod gemv;
 pub mod init;
 pub mod recall;
 pub mod sampling;

@@ -1,6 +1,6 @@
 //! The decoder's linear layers: freekv-kernels' skinny `gemv` kernels for decode-sized products
-//! (1 to 8 token rows), cuBLAS (with a fixed workspace, so that the products can be captured in
-//! a CUDA graph) for everything else.
+//! (up to [`GEMV_PREFERRED_MAX_TOKENS`] token rows, where they beat cuBLAS), cuBLAS (with a fixed
+//! workspace, so that the products can be captured in a CUDA graph) for everything else.
 //!
 //! Set `FREEKV_GEMV=0` to send every product to cuBLAS (for before/after measurements).
 
@@ -10,7 +10,9 @@ use freekv_kernels::KernelError;
 use freekv_kernels::cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 use freekv_kernels::gemm::{Gemm, LinearDims};
 use freekv_kernels::half::bf16;
-use freekv_kernels::ops::gemv::{GemvKernels, GemvOut, gemv_aligned, gemv_supported};
+use freekv_kernels::ops::gemv::{
+    GEMV_PREFERRED_MAX_TOKENS, GemvKernels, GemvOut, gemv_aligned, gemv_supported,
+};
 
 use crate::ModelError;
 
@@ -83,9 +85,9 @@ impl Blas {
     }
 
     /// `y[t, o] = Σ_i x[t, i] · w[o, i]` for `tokens` rows (row-major; `w` is `[out, in]`), fp32
-    /// accumulation. Buffers may be longer than needed. Up to 8 rows with `in` a multiple of 8 and
-    /// 16-byte aligned `x` and `w` go to the `gemv` kernels (one pass over the weights), the rest
-    /// to cuBLAS.
+    /// accumulation. Buffers may be longer than needed. Up to [`GEMV_PREFERRED_MAX_TOKENS`] rows
+    /// with `in` a multiple of 8 and 16-byte aligned `x` and `w` go to the `gemv` kernels (one
+    /// pass over the weights), the rest to cuBLAS.
     pub(crate) fn linear<O: OutType>(
         &self,
         x: &impl DevicePtr<bf16>,
@@ -110,7 +112,7 @@ impl Blas {
 
     /// Whether the `gemv` kernels serve this product (decided on the host: shape and alignment).
     fn gemv_fits(&self, x: &impl DevicePtr<bf16>, w: &impl DevicePtr<bf16>, d: LinearDims) -> bool {
-        if !gemv_supported(d) {
+        if d.tokens > GEMV_PREFERRED_MAX_TOKENS || !gemv_supported(d) {
             return false;
         }
         let s = self.gemm.stream();
@@ -145,8 +147,8 @@ mod tests {
             / scale
     }
 
-    /// Both routes (gemv for ≤ 8 aligned rows, cuBLAS otherwise: 9 rows, `in` not a multiple of
-    /// 8, a misaligned `x`) against an f64 reference, bf16 and f32 outputs poisoned with NaN.
+    /// Both routes (gemv for ≤ 2 aligned rows, cuBLAS otherwise: more rows, `in` not a multiple
+    /// of 8, a misaligned `x`) against an f64 reference, bf16 and f32 outputs poisoned with NaN.
     #[test]
     fn linear_routes_match_reference() {
         let Some(g) = freekv_kernels::testing::gpu() else {
@@ -158,6 +160,7 @@ mod tests {
         // (tokens, in, out, x offset in elements)
         for &(t, k, n, off) in &[
             (1usize, 4096usize, 1000usize, 0usize),
+            (2, 576, 333, 0),
             (4, 576, 333, 0),
             (8, 1024, 515, 0),
             (9, 1024, 515, 0),
