@@ -1966,8 +1966,8 @@ mod tests {
         let sb = std::fs::read_to_string(dir.join("throughput-batch-gpu-x.svg")).unwrap();
         assert!(crate::svg::tests::well_formed(&sb) && crate::svg::tests::coords_numeric(&sb));
         // batch 8 at 4096: 8 × 5 / 8 = 5× the batch-1 tokens/s.
-        assert!(sb.contains("ctx 4096 full: x=8 y=5<"), "{sb}");
-        assert!(sb.contains("ctx 4096 full: x=1 y=1<"));
+        assert!(sb.contains("ctx 4K full: x=8 y=5<"), "{sb}");
+        assert!(sb.contains("ctx 4K full: x=1 y=1<"));
         // GPU recall bars join the CPU's, against the pinned host → device bandwidth.
         g["ceilings"]["h2d_pinned_gbs"] = json!(50.0);
         g["gpu_benches"] = json!(["cuda_recall"]);

@@ -599,9 +599,15 @@ fn met(ok: bool) -> &'static str {
 }
 
 fn cell(r: &Value) -> String {
+    let sc = st(r, "scenario");
     format!(
-        "{} b{} ctx {}",
+        "{}{} b{} ctx {}",
         model_short(st(r, "model")),
+        if sc.is_empty() {
+            String::new()
+        } else {
+            format!(" {sc}")
+        },
         u(r, "batch").unwrap_or(0),
         u(r, "context").unwrap_or(0)
     )
@@ -616,27 +622,37 @@ pub fn targets(res: &Value, rows: &[Value]) -> Vec<String> {
         it.into_iter()
             .reduce(|a, b| if (b.0 > a.0) == max { b } else { a })
     };
-    let fo: Vec<(f64, String)> = rows
-        .iter()
-        .filter(|r| policy(r) == "freekv")
-        .filter_map(|r| Some((1.0 / speed_vs(rows, r, "oracle")?, cell(r))))
-        .collect();
-    if let Some((x, at)) = worst(fo, true) {
-        out.push(format!(
-            "freekv step time ≤ 1.10× oracle's: {} (worst {x:.2}× at {at})",
-            met(x <= 1.10)
-        ));
+    // Each FreeKV variant the matrix has (`freekv`, `freekv-spec`, `freekv-streamed`, ...).
+    let mut variants: Vec<&str> = Vec::new();
+    for r in rows {
+        let p = policy(r);
+        if p.starts_with("freekv") && !variants.contains(&p) {
+            variants.push(p);
+        }
     }
-    let fa: Vec<(f64, String)> = rows
-        .iter()
-        .filter(|r| policy(r) == "freekv" && u(r, "batch") == Some(4))
-        .filter_map(|r| Some((speed_vs(rows, r, "arkvale")?, cell(r))))
-        .collect();
-    if let Some((x, at)) = worst(fa, true) {
-        out.push(format!(
-            "freekv ≥ 13.7× faster than arkvale at batch 4: {} (best {x:.2}× at {at})",
-            met(x >= 13.7)
-        ));
+    for v in &variants {
+        let fo: Vec<(f64, String)> = rows
+            .iter()
+            .filter(|r| policy(r) == *v)
+            .filter_map(|r| Some((1.0 / speed_vs(rows, r, "oracle")?, cell(r))))
+            .collect();
+        if let Some((x, at)) = worst(fo, true) {
+            out.push(format!(
+                "{v} step time ≤ 1.10× oracle's: {} (worst {x:.2}× at {at})",
+                met(x <= 1.10)
+            ));
+        }
+        let fa: Vec<(f64, String)> = rows
+            .iter()
+            .filter(|r| policy(r) == *v && u(r, "batch") == Some(4))
+            .filter_map(|r| Some((speed_vs(rows, r, "arkvale")?, cell(r))))
+            .collect();
+        if let Some((x, at)) = worst(fa, true) {
+            out.push(format!(
+                "{v} ≥ 13.7× faster than arkvale at batch 4: {} (best {x:.2}× at {at})",
+                met(x >= 13.7)
+            ));
+        }
     }
     let mut rec: Vec<(f64, String)> = rows
         .iter()
@@ -737,8 +753,17 @@ fn series_by(
     out
 }
 
+/// A context for a legend: `32768` → `32K`.
+pub fn ctx_label(c: u64) -> String {
+    if c >= 1024 && c.is_multiple_of(1024) {
+        format!("{}K", c / 1024)
+    } else {
+        c.to_string()
+    }
+}
+
 /// The GPU plots of a results file, as (file name, SVG text): step time against context per
-/// policy; speedup of each policy against full (and of freekv against arkvale) against batch
+/// policy; speedup of each policy against full (and of each freekv variant against arkvale) against batch
 /// size, when the matrix has policies besides full; throughput against batch size relative to
 /// batch 1. (The recall GB/s bars are drawn with the CPU's, in one plot per host.)
 pub fn plots(res: &Value, host: &str) -> Vec<(String, String)> {
@@ -770,11 +795,12 @@ pub fn plots(res: &Value, host: &str) -> Vec<(String, String)> {
     );
     out.push((
         format!("step-time-cuda-{host}.svg"),
-        svg::line_plot(
+        svg::line_plot_ext(
             "GPU decode step time against context, per KV policy and batch",
             "context (tokens, log scale)",
-            "ms per step (criterion median)",
+            "ms per step (median, log scale)",
             &s,
+            true,
             true,
         ),
     ));
@@ -786,7 +812,7 @@ pub fn plots(res: &Value, host: &str) -> Vec<(String, String)> {
                     "{}{} vs full, ctx {}",
                     lead_model(r),
                     policy(r),
-                    u(r, "context").unwrap_or(0)
+                    ctx_label(u(r, "context").unwrap_or(0))
                 )
             })
         },
@@ -795,11 +821,12 @@ pub fn plots(res: &Value, host: &str) -> Vec<(String, String)> {
     sp.extend(series_by(
         &rows,
         |r| {
-            (policy(r) == "freekv").then(|| {
+            policy(r).starts_with("freekv").then(|| {
                 format!(
-                    "{}freekv vs arkvale, ctx {}",
+                    "{}{} vs arkvale, ctx {}",
                     lead_model(r),
-                    u(r, "context").unwrap_or(0)
+                    policy(r),
+                    ctx_label(u(r, "context").unwrap_or(0))
                 )
             })
         },
@@ -834,7 +861,7 @@ pub fn plots(res: &Value, host: &str) -> Vec<(String, String)> {
             Some(format!(
                 "{}ctx {} {}",
                 lead_model(r),
-                u(r, "context")?,
+                ctx_label(u(r, "context")?),
                 policy(r)
             ))
         },
@@ -1037,7 +1064,7 @@ mod tests {
                 row("full", 1, 32768, 6.5), row("oracle", 1, 32768, 3.0), row("freekv", 1, 32768, 3.2),
                 row("arkvale", 1, 32768, 30.0),
                 row("full", 4, 32768, 16.0), row("oracle", 4, 32768, 9.0), fk,
-                row("arkvale", 4, 32768, 150.0)]},
+                row("arkvale", 4, 32768, 150.0), row("freekv-spec", 4, 32768, 9.5)]},
             "peers": {"hf": {"rows": [
                 {"form": "compiled", "model": "synthetic:llama-3.1-8b", "batch": 1, "context": 32768, "ms_per_step": 15.0}]}}
         })
@@ -1061,6 +1088,10 @@ mod tests {
         );
         assert!(md.contains("full ≥ 1.5× compiled HF's tokens/s: met (lowest 2.31× at llama-3.1-8b b1 ctx 32768)"), "{md}");
         assert!(md.contains("full ≤ 1.25× the HBM floor at batch 1: met (worst 1.20× at"));
+        assert!(md.contains("freekv-spec step time ≤ 1.10× oracle's: met (worst 1.06× at llama-3.1-8b b4 ctx 32768)"), "{md}");
+        assert!(
+            md.contains("freekv-spec ≥ 13.7× faster than arkvale at batch 4: met (best 15.79× at")
+        );
         assert_eq!(render(&json!({})), "");
     }
 
@@ -1081,23 +1112,26 @@ mod tests {
         }
         assert!(p[0].1.contains("b4 freekv: x=32768 y=10<"), "{}", p[0].1);
         assert!(
-            p[1].1.contains("freekv vs full, ctx 32768: x=4 y=1.6<"),
+            p[1].1.contains("freekv vs full, ctx 32K: x=4 y=1.6<"),
             "{}",
             p[1].1
         );
-        assert!(p[1].1.contains("freekv vs arkvale, ctx 32768: x=4 y=15<"));
-        assert!(p[1].1.contains("oracle vs full, ctx 32768: x=1 y=2.2<"));
+        assert!(p[1].1.contains("freekv vs arkvale, ctx 32K: x=4 y=15<"));
+        assert!(p[1].1.contains("oracle vs full, ctx 32K: x=1 y=2.2<"));
         // freekv: 4 × 3.2 / 10 = 1.28× batch-1 tokens/s.
-        assert!(
-            p[2].1.contains("ctx 32768 freekv: x=4 y=1.3<"),
-            "{}",
-            p[2].1
-        );
+        assert!(p[2].1.contains("ctx 32K freekv: x=4 y=1.3<"), "{}", p[2].1);
         // Full attention only: no speedup plot.
         let mut only_full = matrix();
         only_full["gpu_e2e"]["rows"] = json!([matrix()["gpu_e2e"]["rows"][0].clone()]);
         let n: Vec<String> = plots(&only_full, "h").into_iter().map(|x| x.0).collect();
         assert_eq!(n, ["step-time-cuda-h.svg"]);
+    }
+
+    #[test]
+    fn context_labels() {
+        assert_eq!(ctx_label(1000), "1000");
+        assert_eq!(ctx_label(4096), "4K");
+        assert_eq!(ctx_label(32768), "32K");
     }
 
     #[test]

@@ -58,19 +58,22 @@ fn nice_ticks(lo: f64, hi: f64) -> Vec<f64> {
     out
 }
 
-/// A series' colour: fixed for the KV policies (the first policy named in the label, so every
-/// plot agrees), else by position.
+/// A series' colour: fixed for the KV policies and the FreeKV variants (the first policy named
+/// in the label, so every plot agrees), else by position.
 fn color_of(name: &str, i: usize) -> &'static str {
-    let policy = name
-        .split([' ', ',', ':'])
-        .find(|w| matches!(*w, "full" | "quest" | "arkvale" | "freekv" | "oracle"));
+    let policy = name.split([' ', ',', ':']).find(|w| {
+        matches!(*w, "full" | "quest" | "arkvale" | "freekv" | "oracle") || w.starts_with("freekv-")
+    });
     match policy {
         Some("full") => COLORS[0],
         Some("quest") => COLORS[4],
         Some("arkvale") => COLORS[1],
         Some("freekv") => COLORS[2],
         Some("oracle") => COLORS[5],
-        _ => COLORS[i % COLORS.len()],
+        Some("freekv-spec") => COLORS[6],
+        Some("freekv-streamed") => COLORS[7],
+        Some(_) => COLORS[3],
+        None => COLORS[i % COLORS.len()],
     }
 }
 
@@ -97,16 +100,51 @@ fn fmt_num(v: f64) -> String {
     }
 }
 
-fn header(out: &mut String, title: &str) {
+fn header(out: &mut String, title: &str, w: f64) {
     let _ = write!(
         out,
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{H}\" viewBox=\"0 0 {W} {H}\" \
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{H}\" viewBox=\"0 0 {w} {H}\" \
          font-family=\"sans-serif\" font-size=\"12\">\n\
-         <rect x=\"0\" y=\"0\" width=\"{W}\" height=\"{H}\" fill=\"white\"/>\n\
+         <rect x=\"0\" y=\"0\" width=\"{w}\" height=\"{H}\" fill=\"white\"/>\n\
          <text x=\"{}\" y=\"22\" text-anchor=\"middle\" font-size=\"15\" font-weight=\"bold\">{}</text>\n",
-        W / 2.0,
+        w / 2.0,
         esc(title)
     );
+}
+
+/// How a y value maps onto its axis (identity, or log10).
+type YTransform = fn(f64) -> f64;
+
+/// Legend width for these labels (about 7 px a character at font size 12), at least `MR`.
+fn legend_width(series: &[Series]) -> f64 {
+    let longest = series
+        .iter()
+        .map(|s| s.name.chars().count())
+        .max()
+        .unwrap_or(0);
+    (34.0 + 7.0 * longest as f64).max(MR)
+}
+
+/// Tick values of a log10 axis over [lo, hi] (both > 0): 1, 2, 5 × 10^k inside the range,
+/// with the range widened to whole decades.
+fn log_ticks(lo: f64, hi: f64) -> (f64, f64, Vec<f64>) {
+    let k0 = lo.log10().floor();
+    let mut k1 = hi.log10().ceil();
+    if k1 <= k0 {
+        k1 = k0 + 1.0;
+    }
+    let mut t = Vec::new();
+    let mut k = k0;
+    while k <= k1 && t.len() < 40 {
+        for m in [1.0, 2.0, 5.0] {
+            let v = m * 10f64.powf(k);
+            if v.log10() <= k1 + 1e-9 {
+                t.push(v);
+            }
+        }
+        k += 1.0;
+    }
+    (k0, k1, t)
 }
 
 fn axes_labels(out: &mut String, x_label: &str, y_label: &str) {
@@ -133,19 +171,38 @@ pub fn line_plot(
     series: &[Series],
     log2_x: bool,
 ) -> String {
+    line_plot_ext(title, x_label, y_label, series, log2_x, false)
+}
+
+/// [`line_plot`], with a logarithmic (base 10) y axis when `log10_y` (for values spanning
+/// decades, such as step times of policies tens of times apart; points with y ≤ 0 are left
+/// out). The legend is as wide as its longest label.
+pub fn line_plot_ext(
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series],
+    log2_x: bool,
+    log10_y: bool,
+) -> String {
     let mut out = String::new();
-    header(&mut out, title);
+    let mr = legend_width(series);
+    let w = W - MR + mr;
+    header(&mut out, title, w);
     axes_labels(&mut out, x_label, y_label);
+    let keep = |x: f64, y: f64| {
+        x.is_finite() && y.is_finite() && (!log2_x || x > 0.0) && (!log10_y || y > 0.0)
+    };
     let pts: Vec<(f64, f64)> = series
         .iter()
         .flat_map(|s| s.points.iter().copied())
-        .filter(|(x, y)| x.is_finite() && y.is_finite() && (!log2_x || *x > 0.0))
+        .filter(|(x, y)| keep(*x, *y))
         .collect();
     if pts.is_empty() {
         let _ = writeln!(
             out,
             "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">no data</text>",
-            W / 2.0,
+            w / 2.0,
             H / 2.0
         );
         out.push_str("</svg>\n");
@@ -160,12 +217,20 @@ pub fn line_plot(
         x1 += 1.0;
     }
     let ymax = pts.iter().fold(0f64, |a, p| a.max(p.1));
-    let yticks = nice_ticks(0.0, if ymax > 0.0 { ymax * 1.05 } else { 1.0 });
-    let y1 = yticks.last().copied().unwrap_or(1.0).max(ymax).max(1e-12);
+    let ymin = pts.iter().fold(f64::MAX, |a, p| a.min(p.1));
+    // The y axis as (transform, low, high, ticks).
+    let (ty, ylo, yhi, yticks): (YTransform, f64, f64, Vec<f64>) = if log10_y {
+        let (k0, k1, t) = log_ticks(ymin, ymax);
+        (f64::log10, k0, k1, t)
+    } else {
+        let t = nice_ticks(0.0, if ymax > 0.0 { ymax * 1.05 } else { 1.0 });
+        let y1 = t.last().copied().unwrap_or(1.0).max(ymax).max(1e-12);
+        (|y| y, 0.0, y1, t)
+    };
     let pw = W - ML - MR;
     let ph = H - MT - MB;
     let px = |x: f64| ML + (tx(x) - x0) / (x1 - x0) * pw;
-    let py = |y: f64| MT + ph - y / y1 * ph;
+    let py = |y: f64| MT + ph - (ty(y) - ylo) / (yhi - ylo) * ph;
     // Grid and ticks.
     for t in &yticks {
         let _ = write!(
@@ -213,7 +278,7 @@ pub fn line_plot(
             .points
             .iter()
             .copied()
-            .filter(|(x, y)| x.is_finite() && y.is_finite() && (!log2_x || *x > 0.0))
+            .filter(|(x, y)| keep(*x, *y))
             .collect();
         p.sort_by(|a, b| a.0.total_cmp(&b.0));
         if p.len() > 1 {
@@ -239,7 +304,7 @@ pub fn line_plot(
             );
         }
         let ly = MT + 10.0 + 18.0 * i as f64;
-        let lx = W - MR + 12.0;
+        let lx = ML + pw + 12.0;
         let _ = write!(
             out,
             "<line x1=\"{lx}\" y1=\"{ly}\" x2=\"{}\" y2=\"{ly}\" stroke=\"{c}\" stroke-width=\"3\"{dash}/>\n\
@@ -262,17 +327,20 @@ pub fn bar_plot(
     ceiling: Option<(&str, f64)>,
 ) -> String {
     let mut out = String::new();
-    let left = 250.0;
+    // Labels up to about 34 characters fit the 250 px on the left; longer ones widen it.
+    let longest = bars.iter().map(|b| b.0.chars().count()).max().unwrap_or(0);
+    let left = (7.0 * longest as f64 + 16.0).max(250.0);
+    let w = W - 250.0 + left;
     let right = 40.0;
     let bh = 18.0;
     let h = (MT + MB + bh * 1.4 * bars.len().max(1) as f64).max(160.0);
     let _ = write!(
         out,
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{h}\" viewBox=\"0 0 {W} {h}\" \
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\" \
          font-family=\"sans-serif\" font-size=\"12\">\n\
-         <rect x=\"0\" y=\"0\" width=\"{W}\" height=\"{h}\" fill=\"white\"/>\n\
+         <rect x=\"0\" y=\"0\" width=\"{w}\" height=\"{h}\" fill=\"white\"/>\n\
          <text x=\"{}\" y=\"22\" text-anchor=\"middle\" font-size=\"15\" font-weight=\"bold\">{}</text>\n",
-        W / 2.0,
+        w / 2.0,
         esc(title)
     );
     let vmax = bars
@@ -283,7 +351,7 @@ pub fn bar_plot(
         .fold(0f64, f64::max);
     let ticks = nice_ticks(0.0, if vmax > 0.0 { vmax * 1.05 } else { 1.0 });
     let v1 = ticks.last().copied().unwrap_or(1.0).max(vmax).max(1e-12);
-    let pw = W - left - right;
+    let pw = w - left - right;
     let ph = h - MT - MB;
     let px = |v: f64| left + v / v1 * pw;
     for t in &ticks {
@@ -492,6 +560,8 @@ pub(crate) mod tests {
         );
         assert_eq!(color_of("ctx 4096 oracle", 0), COLORS[5]);
         assert_eq!(color_of("llama b1", 3), COLORS[3]);
+        assert_eq!(color_of("b4 freekv-spec", 0), COLORS[6]);
+        assert_ne!(color_of("b4 freekv-streamed", 0), color_of("b4 freekv", 0));
         assert_eq!(dash_of(0), "");
         assert_ne!(dash_of(1), dash_of(2));
         assert_ne!(color_of("full", 0), color_of("freekv", 0));
@@ -499,6 +569,50 @@ pub(crate) mod tests {
         assert_eq!(fmt_num(0.125), "0.125");
         assert_eq!(fmt_num(12.25), "12.2");
         assert_eq!(fmt_num(2048.0), "2048");
+    }
+
+    #[test]
+    fn log_y_and_wide_legends() {
+        let s = vec![
+            Series {
+                name: "b1 full".into(),
+                points: vec![(1024.0, 4.6), (32768.0, 6.1)],
+            },
+            Series {
+                name: "a much longer legend label than the margin holds".into(),
+                points: vec![(1024.0, 5.7), (32768.0, 295.0), (2048.0, 0.0)],
+            },
+        ];
+        let svg = line_plot_ext("t", "x", "y", &s, true, true);
+        assert!(well_formed(&svg) && coords_numeric(&svg), "{svg}");
+        // Ticks 1, 2, 5, 10, ... 1000 over the decades 1..1000; the zero is left out.
+        for t in [">1<", ">2<", ">5<", ">10<", ">100<", ">1000<"] {
+            assert!(svg.contains(t), "{t} {svg}");
+        }
+        assert_eq!(svg.matches("<circle").count(), 4);
+        // Equal ratios are equal distances on a log axis: 10 → 100 as 100 → 1000.
+        let tick_y = |v: &str| -> f64 {
+            let i = svg.find(&format!(">{v}</text>")).unwrap();
+            let pre = &svg[..i];
+            let c = pre.rfind(" y=\"").unwrap();
+            pre[c + 4..].split('"').next().unwrap().parse().unwrap()
+        };
+        let (a, b, c) = (tick_y("10"), tick_y("100"), tick_y("1000"));
+        assert!(((a - b) - (b - c)).abs() < 0.2, "{a} {b} {c}");
+        // The legend grows with its longest label, and the picture with it.
+        let w: f64 = svg
+            .split("width=\"")
+            .nth(1)
+            .unwrap()
+            .split('"')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(w > W, "{w}");
+        assert_eq!(log_ticks(4.6, 295.0).0, 0.0);
+        assert_eq!(log_ticks(4.6, 295.0).1, 3.0);
+        assert_eq!(log_ticks(5.0, 5.0).1, 1.0);
     }
 
     #[test]
