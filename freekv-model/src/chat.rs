@@ -189,13 +189,23 @@ fn push_llama3_header(out: &mut String, role: &str) {
     out.push_str("<|end_header_id|>\n\n");
 }
 
+/// Longest default system prompt that is extracted (a longer literal is not taken for one).
+const MAX_DEFAULT_SYSTEM_BYTES: usize = 16 * 1024;
+/// Quoted `<|im_start|>system` literals examined at most (real templates have one or two).
+/// With [`MAX_DEFAULT_SYSTEM_BYTES`] this keeps the extraction linear in the template's size:
+/// without the bounds, a template of N such literals with escaped quotes between them took
+/// O(N²) (9 s for 336 KB), and a model file can carry any template.
+const MAX_SYSTEM_LITERALS: usize = 16;
+
 /// Finds a string literal of the form `'<|im_start|>system\n...<|im_end|>` (quoted with `'` or
 /// `"`, `\n` either escaped or literal) whose system text is a constant, and returns that text
 /// unescaped. Literals that are interrupted (e.g. `... + messages[0]['content'] + ...`) are
-/// skipped.
+/// skipped; at most [`MAX_SYSTEM_LITERALS`] literals are examined, each for at most
+/// [`MAX_DEFAULT_SYSTEM_BYTES`] of text.
 fn extract_chatml_default_system(template: &str) -> Option<String> {
     const OPEN: &str = "<|im_start|>system";
     const CLOSE: &str = "<|im_end|>";
+    let mut examined = 0;
     for (idx, _) in template.match_indices(OPEN) {
         let quote = match template
             .get(..idx)
@@ -204,6 +214,10 @@ fn extract_chatml_default_system(template: &str) -> Option<String> {
             Some(q @ ('\'' | '"')) => q,
             _ => continue,
         };
+        if examined == MAX_SYSTEM_LITERALS {
+            break;
+        }
+        examined += 1;
         let Some(after) = template.get(idx + OPEN.len()..) else {
             continue;
         };
@@ -218,6 +232,9 @@ fn extract_chatml_default_system(template: &str) -> Option<String> {
         let mut chars = body.char_indices();
         let mut found = false;
         while let Some((i, c)) = chars.next() {
+            if i > MAX_DEFAULT_SYSTEM_BYTES {
+                break;
+            }
             if body.get(i..).is_some_and(|r| r.starts_with(CLOSE)) {
                 found = true;
                 break;
@@ -325,6 +342,32 @@ mod tests {
             "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nQ<|eot_id|>\
              <|start_header_id|>assistant<|end_header_id|>\n\n"
         );
+    }
+
+    #[test]
+    fn extraction_is_bounded_on_adversarial_templates() {
+        // Literals with escaped quotes between them: every one scanned to the end of the
+        // template took quadratic time (found while writing the `chat` fuzz target). 1 MB now
+        // takes a few milliseconds.
+        let unit = "'<|im_start|>system\n\\";
+        let t = unit.repeat(50_000);
+        assert_eq!(
+            ChatTemplate::detect(&t),
+            Some(ChatTemplate::ChatMl {
+                default_system: None
+            })
+        );
+        // The bounds keep real templates working: a default after a few dynamic literals.
+        let tpl = format!(
+            "{}{{{{ '<|im_start|>system\nBe kind.<|im_end|>\n' }}}}",
+            "{{ '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>' }}".repeat(3)
+        );
+        assert_eq!(
+            ChatTemplate::detect(&tpl).unwrap().default_system(),
+            Some("Be kind.")
+        );
+        let long = format!("'<|im_start|>system\n{}<|im_end|>'", "x".repeat(20_000));
+        assert_eq!(ChatTemplate::detect(&long).unwrap().default_system(), None);
     }
 
     #[test]
