@@ -50,6 +50,11 @@ pub const MAX_ALIGNMENT: u64 = 1 << 20;
 pub const MAX_ARRAY_DEPTH: u32 = 8;
 /// Most dimensions a tensor may have.
 pub const MAX_DIMS: usize = 4;
+/// Most metadata array elements in one file, all arrays together. Each element becomes a
+/// [`MetaValue`] of 32 bytes, up to 32 times its size in the file (a `u8`), so counts checked
+/// against the file's size alone would still let a crafted file ask for 32 times its size in
+/// memory. Real files hold about a million (a 256K vocabulary, its types and merges).
+pub const MAX_META_ELEMENTS: u64 = 1 << 24;
 
 /// Metadata value type ids as stored in the file.
 mod vt {
@@ -624,6 +629,8 @@ struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
     path: &'a str,
+    /// Metadata array elements read so far (bounded by [`MAX_META_ELEMENTS`]).
+    elements: u64,
 }
 
 impl<'a> Reader<'a> {
@@ -760,7 +767,15 @@ impl<'a> Reader<'a> {
                         self.remaining()
                     )));
                 }
-                // `count` is bounded by the remaining bytes, so this reservation is too.
+                self.elements = self.elements.saturating_add(count);
+                if self.elements > MAX_META_ELEMENTS {
+                    return Err(self.err(format!(
+                        "{what}: metadata arrays hold more than {MAX_META_ELEMENTS} elements in \
+                         total (array of {count} at offset {at})"
+                    )));
+                }
+                // `count` is bounded by the remaining bytes and by the element budget, so this
+                // reservation is too.
                 let mut items = Vec::with_capacity(count as usize);
                 for _ in 0..count {
                     items.push(self.value(elem_ty, depth + 1, key)?);
@@ -779,7 +794,12 @@ impl<'a> Reader<'a> {
 
 /// Parses everything but the tensor data and validates it against `buf`.
 fn parse_layout(buf: &[u8], path: &str) -> Result<Layout, ModelError> {
-    let mut r = Reader { buf, pos: 0, path };
+    let mut r = Reader {
+        buf,
+        pos: 0,
+        path,
+        elements: 0,
+    };
     let magic: [u8; 4] = r.array(&"the magic number")?;
     if magic != GGUF_MAGIC {
         return Err(r.err(format!(
@@ -1022,6 +1042,35 @@ mod tests {
         b.extend_from_slice(&[0u8; 16]);
         let m = msg(GgufFile::from_bytes("t.gguf", b).unwrap_err());
         assert!(m.contains("string length"), "{m}");
+    }
+
+    #[test]
+    fn metadata_arrays_have_an_element_budget() {
+        // 2^24 + 1 one-byte elements: 16 MiB in the file would be 512 MiB of values.
+        let n = MAX_META_ELEMENTS + 1;
+        let mut b = header(3, 0, 1);
+        b.extend_from_slice(&1u64.to_le_bytes());
+        b.push(b'k');
+        b.extend_from_slice(&vt::ARRAY.to_le_bytes());
+        b.extend_from_slice(&vt::U8.to_le_bytes());
+        b.extend_from_slice(&n.to_le_bytes());
+        b.resize(b.len() + n as usize, 7);
+        let m = msg(GgufFile::from_bytes("t.gguf", b).unwrap_err());
+        assert!(m.contains("more than 16777216 elements"), "{m}");
+        // Just below the budget it parses.
+        let n = MAX_META_ELEMENTS;
+        let mut b = header(3, 0, 1);
+        b.extend_from_slice(&1u64.to_le_bytes());
+        b.push(b'k');
+        b.extend_from_slice(&vt::ARRAY.to_le_bytes());
+        b.extend_from_slice(&vt::U8.to_le_bytes());
+        b.extend_from_slice(&n.to_le_bytes());
+        b.resize(b.len() + n as usize, 7);
+        let g = GgufFile::from_bytes("t.gguf", b).unwrap();
+        assert_eq!(
+            g.get("k").and_then(MetaValue::as_array).map(<[_]>::len),
+            Some(1 << 24)
+        );
     }
 
     #[test]
