@@ -233,7 +233,14 @@ fn run_criterion(
         if l.starts_with("skipped") || l.contains("not cached") {
             println!("  {bench}: {l}");
             notes.push(format!("criterion `{bench}`: {l}"));
-        } else if l.starts_with("device:") || l.contains("does not fit") {
+        } else if l.starts_with("device:")
+            || l.starts_with("model:")
+            || l.contains("does not fit")
+            || l.contains(" ms/step")
+            || l.contains(": failed")
+            || l.contains(": skipped")
+        {
+            // Progress lines of the end-to-end benches (`cuda_freekv` prints one per cell).
             println!("  {bench}: {l}");
         } else if let Some(k) = l.find("time:").filter(|_| !l.contains('%')) {
             // (`time:` lines with percentages are criterion's change against the last run.)
@@ -868,7 +875,7 @@ pub fn run(o: &Options) -> Result<()> {
         items.push((format!("e2e gpu: {} bench", b.name), sp.est_s));
     }
     let peer_est = |p: &str| match (p, o.quick) {
-        ("hf", true) => 150.0,
+        ("hf", true) => 90.0,
         ("hf", false) => 300.0,
         _ => 60.0,
     };
@@ -1001,13 +1008,21 @@ pub fn run(o: &Options) -> Result<()> {
             .and_then(|p| std::fs::read_to_string(p).ok())
             .and_then(|t| serde_json::from_str(&t).ok());
         let (meta, rows) = gpu_e2e::bench_rows(&b.name, side.as_ref(), &ests);
-        let msg = format!(
-            "`{}`: {} matrix rows (from its {}) in {:.0} s",
-            b.name,
-            rows.len(),
-            meta["source"].as_str().unwrap_or("output"),
-            t_i.elapsed().as_secs_f64()
-        );
+        let source = meta["source"].as_str().unwrap_or("output");
+        let msg = if rows.is_empty() {
+            format!(
+                "`{}`: no matrix rows, {source}, in {:.0} s",
+                b.name,
+                t_i.elapsed().as_secs_f64()
+            )
+        } else {
+            format!(
+                "`{}`: {} matrix rows (from its {source}) in {:.0} s",
+                b.name,
+                rows.len(),
+                t_i.elapsed().as_secs_f64()
+            )
+        };
         println!("  {msg}");
         if killed {
             notes.push(format!("{msg}: stopped at the time budget"));
@@ -1236,7 +1251,8 @@ pub fn run(o: &Options) -> Result<()> {
 }
 
 /// The `--configs` of the HF peer: the (batch, context) cells of the GPU matrix on synthetic
-/// llama-3.1-8b, in order, once each, at most `max` (default `1:4096,8:4096`).
+/// llama-3.1-8b, in order, once each, at most `max` (without a matrix: the cells of the CUDA
+/// decode report, 1/8/32 × 4096 and 1/4/8 × 32768).
 pub fn hf_configs(rows: &[Value], max: usize) -> String {
     let mut configs: Vec<String> = Vec::new();
     for r in rows {
@@ -1251,12 +1267,16 @@ pub fn hf_configs(rows: &[Value], max: usize) -> String {
             configs.push(cfg);
         }
     }
-    configs.truncate(max.max(1));
     if configs.is_empty() {
-        "1:4096,8:4096".into()
-    } else {
-        configs.join(",")
+        // No matrix in this run: the cells of the CUDA decode report and FreeKV's batch 4.
+        configs = [
+            "1:4096", "8:4096", "32:4096", "1:32768", "4:32768", "8:32768",
+        ]
+        .map(String::from)
+        .to_vec();
     }
+    configs.truncate(max.max(1));
+    configs.join(",")
 }
 
 fn peer_hf(
@@ -2077,7 +2097,11 @@ mod tests {
         ];
         assert_eq!(hf_configs(&rows, 9), "1:4096,4:32768");
         assert_eq!(hf_configs(&rows, 1), "1:4096");
-        assert_eq!(hf_configs(&[], 3), "1:4096,8:4096");
+        assert_eq!(hf_configs(&[], 3), "1:4096,8:4096,32:4096");
+        assert_eq!(
+            hf_configs(&[], 9),
+            "1:4096,8:4096,32:4096,1:32768,4:32768,8:32768"
+        );
     }
 
     #[test]

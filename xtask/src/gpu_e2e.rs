@@ -240,7 +240,7 @@ pub fn bench_rows(bench: &str, side: Option<&Value>, ests: &[Estimate]) -> (Valu
     if rows.is_empty() {
         meta.insert(
             "source".into(),
-            json!("nothing: no side file, no criterion id naming a batch and a context"),
+            json!("none (no side file, no criterion id naming a batch and a context)"),
         );
     }
     (Value::Object(meta), rows)
@@ -436,7 +436,11 @@ pub fn render(res: &Value) -> String {
             ));
         }
         if let Some(s) = meta.get("source").and_then(Value::as_str) {
-            parts.push(format!("rows from its {s}"));
+            parts.push(if s.starts_with("none") {
+                format!("no rows: {s}")
+            } else {
+                format!("rows from its {s}")
+            });
         }
         let _ = writeln!(out, "* `{name}`: {}.", parts.join("; "));
     }
