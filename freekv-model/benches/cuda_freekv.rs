@@ -142,10 +142,9 @@ fn main() {
     let t_start = Instant::now();
     let model = CudaLlama::synthetic(Arc::clone(&gpu), &model_name, 1).expect("synthetic model");
     println!(
-        "model: {} — {} — {}",
+        "model: {} — {} — all figures synthetic (random weights)",
         model.source().label(),
         gpu.info().name,
-        "all figures synthetic (random weights)"
     );
     let mut rows = Vec::new();
     for sc in &scenarios {

@@ -388,7 +388,7 @@ fn default_model_freekv_matches_the_cpu_policy() {
     let (gpu_logits, _, mut b) = run_gpu(
         &cuda,
         Some(GpuKvOptions::new(c.clone())),
-        &[prompt.clone()],
+        std::slice::from_ref(&prompt),
         8,
         steps,
         Some(&feed),

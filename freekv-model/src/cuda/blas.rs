@@ -110,6 +110,14 @@ impl Blas {
         Ok(O::linear(&self.gemm, x, w, y, d)?)
     }
 
+    /// The `gemv` kernels when a decode step of `tokens` rows should use them, fused operations
+    /// included (up to [`GEMV_PREFERRED_MAX_TOKENS`] rows; `None` when disabled).
+    pub(crate) fn fused_kernels(&self, tokens: usize) -> Option<&GemvKernels> {
+        self.gemv
+            .as_ref()
+            .filter(|_| (1..=GEMV_PREFERRED_MAX_TOKENS).contains(&tokens))
+    }
+
     /// Whether the `gemv` kernels serve this product (decided on the host: shape and alignment).
     fn gemv_fits(&self, x: &impl DevicePtr<bf16>, w: &impl DevicePtr<bf16>, d: LinearDims) -> bool {
         if d.tokens > GEMV_PREFERRED_MAX_TOKENS || !gemv_supported(d) {

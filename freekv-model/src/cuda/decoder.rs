@@ -8,10 +8,11 @@ use std::sync::Arc;
 use freekv_kernels::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use freekv_kernels::cudarc::driver::{CudaGraph, CudaSlice, CudaView, DriverError};
 use freekv_kernels::half::bf16;
+use freekv_kernels::ops::gemv::QkvRows;
 use freekv_kernels::ops::init::InitKernels;
 use freekv_kernels::{
-    AttentionShape, DecodePlan, Gpu, HeadFilter, KernelError, KvSource, PageTableLayout,
-    PrefillPlan, RopeConfig, RopeLayout, RopeStyle, SamplingInputs, Strided,
+    AttentionShape, DecodePlan, Gpu, HeadFilter, KernelError, KvSource, LinearDims,
+    PageTableLayout, PrefillPlan, RopeConfig, RopeLayout, RopeStyle, SamplingInputs, Strided,
 };
 use freekv_layout::PageGeometry;
 
@@ -1047,24 +1048,23 @@ impl CudaLlama {
         };
         k.embedding(s, &w.embd, cfg.vocab_size, h, &ids_u, &mut b.x)?;
         let n_layers = w.layers.len();
+        // Decode steps of one or two tokens run the fused skinny kernels: RMSNorm inside the
+        // products, the residual adds inside the output products, RoPE with the KV append,
+        // SwiGLU inside the gate-up product (x is the only residual stream; no o / xn / gu).
+        let fused = match (phase, self.blas.fused_kernels(t)) {
+            (Phase::Decode, Some(g)) => Some(g),
+            _ => None,
+        };
+        let dims = |i: usize, o: usize| LinearDims {
+            tokens: t,
+            in_features: i,
+            out_features: o,
+        };
         for (l, lw) in w.layers.iter().enumerate() {
-            if l == 0 {
-                k.rmsnorm(s, &b.x, &lw.attn_norm, &mut b.xn, t, h, eps)?;
-            } else {
-                k.add_rmsnorm(s, &mut b.x, &b.o, &lw.attn_norm, &mut b.xn, t, h, eps)?;
-            }
-            self.blas.linear(&b.xn, &lw.wqkv, &mut b.qkv, t, h, qkv_w)?;
-            // K heads follow the Q heads in each fused row: one launch rotates both.
-            let layout = RopeLayout {
-                tokens: t,
-                heads: cfg.n_heads + cfg.n_kv_heads,
-                head_dim: cfg.head_dim,
-                rows: Strided {
-                    offset: 0,
-                    stride: qkv_w,
-                },
-            };
-            k.rope(s, &mut b.qkv, &layout, &positions, &rope)?;
+            let sparse_idx = b
+                .sparse
+                .as_ref()
+                .and_then(|st| st.layer_of.get(l).copied().flatten());
             let src = KvSource {
                 tokens: t,
                 k: Strided {
@@ -1076,11 +1076,37 @@ impl CudaLlama {
                     stride: qkv_w,
                 },
             };
-            let sparse_idx = b
-                .sparse
-                .as_ref()
-                .and_then(|st| st.layer_of.get(l).copied().flatten());
+            // K heads follow the Q heads in each fused row: one launch rotates both.
+            let layout = RopeLayout {
+                tokens: t,
+                heads: cfg.n_heads + cfg.n_kv_heads,
+                head_dim: cfg.head_dim,
+                rows: Strided {
+                    offset: 0,
+                    stride: qkv_w,
+                },
+            };
+            match fused {
+                Some(g) => g.rmsnorm_linear(
+                    s,
+                    &b.x,
+                    &lw.attn_norm,
+                    eps,
+                    &lw.wqkv,
+                    &mut b.qkv,
+                    dims(h, qkv_w),
+                )?,
+                None => {
+                    if l == 0 {
+                        k.rmsnorm(s, &b.x, &lw.attn_norm, &mut b.xn, t, h, eps)?;
+                    } else {
+                        k.add_rmsnorm(s, &mut b.x, &b.o, &lw.attn_norm, &mut b.xn, t, h, eps)?;
+                    }
+                    self.blas.linear(&b.xn, &lw.wqkv, &mut b.qkv, t, h, qkv_w)?;
+                }
+            }
             if let (Phase::Decode, Some(si)) = (phase, sparse_idx) {
+                k.rope(s, &mut b.qkv, &layout, &positions, &rope)?;
                 let st = b
                     .sparse
                     .as_mut()
@@ -1096,82 +1122,107 @@ impl CudaLlama {
                     &mut b.att,
                     &mut b.workspace,
                 )?;
-                self.blas.linear(&b.att, &lw.wo, &mut b.o, t, qd, h)?;
-                k.add_rmsnorm(s, &mut b.x, &b.o, &lw.ffn_norm, &mut b.xn, t, h, eps)?;
-                self.blas
-                    .linear(&b.xn, &lw.w_gate_up, &mut b.gu, t, h, 2 * ff)?;
-                k.swiglu_fused(s, &b.gu, &mut b.act, t, ff)?;
-                self.blas.linear(&b.act, &lw.w_down, &mut b.o, t, ff, h)?;
-                if l + 1 == n_layers {
-                    k.add_rmsnorm(s, &mut b.x, &b.o, &w.output_norm, &mut b.xn, t, h, eps)?;
-                }
-                continue;
-            }
-            // A sparse layer's prefill runs over its one-sequence scratch pool.
-            let (table, table_layout) = match (&b.sparse, sparse_idx) {
-                (Some(st), Some(_)) => (
-                    st.prefill_table.slice(0..st.prefill_pages),
-                    PageTableLayout {
-                        num_seqs: 1,
-                        stride: st.prefill_pages,
+            } else {
+                // A sparse layer's prefill runs over its one-sequence scratch pool.
+                let (table, table_layout) = match (&b.sparse, sparse_idx) {
+                    (Some(st), Some(_)) => (
+                        st.prefill_table.slice(0..st.prefill_pages),
+                        PageTableLayout {
+                            num_seqs: 1,
+                            stride: st.prefill_pages,
+                        },
+                    ),
+                    _ => (b.page_table.slice(table_range.clone()), table_layout),
+                };
+                let shape_l = match (&b.sparse, sparse_idx) {
+                    (Some(st), Some(_)) => AttentionShape {
+                        table_stride: st.prefill_pages,
+                        ..shape
                     },
-                ),
-                _ => (b.page_table.slice(table_range.clone()), table_layout),
-            };
-            let shape_l = match (&b.sparse, sparse_idx) {
-                (Some(st), Some(_)) => AttentionShape {
-                    table_stride: st.prefill_pages,
-                    ..shape
-                },
-                _ => shape,
-            };
-            let pages =
-                b.kv.get_mut(l)
-                    .ok_or_else(|| ModelError::Config(format!("no KV pool for layer {l}")))?;
-            k.kv_append(
-                s,
-                pages,
-                &b.geom,
-                &b.qkv,
-                &b.qkv,
-                &src,
-                &table,
-                &table_layout,
-                &token_seq,
-                &positions,
-            )?;
-            match phase {
-                Phase::Decode => k.decode_attention(
-                    s,
-                    &b.plan,
-                    &b.qkv,
-                    pages,
-                    &table,
-                    &seq_lens,
-                    &mut b.att,
-                    &mut b.workspace,
-                )?,
-                Phase::Prefill { n, .. } => {
-                    let plan = PrefillPlan {
-                        shape: shape_l,
-                        batch: 1,
-                        total_q: n,
-                        max_q: n,
-                    };
-                    let q_start = b.pmeta.slice(2 * c..2 * c + 2);
-                    k.prefill_attention(
-                        s, &plan, &b.qkv, &q_start, pages, &table, &seq_lens, &mut b.att,
-                    )?
+                    _ => shape,
+                };
+                let pages =
+                    b.kv.get_mut(l)
+                        .ok_or_else(|| ModelError::Config(format!("no KV pool for layer {l}")))?;
+                match fused {
+                    Some(g) => g.rope_kv_append(
+                        s,
+                        &mut b.qkv,
+                        &QkvRows::fused(t, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim),
+                        &positions,
+                        &rope,
+                        pages,
+                        &b.geom,
+                        &table,
+                        &table_layout,
+                        &token_seq,
+                    )?,
+                    None => {
+                        k.rope(s, &mut b.qkv, &layout, &positions, &rope)?;
+                        k.kv_append(
+                            s,
+                            pages,
+                            &b.geom,
+                            &b.qkv,
+                            &b.qkv,
+                            &src,
+                            &table,
+                            &table_layout,
+                            &token_seq,
+                            &positions,
+                        )?;
+                    }
+                }
+                match phase {
+                    Phase::Decode => k.decode_attention(
+                        s,
+                        &b.plan,
+                        &b.qkv,
+                        pages,
+                        &table,
+                        &seq_lens,
+                        &mut b.att,
+                        &mut b.workspace,
+                    )?,
+                    Phase::Prefill { n, .. } => {
+                        let plan = PrefillPlan {
+                            shape: shape_l,
+                            batch: 1,
+                            total_q: n,
+                            max_q: n,
+                        };
+                        let q_start = b.pmeta.slice(2 * c..2 * c + 2);
+                        k.prefill_attention(
+                            s, &plan, &b.qkv, &q_start, pages, &table, &seq_lens, &mut b.att,
+                        )?
+                    }
                 }
             }
-            self.blas.linear(&b.att, &lw.wo, &mut b.o, t, qd, h)?;
-            k.add_rmsnorm(s, &mut b.x, &b.o, &lw.ffn_norm, &mut b.xn, t, h, eps)?;
-            self.blas
-                .linear(&b.xn, &lw.w_gate_up, &mut b.gu, t, h, 2 * ff)?;
-            k.swiglu_fused(s, &b.gu, &mut b.act, t, ff)?;
-            self.blas.linear(&b.act, &lw.w_down, &mut b.o, t, ff, h)?;
-            if l + 1 == n_layers {
-                k.add_rmsnorm(s, &mut b.x, &b.o, &w.output_norm, &mut b.xn, t, h, eps)?;
+            match fused {
+                Some(g) => {
+                    g.linear(s, &b.att, &lw.wo, &mut b.x, dims(qd, h), true)?;
+                    g.rmsnorm_swiglu(
+                        s,
+                        &b.x,
+                        &lw.ffn_norm,
+                        eps,
+                        &lw.w_gate_up,
+                        &mut b.act,
+                        dims(h, ff),
+                    )?;
+                    g.linear(s, &b.act, &lw.w_down, &mut b.x, dims(ff, h), true)?;
+                }
+                None => {
+                    self.blas.linear(&b.att, &lw.wo, &mut b.o, t, qd, h)?;
+                    k.add_rmsnorm(s, &mut b.x, &b.o, &lw.ffn_norm, &mut b.xn, t, h, eps)?;
+                    self.blas
+                        .linear(&b.xn, &lw.w_gate_up, &mut b.gu, t, h, 2 * ff)?;
+                    k.swiglu_fused(s, &b.gu, &mut b.act, t, ff)?;
+                    self.blas.linear(&b.act, &lw.w_down, &mut b.o, t, ff, h)?;
+                    if l + 1 == n_layers {
+                        k.add_rmsnorm(s, &mut b.x, &b.o, &w.output_norm, &mut b.xn, t, h, eps)?;
+                    }
+                }
             }
         }
         if n_layers == 0 {
@@ -1193,7 +1244,18 @@ impl CudaLlama {
         }
         let v = cfg.vocab_size;
         match phase {
-            Phase::Decode => self.blas.linear(&b.xn, w.head(), &mut b.logits, bs, h, v)?,
+            Phase::Decode => match fused {
+                Some(g) => g.rmsnorm_linear(
+                    s,
+                    &b.x,
+                    &w.output_norm,
+                    eps,
+                    w.head(),
+                    &mut b.logits,
+                    dims(h, v),
+                )?,
+                None => self.blas.linear(&b.xn, w.head(), &mut b.logits, bs, h, v)?,
+            },
             Phase::Prefill { seq, n } => {
                 let last = b.xn.slice((n - 1) * h..n * h);
                 let mut row = b.logits.slice_mut(seq * v..(seq + 1) * v);
@@ -1488,7 +1550,7 @@ impl CudaBatch {
     pub fn host_kv_bytes(&self) -> usize {
         self.sparse
             .as_ref()
-            .map_or(0, |st| st.pool.bytes_reserved() as usize)
+            .map_or(0, |st| st.pool.bytes_reserved())
     }
 
     /// Device bytes of the sparse state: resident slots, summaries, tables (0 for `full`).

@@ -165,10 +165,8 @@ pub fn plan_step(
         let row_table = &mut plan.att_table[i * nb..(i + 1) * nb];
         if sparse {
             // Every slot is full but the current page's: move it last.
-            let mut k = 0;
-            for slot in (0..nb).filter(|&s| s != home) {
+            for (k, slot) in (0..nb).filter(|&s| s != home).enumerate() {
                 row_table[k] = base + to_i32(slot, "slot")?;
-                k += 1;
             }
             row_table[nb - 1] = base + to_i32(home, "slot")?;
             plan.att_len[i] = to_i32((nb - 1) * p + row + 1, "attention length")?;
