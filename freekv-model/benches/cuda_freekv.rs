@@ -146,6 +146,24 @@ fn main() {
         model.source().label(),
         gpu.info().name,
     );
+    let json_path = std::env::var("FREEKV_BENCH_JSON").ok();
+    // The side file is rewritten after every configuration, so a run stopped by a time limit
+    // keeps what it measured.
+    let write_json = |rows: &[serde_json::Value]| {
+        if let Some(path) = &json_path {
+            let json = serde_json::json!({
+                "bench": "cuda_freekv",
+                "model": model.source().label(),
+                "synthetic": true,
+                "device": gpu.info().name,
+                "rows": rows,
+            });
+            let text = serde_json::to_string_pretty(&json).unwrap_or_default();
+            if let Err(e) = std::fs::write(path, text) {
+                eprintln!("cannot write {path}: {e}");
+            }
+        }
+    };
     let mut rows = Vec::new();
     for sc in &scenarios {
         for &bs in &batches {
@@ -163,6 +181,7 @@ fn main() {
                     }));
                     continue;
                 }
+                write_json(&rows);
                 match run_one(&gpu, &model, sc, bs, policy) {
                     Ok(r) => {
                         println!(
@@ -227,20 +246,7 @@ fn main() {
             },
         );
     }
-    if let Ok(path) = std::env::var("FREEKV_BENCH_JSON") {
-        let json = serde_json::json!({
-            "bench": "cuda_freekv",
-            "model": model.source().label(),
-            "synthetic": true,
-            "device": gpu.info().name,
-            "rows": rows,
-        });
-        std::fs::write(
-            &path,
-            serde_json::to_string_pretty(&json).unwrap_or_default(),
-        )
-        .expect("writing FREEKV_BENCH_JSON");
-    }
+    write_json(&rows);
 }
 
 fn run_one(
