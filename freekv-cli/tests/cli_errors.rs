@@ -151,6 +151,9 @@ fn bad_generation_flags_give_one_clear_line() {
     for (extra, want) in cases {
         assert_one_line_error(&generate_args(m, extra), want);
     }
+    // Exit codes: 2 for what the parser rejects, 1 for the rest.
+    assert_eq!(freekv(&generate_args(m, &["--bogus", "hi"])).code, Some(2));
+    assert_eq!(freekv(&generate_args(m, &["-n", "0", "hi"])).code, Some(1));
     assert_one_line_error(
         &["generate", "--model", m, "--device", "tpu", "hi"],
         "invalid value 'tpu' for '--device <DEVICE>'",
