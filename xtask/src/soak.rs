@@ -4,9 +4,10 @@
 //! The release `freekv` binary generates `--tokens` tokens in runs of `--per-run` tokens
 //! (`freekv generate --repeat R --ignore-eos`: one process, each run a new sequence, so that the
 //! total can exceed the model's context). The first run is the warm-up: it grows the host KV
-//! pools to the size a run needs, and every later run reuses those pages. From then on the
-//! resident set (`VmRSS` of `/proc/<pid>/status`, sampled every `--interval-ms`) must stay
-//! within `--max-growth-mib` of its value at the end of the warm-up. Outputs under `--out`
+//! pools to the size a run needs. Within a run the KV cache grows with the sequence by design,
+//! so runs are compared at their peaks: the largest resident set (`VmRSS` of
+//! `/proc/<pid>/status`, sampled every `--interval-ms`) of every later run must stay within
+//! `--max-growth-mib` of the warm-up run's. Outputs under `--out`
 //! (default `target/soak`): `soak-<time>.csv` (time, RSS, run) and `soak-<time>.json` (the
 //! summary, also printed). Not part of CI: it runs for minutes.
 
@@ -128,8 +129,12 @@ impl SoakOptions {
                 ),
             }
         }
-        if o.per_run > o.tokens {
-            o.per_run = o.tokens;
+        if o.runs() < 2 {
+            bail!(
+                "soak compares runs with each other: --tokens ({}) must be at least twice --per-run ({})",
+                o.tokens,
+                o.per_run
+            );
         }
         Ok(o)
     }
@@ -185,37 +190,60 @@ pub fn slope(points: &[(f64, f64)]) -> Option<f64> {
     Some(sxy / sxx)
 }
 
-/// What the samples say.
+/// What the samples say. Within a run the KV cache grows with the sequence by design, so runs
+/// are compared with each other at their peaks: after the warm-up run, every run's peak must stay
+/// near the warm-up's.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Verdict {
-    /// RSS at the end of the warm-up (the first sample after it), MiB.
-    pub rss_warm_mib: f64,
-    /// Last sample, MiB.
-    pub rss_end_mib: f64,
-    /// Largest sample after the warm-up, MiB.
-    pub rss_max_after_mib: f64,
-    /// Growth after warm-up: largest sample minus the warm value, MiB.
+    /// Largest RSS of each run, MiB.
+    pub run_peaks_mib: Vec<f64>,
+    /// First RSS sample of each run (just after the previous sequence was dropped), MiB.
+    pub run_starts_mib: Vec<f64>,
+    /// Peak of the warm-up run, MiB.
+    pub warm_peak_mib: f64,
+    /// Peak of the last run, MiB.
+    pub last_peak_mib: f64,
+    /// Largest peak after the warm-up minus the warm-up's peak, MiB.
     pub growth_mib: f64,
-    /// Least-squares slope after warm-up, MiB per second.
-    pub slope_mib_s: Option<f64>,
-    /// Samples after the warm-up.
-    pub samples_after: usize,
+    /// Least-squares slope of the peaks of the runs after the warm-up, MiB per run.
+    pub slope_mib_per_run: Option<f64>,
 }
 
-/// Judges the samples taken after `warm_t` seconds.
-pub fn judge(samples: &[Sample], warm_t: f64) -> Option<Verdict> {
-    let after: Vec<&Sample> = samples.iter().filter(|s| s.t >= warm_t).collect();
-    let first = after.first()?;
-    let last = after.last()?;
-    let max = after.iter().map(|s| s.rss_mib).fold(f64::MIN, f64::max);
-    let pts: Vec<(f64, f64)> = after.iter().map(|s| (s.t, s.rss_mib)).collect();
+/// Judges the samples of `runs` runs (a sample belongs to the run that was going on, i.e. its
+/// `runs_done`); `None` without samples in at least the warm-up and one later run.
+pub fn judge(samples: &[Sample], runs: usize) -> Option<Verdict> {
+    let mut peaks = Vec::new();
+    let mut starts = Vec::new();
+    for r in 0..runs {
+        let of_run: Vec<f64> = samples
+            .iter()
+            .filter(|s| s.runs_done == r)
+            .map(|s| s.rss_mib)
+            .collect();
+        let Some(&first) = of_run.first() else {
+            continue;
+        };
+        peaks.push(of_run.iter().copied().fold(f64::MIN, f64::max));
+        starts.push(first);
+    }
+    if peaks.len() < 2 {
+        return None;
+    }
+    let warm = peaks[0];
+    let after = &peaks[1..];
+    let max_after = after.iter().copied().fold(f64::MIN, f64::max);
+    let pts: Vec<(f64, f64)> = after
+        .iter()
+        .enumerate()
+        .map(|(i, &p)| (i as f64, p))
+        .collect();
     Some(Verdict {
-        rss_warm_mib: first.rss_mib,
-        rss_end_mib: last.rss_mib,
-        rss_max_after_mib: max,
-        growth_mib: max - first.rss_mib,
-        slope_mib_s: slope(&pts),
-        samples_after: after.len(),
+        warm_peak_mib: warm,
+        last_peak_mib: *after.last()?,
+        growth_mib: max_after - warm,
+        slope_mib_per_run: slope(&pts),
+        run_peaks_mib: peaks,
+        run_starts_mib: starts,
     })
 }
 
@@ -319,8 +347,8 @@ pub fn run(o: &SoakOptions) -> Result<()> {
     let mut run_ends: Vec<f64> = Vec::new();
     let mut timings: Vec<(usize, f64)> = Vec::new();
     let take_lines = |lines: &mut Vec<(f64, String)>,
-                          run_ends: &mut Vec<f64>,
-                          timings: &mut Vec<(usize, f64)>| {
+                      run_ends: &mut Vec<f64>,
+                      timings: &mut Vec<(usize, f64)>| {
         while let Ok((t, l)) = rx.try_recv() {
             if let Some(tm) = parse_timing_line(&l) {
                 run_ends.push(t);
@@ -386,21 +414,15 @@ pub fn run(o: &SoakOptions) -> Result<()> {
     } else {
         0.0
     };
-    // Warm-up: the first run (with a single run, its first quarter).
-    let warm_t = match run_ends.first() {
-        Some(&t) if runs > 1 => t,
-        _ => wall / 4.0,
-    };
-    let v = judge(&samples, warm_t).ok_or_else(|| {
+    // Warm-up: the first run, which grows the host KV pools to what a run needs.
+    let v = judge(&samples, runs).ok_or_else(|| {
         anyhow!(
-            "no RSS sample after the warm-up ({} samples over {wall:.0} s): more --tokens",
+            "RSS samples in fewer than two runs ({} samples over {wall:.0} s): more --tokens or \
+             a shorter --interval-ms",
             samples.len()
         )
     })?;
-    let per_1k = v
-        .slope_mib_s
-        .filter(|_| tok_s > 0.0)
-        .map(|s| s / tok_s * 1000.0);
+    let per_1k = v.slope_mib_per_run.map(|s| s / o.per_run as f64 * 1000.0);
     let passed = v.growth_mib <= o.max_growth_mib;
     let summary = json!({
         "kv": o.kv,
@@ -413,14 +435,13 @@ pub fn run(o: &SoakOptions) -> Result<()> {
         "decode_tok_s": tok_s,
         "wall_s": wall,
         "samples": samples.len(),
-        "warmup_end_s": warm_t,
-        "rss_first_mib": samples.first().map(|s| s.rss_mib),
-        "rss_peak_mib": samples.iter().map(|s| s.rss_mib).fold(0.0, f64::max),
-        "rss_warm_mib": v.rss_warm_mib,
-        "rss_end_mib": v.rss_end_mib,
-        "rss_max_after_warmup_mib": v.rss_max_after_mib,
+        "run_ends_s": run_ends,
+        "run_peaks_mib": v.run_peaks_mib,
+        "run_starts_mib": v.run_starts_mib,
+        "warmup_peak_mib": v.warm_peak_mib,
+        "last_peak_mib": v.last_peak_mib,
         "growth_after_warmup_mib": v.growth_mib,
-        "slope_mib_per_s": v.slope_mib_s,
+        "slope_mib_per_run": v.slope_mib_per_run,
         "slope_mib_per_1k_tokens": per_1k,
         "max_growth_mib": o.max_growth_mib,
         "passed": passed,
@@ -430,19 +451,27 @@ pub fn run(o: &SoakOptions) -> Result<()> {
     std::fs::write(&json_path, serde_json::to_string_pretty(&summary)? + "\n")
         .with_context(|| format!("writing {}", json_path.display()))?;
     println!("{}", serde_json::to_string_pretty(&summary)?);
+    let mib = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.1}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     println!(
-        "soak: {decoded} tokens in {runs} runs at {tok_s:.1} tok/s; RSS {:.1} MiB after warm-up, \
-         {:.1} MiB at the end, at most {:.1} MiB (+{:.2} MiB); slope {} MiB per 1K tokens -> {}",
-        v.rss_warm_mib,
-        v.rss_end_mib,
-        v.rss_max_after_mib,
+        "soak: {decoded} tokens in {runs} runs at {tok_s:.1} tok/s; RSS peak per run [{}] MiB \
+         (warm-up {:.1}, last {:.1}, growth after warm-up {:+.2} MiB), at run starts [{}] MiB; \
+         slope {} MiB per 1K tokens -> {}",
+        mib(&v.run_peaks_mib),
+        v.warm_peak_mib,
+        v.last_peak_mib,
         v.growth_mib,
-        per_1k.map_or("n/a".to_string(), |s| format!("{s:.3}")),
+        mib(&v.run_starts_mib),
+        per_1k.map_or("n/a".to_string(), |s| format!("{s:+.3}")),
         if passed { "PASS" } else { "FAIL" }
     );
     if !passed {
         bail!(
-            "resident memory grew by {:.1} MiB after warm-up (allowed {} MiB): see {}",
+            "the per-run RSS peak grew by {:.1} MiB after warm-up (allowed {} MiB): see {}",
             v.growth_mib,
             o.max_growth_mib,
             csv_path.display()
@@ -463,9 +492,11 @@ mod tests {
     fn options_parse_and_validate() {
         let o = SoakOptions::parse(&args(&["--tokens", "1000", "--per-run", "300"])).unwrap();
         assert_eq!((o.tokens, o.per_run, o.runs()), (1000, 300, 4));
-        let o = SoakOptions::parse(&args(&["--tokens", "100", "--", "--sink", "8"])).unwrap();
-        assert_eq!((o.per_run, o.runs()), (100, 1));
-        assert_eq!(o.extra, args(&["--sink", "8"]));
+        let o = SoakOptions::parse(&args(&["--tokens", "200", "--per-run", "100", "--", "-x"]))
+            .unwrap();
+        assert_eq!((o.per_run, o.runs()), (100, 2));
+        assert_eq!(o.extra, args(&["-x"]));
+        assert!(SoakOptions::parse(&args(&["--tokens", "100", "--per-run", "100"])).is_err());
         assert!(SoakOptions::parse(&args(&["--tokens", "0"])).is_err());
         assert!(SoakOptions::parse(&args(&["--max-growth-mib", "-1"])).is_err());
         assert!(SoakOptions::parse(&args(&["--what"])).is_err());
@@ -481,33 +512,33 @@ mod tests {
         assert_eq!(parse_timing_line("freekv: kv freekv: sparse ..."), None);
     }
 
+    /// Runs whose RSS ramps up with the sequence and drops at each new one.
+    fn sawtooth(runs: usize, leak_per_run: f64) -> Vec<Sample> {
+        let mut v = Vec::new();
+        for r in 0..runs {
+            for i in 0..10 {
+                v.push(Sample {
+                    t: (r * 10 + i) as f64,
+                    rss_mib: 300.0 + 20.0 * i as f64 + leak_per_run * r as f64,
+                    runs_done: r,
+                });
+            }
+        }
+        v
+    }
+
     #[test]
     fn slope_and_judgement() {
-        let flat: Vec<Sample> = (0..10)
-            .map(|i| Sample {
-                t: i as f64,
-                rss_mib: if i < 3 { 50.0 + 10.0 * i as f64 } else { 80.0 },
-                runs_done: 0,
-            })
-            .collect();
-        let v = judge(&flat, 3.0).unwrap();
-        assert_eq!(
-            (v.rss_warm_mib, v.growth_mib, v.samples_after),
-            (80.0, 0.0, 7)
-        );
-        assert_eq!(v.slope_mib_s, Some(0.0));
-        let leak: Vec<Sample> = (0..10)
-            .map(|i| Sample {
-                t: i as f64,
-                rss_mib: 100.0 + 2.0 * i as f64,
-                runs_done: 0,
-            })
-            .collect();
-        let v = judge(&leak, 4.0).unwrap();
-        assert_eq!(v.growth_mib, 10.0);
-        let s = v.slope_mib_s.unwrap();
-        assert!((s - 2.0).abs() < 1e-9, "{s}");
-        assert!(judge(&leak, 100.0).is_none());
+        let v = judge(&sawtooth(4, 0.0), 4).unwrap();
+        assert_eq!(v.run_peaks_mib, vec![480.0; 4]);
+        assert_eq!(v.run_starts_mib, vec![300.0; 4]);
+        assert_eq!((v.growth_mib, v.slope_mib_per_run), (0.0, Some(0.0)));
+        let v = judge(&sawtooth(4, 5.0), 4).unwrap();
+        assert_eq!((v.warm_peak_mib, v.last_peak_mib), (480.0, 495.0));
+        assert_eq!(v.growth_mib, 15.0);
+        let s = v.slope_mib_per_run.unwrap();
+        assert!((s - 5.0).abs() < 1e-9, "{s}");
+        assert!(judge(&sawtooth(1, 0.0), 1).is_none());
         assert_eq!(slope(&[(1.0, 2.0)]), None);
     }
 }
