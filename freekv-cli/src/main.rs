@@ -97,10 +97,11 @@ struct GenerateArgs {
     /// Where to run.
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     device: DeviceArg,
-    /// Upper bound on the host memory of the KV cache, in GiB (the CPU backend: the session's
-    /// cache plus the host mirror of arkvale/freekv). A run whose prompt + -n tokens need more
-    /// is refused before it starts [default: the context's size, checked against the memory
-    /// available].
+    /// Upper bound on the host memory of the KV cache, in GiB. CPU backend: the session's cache
+    /// plus the host mirror of arkvale/freekv; a run whose prompt + -n tokens need more is
+    /// refused before it starts [default: the context's size, checked against the memory
+    /// available]. CUDA backend (policies other than full): the pinned host pool of the KV
+    /// history.
     #[arg(long, value_name = "GIB", allow_negative_numbers = true)]
     max_host_kv_gib: Option<f64>,
     /// How freekv recalls pages on the GPU: `gather` (one zero-copy kernel per layer, the
