@@ -44,6 +44,12 @@ fn usage() -> &'static str {
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // `cargo xtask <task> --help` prints the usage instead of failing on an unknown option.
+    if args.iter().skip(1).any(|a| a == "-h" || a == "--help") {
+        print!("{}", usage());
+        println!("  {}\n  {}", soak::usage(), sanitize::usage());
+        return Ok(());
+    }
     match args.first().map(String::as_str) {
         Some("bench") => {
             let opts = bench::Options::parse(&args[1..])?;
