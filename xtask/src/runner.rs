@@ -811,9 +811,9 @@ mod tests {
 
     #[test]
     fn commands_show_without_folders() {
-        let mut c = Command::new("/root/.rustup/bin/cargo");
-        c.args(["bench", "--no-run"]).arg("/work/x/prompt-256.txt");
-        c.current_dir("/work/x");
+        let mut c = Command::new("/opt/toolchain/bin/cargo");
+        c.args(["bench", "--no-run"]).arg("/srv/x/prompt-256.txt");
+        c.current_dir("/srv/x");
         assert_eq!(show(&c), "cargo bench --no-run prompt-256.txt");
     }
 
