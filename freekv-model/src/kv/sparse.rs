@@ -206,7 +206,19 @@ impl SparseKv {
         let n = cache.layers();
         self.geom = Some(g);
         let host = if self.uses_slots() {
-            let mirror = Arc::new(RwLock::new(PagedKvCache::new(g, n, None)?));
+            // A mirror of the same shape (kept by `reset`) is emptied and reused: its pages go
+            // back to its pool instead of being freed and allocated again for every sequence.
+            let reusable = self.host.as_ref().and_then(|h| {
+                let mut m = h.write().ok()?;
+                (m.geometry() == g && m.layers() == n).then(|| {
+                    m.clear();
+                    Arc::clone(h)
+                })
+            });
+            let mirror = match reusable {
+                Some(m) => m,
+                None => Arc::new(RwLock::new(PagedKvCache::new(g, n, None)?)),
+            };
             self.host = Some(Arc::clone(&mirror));
             Some(mirror)
         } else {
@@ -738,7 +750,8 @@ impl KvPolicy for SparseKv {
         self.wait_all();
         self.layers.clear();
         self.geom = None;
-        self.host = None;
+        // The host mirror is kept (emptied and reused by the next `ensure_init` of the same
+        // shape); every recall that could read it has been waited for above.
         self.queries.reset();
     }
 
@@ -891,6 +904,27 @@ mod tests {
             p.kv_stats().steps,
             100,
             "statistics are kept across requests"
+        );
+    }
+
+    #[test]
+    fn reset_reuses_the_host_mirror() {
+        let mut p = SparseKv::new(&cfg(KvKind::FreeKv), 2).unwrap();
+        let a = drive(&mut p, 40, 5);
+        let first = Arc::clone(p.host.as_ref().unwrap());
+        let pages_after_first = first.read().unwrap().pool().capacity_pages();
+        p.reset();
+        let b = drive(&mut p, 40, 5);
+        let second = p.host.as_ref().unwrap();
+        assert!(
+            Arc::ptr_eq(&first, second),
+            "a mirror of the same shape is reused"
+        );
+        assert_eq!(a, b, "the reused mirror holds only the new sequence");
+        assert_eq!(
+            second.read().unwrap().pool().capacity_pages(),
+            pages_after_first,
+            "the second sequence reused the pages of the first"
         );
     }
 }
