@@ -15,9 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput};
-use freekv_kernels::cudarc::driver::sys::{
-    CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode,
-};
+use freekv_kernels::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use freekv_kernels::cudarc::driver::{CudaSlice, CudaStream};
 use freekv_kernels::half::bf16;
 use freekv_kernels::ops::gemv::{GemvConfig, QkvRows};
@@ -39,18 +37,9 @@ const TOKENS: [usize; 4] = [1, 2, 4, 8];
 /// Bytes of weight copies per shape (rotated so that L2 never holds them).
 const ROTATION_BYTES: usize = 512 << 20;
 
-fn event_time(s: &Arc<CudaStream>, iters: u64, mut f: impl FnMut(u64)) -> Duration {
-    let t0 = s
-        .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-        .unwrap();
-    for i in 0..iters {
-        f(i);
-    }
-    let t1 = s
-        .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-        .unwrap();
-    t1.synchronize().unwrap();
-    Duration::from_secs_f64(t0.elapsed_ms(&t1).unwrap() as f64 * 1e-3)
+/// [`freekv_kernels::testing::gpu_time`], panicking on a driver error (benchmarks only).
+fn event_time(s: &Arc<CudaStream>, iters: u64, f: impl FnMut(u64)) -> Duration {
+    freekv_kernels::testing::gpu_time(s, iters, f).unwrap()
 }
 
 /// Device-to-device copy bandwidth, bytes read + written per second (median of 8 copies of 1 GiB).

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput};
-use freekv_kernels::cudarc::driver::sys::CUevent_flags;
 use freekv_kernels::cudarc::driver::{CudaSlice, CudaStream};
 use freekv_kernels::half::bf16;
 use freekv_kernels::{
@@ -21,19 +20,9 @@ const HKV: usize = 8;
 const D: usize = 128;
 const PAGE: usize = 16;
 
-/// Runs `f` `iters` times on the stream and returns the GPU time between two events.
+/// [`freekv_kernels::testing::gpu_time`], panicking on a driver error (benchmarks only).
 fn gpu_time(s: &Arc<CudaStream>, iters: u64, mut f: impl FnMut()) -> Duration {
-    let t0 = s
-        .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-        .unwrap();
-    for _ in 0..iters {
-        f();
-    }
-    let t1 = s
-        .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-        .unwrap();
-    t1.synchronize().unwrap();
-    Duration::from_secs_f64(t0.elapsed_ms(&t1).unwrap() as f64 * 1e-3)
+    freekv_kernels::testing::gpu_time(s, iters, |_| f()).unwrap()
 }
 
 fn zeros_bf16(s: &Arc<CudaStream>, n: usize) -> CudaSlice<bf16> {

@@ -1,6 +1,10 @@
 //! Helpers for tests and benchmarks that need a GPU.
 
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use cudarc::driver::CudaStream;
+use cudarc::driver::sys::CUevent_flags;
 
 use crate::{Gpu, KernelError};
 
@@ -39,4 +43,30 @@ pub fn gpu() -> Option<Arc<Gpu>> {
         }
         Err(e) => panic!("a CUDA device is present but unusable: {e}"),
     }
+}
+
+/// Runs `f(i)` for `i` in `0..iters` and returns the GPU time between two timing events recorded
+/// on `stream` around them (work `f` queues on other streams must be joined into `stream`). For
+/// benchmarks: the one place that times GPU work with CUDA events.
+pub fn gpu_time(
+    stream: &Arc<CudaStream>,
+    iters: u64,
+    mut f: impl FnMut(u64),
+) -> Result<Duration, KernelError> {
+    let event = || {
+        stream
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(KernelError::driver("recording a timing event"))
+    };
+    let t0 = event()?;
+    for i in 0..iters {
+        f(i);
+    }
+    let t1 = event()?;
+    t1.synchronize()
+        .map_err(KernelError::driver("waiting for a timing event"))?;
+    let ms = t0
+        .elapsed_ms(&t1)
+        .map_err(KernelError::driver("reading a timing event"))?;
+    Ok(Duration::from_secs_f64(f64::from(ms) * 1e-3))
 }

@@ -20,7 +20,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput};
-use freekv_kernels::cudarc::driver::sys::CUevent_flags;
 use freekv_kernels::cudarc::driver::{CudaSlice, CudaStream, DevicePtr, sys};
 use freekv_kernels::half::bf16;
 use freekv_kernels::{FreeKvShape, Gpu, HeadFilter, MappedHostBuffer};
@@ -36,20 +35,9 @@ const HKV: usize = 8;
 const D: usize = 128;
 const UNIT_BYTES: usize = 2 * P * D * 2;
 
-/// Runs `f` `iters` times and returns the time between two events on `s` (work on other streams
-/// must be joined into `s` by `f`).
+/// [`freekv_kernels::testing::gpu_time`], panicking on a driver error (benchmarks only).
 fn gpu_time(s: &Arc<CudaStream>, iters: u64, mut f: impl FnMut()) -> Duration {
-    let t0 = s
-        .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-        .unwrap();
-    for _ in 0..iters {
-        f();
-    }
-    let t1 = s
-        .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-        .unwrap();
-    t1.synchronize().unwrap();
-    Duration::from_secs_f64(t0.elapsed_ms(&t1).unwrap() as f64 * 1e-3)
+    freekv_kernels::testing::gpu_time(s, iters, |_| f()).unwrap()
 }
 
 struct Setup {
