@@ -25,6 +25,10 @@
 //! `_PAGE` (tokens; default 2048 / 512 / 512 / 32, the paper's), `FREEKV_BENCH_TAU` (default
 //! 0.8 for long input and 0.9 for long generation, the paper's), `FREEKV_BENCH_MAX_SECONDS`
 //! (skip what would start after this budget), `FREEKV_BENCH_JSON` (write the results there).
+//! A policy `freekv@T` is `freekv` with τ = T (a sweep maps the correction rate to the step
+//! time). A scenario whose name starts with `prefill` runs the real prefill of `context`
+//! random token ids per sequence (timed; sparse policies stream it to the host layer by layer)
+//! instead of filling the context with random KV.
 //! Prints "skipped: no CUDA device" and exits 0 without a GPU.
 
 use std::sync::Arc;
@@ -61,6 +65,11 @@ struct Scenario {
 }
 
 fn kv_options(policy: &str, scenario: &Scenario) -> Option<GpuKvOptions> {
+    // `freekv@T`: freekv with τ = T (a sweep of T maps the correction rate to the step time).
+    let (policy, tau_given) = match policy.split_once('@') {
+        Some((p, t)) => (p, Some(t.to_string())),
+        None => (policy, None),
+    };
     let (kind, recall) = match policy {
         "full" => return None,
         "oracle" => (KvKind::Quest, GpuRecall::Gather),
@@ -92,7 +101,7 @@ fn kv_options(policy: &str, scenario: &Scenario) -> Option<GpuKvOptions> {
     let tau = if policy == "freekv-spec" {
         "-1".into()
     } else {
-        tau
+        tau_given.unwrap_or(tau)
     };
     kv.set_tau(&tau).expect("FREEKV_BENCH_TAU");
     let mut o = GpuKvOptions::new(kv);
@@ -185,7 +194,7 @@ fn main() {
                 match run_one(&gpu, &model, sc, bs, policy) {
                     Ok(r) => {
                         println!(
-                            "{} bs {bs} {policy}: {:.3} ms/step median over {} steps ({:.1} tok/s), quarters {}, GPU {:.2} GiB, host KV {:.2} GiB, recall {:.2} MiB/step, stats {}",
+                            "{} bs {bs} {policy}: {:.3} ms/step median over {} steps ({:.1} tok/s), quarters {}, GPU {:.2} GiB, host KV {:.2} GiB, recall {:.2} MiB/step, prefill {} tok/s, stats {}",
                             sc.name,
                             r["ms_median"].as_f64().unwrap_or(f64::NAN),
                             r["steps_measured"],
@@ -194,6 +203,9 @@ fn main() {
                             r["gpu_used_gib"].as_f64().unwrap_or(f64::NAN),
                             r["host_kv_gib"].as_f64().unwrap_or(f64::NAN),
                             r["recall_mib_per_step"].as_f64().unwrap_or(0.0),
+                            r["prefill_tok_s"]
+                                .as_f64()
+                                .map_or("-".into(), |t| format!("{t:.0}")),
                             r["stats"],
                         );
                         rows.push(r);
@@ -272,9 +284,28 @@ fn run_one(
         None => model.new_batch(opts),
     }
     .map_err(|e| e.to_string())?;
-    model
-        .fill_random_context(&mut b, &vec![sc.context; bs], 7)
-        .map_err(|e| e.to_string())?;
+    let (free_alloc, _) = ctx.mem_get_info().map_err(|e| e.to_string())?;
+    // `prefill*` scenarios run the real prefill of random token ids (sparse policies: layer by
+    // layer, streamed to the host); the others fill the context with random KV.
+    let mut prefill_s = None;
+    if sc.name.starts_with("prefill") {
+        let vocab = model.config().vocab_size as u32;
+        for seq in 0..bs {
+            let ids: Vec<u32> = (0..sc.context)
+                .map(|i| 1 + ((i as u64 * 7919 + seq as u64 * 104_729) % (vocab as u64 - 1)) as u32)
+                .collect();
+            let t0 = Instant::now();
+            model
+                .prefill(&mut b, seq, &ids)
+                .map_err(|e| e.to_string())?;
+            gpu.synchronize().map_err(|e| e.to_string())?;
+            *prefill_s.get_or_insert(0.0) += t0.elapsed().as_secs_f64();
+        }
+    } else {
+        model
+            .fill_random_context(&mut b, &vec![sc.context; bs], 7)
+            .map_err(|e| e.to_string())?;
+    }
     let setup_s = t_setup.elapsed().as_secs_f64();
     let (free, total) = ctx.mem_get_info().map_err(|e| e.to_string())?;
     let mut tokens = vec![1u32; bs];
@@ -329,6 +360,9 @@ fn run_one(
         "gpu_kv_pool_gib": b.kv_bytes() as f64 / (1u64 << 30) as f64,
         "host_kv_gib": b.host_kv_bytes() as f64 / (1u64 << 30) as f64,
         "setup_s": setup_s,
+        "gpu_used_after_alloc_gib": (total - free_alloc) as f64 / (1u64 << 30) as f64,
+        "prefill_s": prefill_s,
+        "prefill_tok_s": prefill_s.map(|t| (bs * sc.context) as f64 / t),
         "stats": stats,
         "recall_units": recall.map(|r| r.0),
         "recall_mib_per_step": recall.map(|r| r.1 as f64 / steps / (1u64 << 20) as f64),

@@ -204,6 +204,13 @@ fn tiny_model_sparse_policies_on_the_gpu() {
             true,
         );
         assert!(check_selections_exact(&model, &mut b, &always) > 0);
+        // A budget smaller than the prompts: the prefill is still dense and equals full's.
+        let (l_full0, _, _) = run_gpu(&model, None, &prompts, page, 0, None, true);
+        assert!(
+            l_free[0] == l_full0[0],
+            "{summary}: sparse prefill logits differ from full (rel L2 {:.2e})",
+            rel_l2(&l_free[0], &l_full0[0])
+        );
         let st = b.kv_stats().unwrap();
         assert!(
             st.sparse_seq_layer_steps > 0 && st.first_sparse > 0,
@@ -288,6 +295,14 @@ fn tiny_model_sparse_policies_on_the_gpu() {
             20,
             Some(&fed),
             true,
+        );
+        // The sparse prefill runs layer by layer (residual stream kept between layers, KV in
+        // two shared scratch pools) where full runs chunk by chunk through every layer: the
+        // same kernels on the same chunks, so the prompt's logits are bitwise equal.
+        assert!(
+            l[0] == l_full[0],
+            "{kind}: the layer-major prefill differs from the full prefill (rel L2 {:.2e})",
+            rel_l2(&l[0], &l_full[0])
         );
         for (step, (x, y)) in l.iter().zip(&l_full).enumerate() {
             let e = rel_l2(x, y);

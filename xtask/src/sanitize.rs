@@ -492,6 +492,10 @@ pub fn run(o: &SanitizeOptions) -> Result<()> {
             }
             c.arg("--log-file").arg(&log).arg(&freekv).args(&args);
             let r = run_with_timeout(c, timeout)?;
+            // The run's own messages (a failed run says why here, not in the sanitizer log).
+            let err_log = out_dir.join(format!("{tool}-{kv}.stderr"));
+            std::fs::write(&err_log, &r.stderr)
+                .with_context(|| format!("writing {}", err_log.display()))?;
             let text = std::fs::read_to_string(&log).unwrap_or_default();
             let summary = parse_summary(&text);
             let (status, errors, warnings) = match (r.timed_out, summary) {

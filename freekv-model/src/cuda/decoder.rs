@@ -335,118 +335,222 @@ impl CudaLlama {
             // Nothing may still be reading this sequence's slots or tables.
             st.join_recalls(self.gpu.stream())?;
         }
-        let c = b.chunk;
-        for toks in tokens.chunks(c) {
-            let n = toks.len();
-            let pos0 = b.lens[seq];
-            // [ids c | positions c | q_start 2 | seq_len 1]
-            let mut meta = vec![0i32; 2 * c + 3];
-            for (i, &t) in toks.iter().enumerate() {
-                meta[i] = t as i32;
-                meta[c + i] = (pos0 + i) as i32;
-            }
-            meta[2 * c + 1] = n as i32;
-            meta[2 * c + 2] = (pos0 + n) as i32;
-            self.gpu
-                .stream()
-                .memcpy_htod(&meta, &mut b.pmeta)
-                .map_err(drv("uploading prefill metadata"))?;
-            self.forward(b, Phase::Prefill { seq, n })?;
-            b.lens[seq] += n;
-        }
+        self.upload_prefill_meta(b, start, tokens)?;
         if b.sparse.is_some() {
-            self.finish_sparse_prefill(b, seq, None)?;
+            return self.prefill_layer_major(b, seq, tokens.len());
+        }
+        let c = b.chunk;
+        let n_layers = self.weights.layers.len();
+        let n_chunks = tokens.len().div_ceil(c);
+        for (j, toks) in tokens.chunks(c).enumerate() {
+            let n = toks.len();
+            let phase = Phase::Prefill {
+                seq,
+                n,
+                tok0: j * c,
+                chunk: j,
+                logits: j + 1 == n_chunks,
+            };
+            self.forward(b, phase, 0..n_layers)?;
+            b.lens[seq] += n;
         }
         Ok(())
     }
 
-    /// After a sparse batch's prefill of `seq` (its prompt in the prefill scratch of every sparse
-    /// layer): offload every full prompt page to the host pool with its summary, and copy the
-    /// sinks and the recent window (or every page, below the budget) into the sequence's slots.
-    /// `src_page` maps a logical page to its scratch page (identity after a real prefill).
-    fn finish_sparse_prefill(
+    /// Uploads the metadata of a whole prompt that continues a sequence of `start` tokens (see
+    /// [`CudaBatch::pmeta`]), growing the buffer when the prompt is longer than any before.
+    fn upload_prefill_meta(
+        &self,
+        b: &mut CudaBatch,
+        start: usize,
+        tokens: &[u32],
+    ) -> Result<(), ModelError> {
+        let c = b.chunk;
+        let n = tokens.len();
+        let s = self.gpu.stream();
+        if n > b.pmeta_cap {
+            let cap = n.div_ceil(c) * c;
+            b.pmeta = s
+                .alloc_zeros::<i32>(pmeta_len(cap, c))
+                .map_err(drv("allocating prefill metadata"))?;
+            b.pmeta_cap = cap;
+        }
+        let cap = b.pmeta_cap;
+        let mut meta = vec![0i32; 2 * cap + 3 * n.div_ceil(c)];
+        for (i, &t) in tokens.iter().enumerate() {
+            meta[i] = t as i32;
+            meta[cap + i] = (start + i) as i32;
+        }
+        for j in 0..n.div_ceil(c) {
+            let m = c.min(n - j * c);
+            let at = 2 * cap + 3 * j;
+            meta[at + 1] = m as i32;
+            meta[at + 2] = (start + j * c + m) as i32;
+        }
+        let mut dst = b.pmeta.slice_mut(0..meta.len());
+        s.memcpy_htod(&meta, &mut dst)
+            .map_err(drv("uploading prefill metadata"))?;
+        Ok(())
+    }
+
+    /// The prefill of a sparse batch, layer by layer: every chunk of the prompt goes through
+    /// layer l before any goes through layer l + 1 (the residual stream of the whole prompt is
+    /// kept in two `[n][hidden]` buffers between layers). A sparse layer's prompt KV is written
+    /// into one of two shared scratch pools; once the layer is done, its full pages are
+    /// offloaded to the host pool (NHD → HND, with summaries) and its sinks and window copied
+    /// into the slots on the recall stream, overlapping the next layer, whose scratch is the
+    /// other one. The device never holds more than two layers' prompt KV, whatever the number
+    /// of layers; the result is the same as the chunk-by-chunk prefill (same kernels, same
+    /// chunks, same order of operations within each layer).
+    fn prefill_layer_major(
         &self,
         b: &mut CudaBatch,
         seq: usize,
-        src_page: Option<&dyn Fn(usize) -> usize>,
+        n_tok: usize,
     ) -> Result<(), ModelError> {
-        let _span = tracing::debug_span!("sparse_prefill_offload", seq).entered();
-        let k = self.gpu.kernels();
+        let _span = tracing::debug_span!("cuda_prefill_layer_major", seq, tokens = n_tok).entered();
         let s = self.gpu.stream();
-        let n_tok = b.lens[seq];
+        let k = self.gpu.kernels();
+        let c = b.chunk;
+        let h = self.cfg.hidden;
+        let n_layers = self.weights.layers.len();
+        let n_chunks = n_tok.div_ceil(c);
+        let lists = {
+            let st = b
+                .sparse
+                .as_mut()
+                .ok_or_else(|| ModelError::Config("not a sparse batch".into()))?;
+            SparsePrefillLists::new(st, s, seq, n_tok, None)?
+        };
+        let oom = |what: &str| {
+            let what = format!(
+                "allocating the prefill's residual stream ({what}: {n_tok} tokens × {h}; \
+                 lower the prompt length or the prefill chunk)"
+            );
+            move |e: DriverError| ModelError::Kernel(KernelError::Driver { what, source: e })
+        };
+        let carry = n_layers > 1;
+        let (mut px, mut po) = if carry {
+            (
+                Some(s.alloc_zeros::<bf16>(n_tok * h).map_err(oom("x"))?),
+                Some(s.alloc_zeros::<bf16>(n_tok * h).map_err(oom("o"))?),
+            )
+        } else {
+            (None, None)
+        };
+        for l in 0..n_layers {
+            let si = b
+                .sparse
+                .as_ref()
+                .and_then(|st| st.layer_of.get(l).copied().flatten());
+            if let (Some(si), Some(st)) = (si, b.sparse.as_ref()) {
+                // The scratch this layer writes was last read by the offload of layer si − 2.
+                let free = st
+                    .scratch_free
+                    .get(si % 2)
+                    .ok_or_else(|| ModelError::Config("no prefill scratch event".into()))?;
+                s.wait(free).map_err(drv("waiting for a prefill offload"))?;
+            }
+            for j in 0..n_chunks {
+                let r0 = j * c;
+                let n = c.min(n_tok - r0);
+                if let (true, Some(px), Some(po)) = (l > 0, px.as_ref(), po.as_ref()) {
+                    let mut x = b.x.slice_mut(0..n * h);
+                    s.memcpy_dtod(&px.slice(r0 * h..(r0 + n) * h), &mut x)
+                        .map_err(drv("restoring the residual stream"))?;
+                    let mut o = b.o.slice_mut(0..n * h);
+                    s.memcpy_dtod(&po.slice(r0 * h..(r0 + n) * h), &mut o)
+                        .map_err(drv("restoring the residual stream"))?;
+                }
+                let phase = Phase::Prefill {
+                    seq,
+                    n,
+                    tok0: r0,
+                    chunk: j,
+                    logits: l + 1 == n_layers && j + 1 == n_chunks,
+                };
+                self.forward(b, phase, l..l + 1)?;
+                if let (true, Some(px), Some(po)) = (l + 1 < n_layers, px.as_mut(), po.as_mut()) {
+                    let mut dst = px.slice_mut(r0 * h..(r0 + n) * h);
+                    s.memcpy_dtod(&b.x.slice(0..n * h), &mut dst)
+                        .map_err(drv("saving the residual stream"))?;
+                    let mut dst = po.slice_mut(r0 * h..(r0 + n) * h);
+                    s.memcpy_dtod(&b.o.slice(0..n * h), &mut dst)
+                        .map_err(drv("saving the residual stream"))?;
+                }
+            }
+            if let (Some(si), Some(st)) = (si, b.sparse.as_mut()) {
+                let r = st.recall_stream.clone();
+                st.prefill_ready
+                    .record(s)
+                    .map_err(drv("recording a prefilled layer"))?;
+                r.wait(&st.prefill_ready)
+                    .map_err(drv("ordering a prefill offload"))?;
+                Self::offload_sparse_layer(k, &r, st, si, si % 2, &lists, &b.geom)?;
+                let free = st
+                    .scratch_free
+                    .get(si % 2)
+                    .ok_or_else(|| ModelError::Config("no prefill scratch event".into()))?;
+                free.record(&r)
+                    .map_err(drv("recording a prefill offload"))?;
+            }
+        }
         let st = b
             .sparse
             .as_mut()
             .ok_or_else(|| ModelError::Config("not a sparse batch".into()))?;
-        let budget = st.budget;
-        let p = budget.page_size();
-        let nb = budget.total_pages();
-        let n_pages = n_tok.div_ceil(p);
-        let full = n_tok / p;
-        let src = |pg: usize| src_page.map_or(pg, |f| f(pg));
-        st.pool.ensure_pages(s, seq, n_pages)?;
-        let mut entries = Vec::with_capacity(3 * full.max(1));
-        for pg in 0..full {
-            entries.extend([seq as i32, src(pg) as i32, pg as i32]);
+        for e in &st.scratch_free {
+            s.wait(e).map_err(drv("waiting for the prefill offloads"))?;
         }
-        let mut pairs = Vec::new();
-        let resident: Vec<usize> = if n_pages <= nb {
-            (0..n_pages).collect()
-        } else {
-            (0..budget.sink_pages())
-                .chain(n_pages - budget.window_pages()..n_pages)
-                .collect()
-        };
-        for pg in resident {
-            pairs.extend([src(pg) as i32, (seq * nb + home_slot(&budget, pg)) as i32]);
+        if let Some(started) = st.started.get_mut(seq) {
+            *started = false;
         }
-        let entries_d = s
-            .clone_htod(if entries.is_empty() {
-                &[-1, 0, 0][..]
-            } else {
-                &entries
-            })
-            .map_err(drv("uploading offload entries"))?;
-        let pairs_d = s
-            .clone_htod(if pairs.is_empty() {
-                &[0, 0][..]
-            } else {
-                &pairs
-            })
-            .map_err(drv("uploading page copies"))?;
+        b.lens[seq] += n_tok;
+        // px, po and the lists are freed in stream order after the kernels that read them.
+        drop((px, po, lists));
+        Ok(())
+    }
+
+    /// Offloads the prompt of sparse layer `si` (written in prefill scratch `scratch`) on
+    /// `stream`: every full page to the host pool with its summary, and the sinks and the
+    /// recent window (or every page, below the budget) into the sequence's slots.
+    fn offload_sparse_layer(
+        k: &freekv_kernels::Kernels,
+        stream: &Arc<freekv_kernels::cudarc::driver::CudaStream>,
+        st: &mut SparseState,
+        si: usize,
+        scratch: usize,
+        lists: &SparsePrefillLists,
+        geom: &PageGeometry,
+    ) -> Result<(), ModelError> {
         let kind = st.opts.kv.summary;
-        let page_elems = b.geom.page_elems();
-        for (l, si) in st.layer_of.iter().enumerate() {
-            let Some(si) = *si else { continue };
-            let scratch = b
-                .kv
-                .get(l)
-                .ok_or_else(|| ModelError::Config(format!("no prefill scratch for layer {l}")))?;
-            let layer = st
-                .layers
-                .get_mut(si)
-                .ok_or_else(|| ModelError::Config(format!("no sparse state for layer {l}")))?;
-            st.pool.offload(
-                k,
-                s,
-                si,
-                &st.shape,
-                scratch,
-                &entries_d,
-                full,
-                &mut layer.summaries,
-                kind,
-            )?;
-            k.copy_pages(
-                s,
-                scratch,
-                &mut layer.slots,
-                &pairs_d,
-                pairs.len() / 2,
-                page_elems,
-            )?;
-        }
-        st.started[seq] = false;
+        let src = st
+            .prefill_kv
+            .get(scratch)
+            .ok_or_else(|| ModelError::Config(format!("no prefill scratch {scratch}")))?;
+        let layer = st
+            .layers
+            .get_mut(si)
+            .ok_or_else(|| ModelError::Config(format!("no sparse state for layer {si}")))?;
+        st.pool.offload(
+            k,
+            stream,
+            si,
+            &st.shape,
+            src,
+            &lists.entries,
+            lists.full,
+            &mut layer.summaries,
+            kind,
+        )?;
+        k.copy_pages(
+            stream,
+            src,
+            &mut layer.slots,
+            &lists.pairs,
+            lists.n_pairs,
+            geom.page_elems(),
+        )?;
         Ok(())
     }
 
@@ -520,12 +624,12 @@ impl CudaLlama {
                 Err(e) => {
                     tracing::warn!("CUDA graph capture failed, decoding eagerly: {e}");
                     b.graph_error = Some(e.to_string());
-                    self.forward(b, Phase::Decode)?;
+                    self.forward(b, Phase::Decode, 0..self.weights.layers.len())?;
                     StepMode::Eager
                 }
             }
         } else {
-            self.forward(b, Phase::Decode)?;
+            self.forward(b, Phase::Decode, 0..self.weights.layers.len())?;
             b.eager_steps += 1;
             StepMode::Eager
         };
@@ -542,7 +646,7 @@ impl CudaLlama {
         let s = self.gpu.stream();
         s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(drv("beginning the graph capture"))?;
-        let r = self.forward(b, Phase::Decode);
+        let r = self.forward(b, Phase::Decode, 0..self.weights.layers.len());
         let g = s.end_capture(CUgraphInstantiate_flags(0));
         r?;
         g.map_err(drv("ending the graph capture"))?
@@ -667,12 +771,14 @@ impl CudaLlama {
             st.join_recalls(s)?;
         }
         for (l, pages) in b.kv.iter_mut().enumerate() {
-            init.uniform_bf16(s, pages, seed.wrapping_add(l as u64), 1.0, 0.0)?;
+            if let Some(pages) = pages {
+                init.uniform_bf16(s, pages, seed.wrapping_add(l as u64), 1.0, 0.0)?;
+            }
         }
         b.lens.copy_from_slice(lens);
         if let Some(st) = b.sparse.as_mut() {
-            // The history of every sequence: random pages of the prefill scratch offloaded
-            // (with their summaries) as the host pages, sinks and window copied into the slots.
+            // The history of every sequence: random pages of a prefill scratch offloaded (with
+            // their summaries) as the host pages, sinks and window copied into the slots.
             for (i, layer) in st.layers.iter_mut().enumerate() {
                 init.uniform_bf16(
                     s,
@@ -683,9 +789,30 @@ impl CudaLlama {
                 )?;
             }
             let scratch = st.prefill_pages.max(1);
-            for seq in 0..lens.len() {
-                self.finish_sparse_prefill(b, seq, Some(&|p| p % scratch))?;
+            let mut lists = Vec::with_capacity(lens.len());
+            for (seq, &n) in lens.iter().enumerate() {
+                lists.push(SparsePrefillLists::new(
+                    st,
+                    s,
+                    seq,
+                    n,
+                    Some(&|p| p % scratch),
+                )?);
             }
+            let k = self.gpu.kernels();
+            let layer_of = st.layer_of.clone();
+            for (l, si) in layer_of.iter().enumerate() {
+                let Some(si) = *si else { continue };
+                let src = st
+                    .prefill_kv
+                    .get_mut(si % 2)
+                    .ok_or_else(|| ModelError::Config("no prefill scratch".into()))?;
+                init.uniform_bf16(s, src, seed.wrapping_add(l as u64), 1.0, 0.0)?;
+                for li in &lists {
+                    Self::offload_sparse_layer(k, s, st, si, si % 2, li, &b.geom)?;
+                }
+            }
+            st.started.iter_mut().for_each(|x| *x = false);
         }
         self.gpu.synchronize()?;
         Ok(())
@@ -990,7 +1117,25 @@ impl CudaLlama {
         Ok(())
     }
 
-    fn forward(&self, b: &mut CudaBatch, phase: Phase) -> Result<(), ModelError> {
+    /// Runs `layers` of the model on the rows of `phase` (the embedding when the range starts
+    /// at layer 0, the output head when it ends at the last layer and logits are wanted); the
+    /// residual stream between layers is `b.x` plus the pending `b.o`.
+    fn forward(
+        &self,
+        b: &mut CudaBatch,
+        phase: Phase,
+        layers: std::ops::Range<usize>,
+    ) -> Result<(), ModelError> {
+        let n_layers = self.weights.layers.len();
+        if layers.end > n_layers
+            || layers.start > layers.end
+            || (matches!(phase, Phase::Decode) && layers != (0..n_layers))
+            || (matches!(phase, Phase::Prefill { logits: true, .. }) && layers.end != n_layers)
+        {
+            return Err(ModelError::Config(format!(
+                "forward over layers {layers:?} of {n_layers} in phase {phase:?}"
+            )));
+        }
         let k = self.gpu.kernels();
         let s = self.gpu.stream();
         let cfg = &self.cfg;
@@ -998,7 +1143,6 @@ impl CudaLlama {
         let (h, qd, kvd, ff) = dims(cfg);
         let qkv_w = qd + 2 * kvd;
         let bs = b.opts.max_seqs;
-        let c = b.chunk;
         let pps = b.pages_per_seq;
         let table_range = match phase {
             Phase::Decode => 0..bs * pps,
@@ -1013,14 +1157,18 @@ impl CudaLlama {
                 b.dseq.slice(0..bs),
                 bs,
             ),
-            Phase::Prefill { n, .. } => (
-                n,
-                b.pmeta.slice(0..n),
-                b.pmeta.slice(c..c + n),
-                b.pmeta.slice(2 * c + 2..2 * c + 3),
-                b.pzeros.slice(0..n),
-                1,
-            ),
+            Phase::Prefill { n, tok0, chunk, .. } => {
+                let cap = b.pmeta_cap;
+                let at = 2 * cap + 3 * chunk;
+                (
+                    n,
+                    b.pmeta.slice(tok0..tok0 + n),
+                    b.pmeta.slice(cap + tok0..cap + tok0 + n),
+                    b.pmeta.slice(at + 2..at + 3),
+                    b.pzeros.slice(0..n),
+                    1,
+                )
+            }
         };
         // SAFETY: token ids are non-negative i32 (checked against the vocabulary on the host);
         // u32 has the size and alignment of i32.
@@ -1046,8 +1194,9 @@ impl CudaLlama {
             num_seqs: table_rows,
             stride: pps,
         };
-        k.embedding(s, &w.embd, cfg.vocab_size, h, &ids_u, &mut b.x)?;
-        let n_layers = w.layers.len();
+        if layers.start == 0 {
+            k.embedding(s, &w.embd, cfg.vocab_size, h, &ids_u, &mut b.x)?;
+        }
         // Decode steps of one or two tokens run the fused skinny kernels: RMSNorm inside the
         // products, the residual adds inside the output products, RoPE with the KV append,
         // SwiGLU inside the gate-up product (x is the only residual stream; no o / xn / gu).
@@ -1060,7 +1209,11 @@ impl CudaLlama {
             in_features: i,
             out_features: o,
         };
-        for (l, lw) in w.layers.iter().enumerate() {
+        for l in layers.clone() {
+            let lw = w
+                .layers
+                .get(l)
+                .ok_or_else(|| ModelError::Config(format!("no weights for layer {l}")))?;
             let sparse_idx = b
                 .sparse
                 .as_ref()
@@ -1123,27 +1276,32 @@ impl CudaLlama {
                     &mut b.workspace,
                 )?;
             } else {
-                // A sparse layer's prefill runs over its one-sequence scratch pool.
-                let (table, table_layout) = match (&b.sparse, sparse_idx) {
-                    (Some(st), Some(_)) => (
+                // A sparse layer's prefill runs over a one-sequence scratch pool (two shared by
+                // every sparse layer, alternating; see `prefill_layer_major`).
+                let (pages, table, table_layout, shape_l) = match (b.sparse.as_mut(), sparse_idx) {
+                    (Some(st), Some(si)) => (
+                        st.prefill_kv.get_mut(si % 2).ok_or_else(|| {
+                            ModelError::Config(format!("no prefill scratch for layer {l}"))
+                        })?,
                         st.prefill_table.slice(0..st.prefill_pages),
                         PageTableLayout {
                             num_seqs: 1,
                             stride: st.prefill_pages,
                         },
+                        AttentionShape {
+                            table_stride: st.prefill_pages,
+                            ..shape
+                        },
                     ),
-                    _ => (b.page_table.slice(table_range.clone()), table_layout),
+                    _ => (
+                        b.kv.get_mut(l).and_then(Option::as_mut).ok_or_else(|| {
+                            ModelError::Config(format!("no KV pool for layer {l}"))
+                        })?,
+                        b.page_table.slice(table_range.clone()),
+                        table_layout,
+                        shape,
+                    ),
                 };
-                let shape_l = match (&b.sparse, sparse_idx) {
-                    (Some(st), Some(_)) => AttentionShape {
-                        table_stride: st.prefill_pages,
-                        ..shape
-                    },
-                    _ => shape,
-                };
-                let pages =
-                    b.kv.get_mut(l)
-                        .ok_or_else(|| ModelError::Config(format!("no KV pool for layer {l}")))?;
                 match fused {
                     Some(g) => g.rope_kv_append(
                         s,
@@ -1184,14 +1342,15 @@ impl CudaLlama {
                         &mut b.att,
                         &mut b.workspace,
                     )?,
-                    Phase::Prefill { n, .. } => {
+                    Phase::Prefill { n, chunk, .. } => {
                         let plan = PrefillPlan {
                             shape: shape_l,
                             batch: 1,
                             total_q: n,
                             max_q: n,
                         };
-                        let q_start = b.pmeta.slice(2 * c..2 * c + 2);
+                        let at = 2 * b.pmeta_cap + 3 * chunk;
+                        let q_start = b.pmeta.slice(at..at + 2);
                         k.prefill_attention(
                             s, &plan, &b.qkv, &q_start, pages, &table, &seq_lens, &mut b.att,
                         )?
@@ -1225,7 +1384,7 @@ impl CudaLlama {
                 }
             }
         }
-        if n_layers == 0 {
+        if n_layers == 0 && layers.end == 0 {
             k.rmsnorm(s, &b.x, &w.output_norm, &mut b.xn, t, h, eps)?;
         }
         // A step that may be captured joins its speculative recalls before it ends.
@@ -1256,7 +1415,8 @@ impl CudaLlama {
                 )?,
                 None => self.blas.linear(&b.xn, w.head(), &mut b.logits, bs, h, v)?,
             },
-            Phase::Prefill { seq, n } => {
+            Phase::Prefill { logits: false, .. } => {}
+            Phase::Prefill { seq, n, .. } => {
                 let last = b.xn.slice((n - 1) * h..n * h);
                 let mut row = b.logits.slice_mut(seq * v..(seq + 1) * v);
                 self.blas.linear(&last, w.head(), &mut row, 1, h, v)?
@@ -1276,7 +1436,81 @@ fn f32_view<'a>(v: CudaView<'a, i32>, rows: usize) -> Result<CudaView<'a, f32>, 
 #[derive(Debug, Clone, Copy)]
 enum Phase {
     Decode,
-    Prefill { seq: usize, n: usize },
+    /// `n` prompt tokens of sequence `seq` starting at prompt token `tok0`: prefill chunk `chunk`
+    /// (its metadata in [`CudaBatch::pmeta`]); `logits`: compute the last token's logits.
+    Prefill {
+        seq: usize,
+        n: usize,
+        tok0: usize,
+        chunk: usize,
+        logits: bool,
+    },
+}
+
+/// The device lists of one sequence's prefill offload (made once, used by every sparse layer):
+/// `(seq, scratch page, logical page)` per full page and `(scratch page, slot)` per page
+/// resident after the prefill (the sinks and the recent window, or every page below the
+/// budget).
+struct SparsePrefillLists {
+    entries: CudaSlice<i32>,
+    full: usize,
+    pairs: CudaSlice<i32>,
+    n_pairs: usize,
+}
+
+impl SparsePrefillLists {
+    /// Lists for sequence `seq` holding `n_tok` prompt tokens; `src_page` maps a logical page
+    /// to its scratch page (identity after a real prefill). Grows the host pool first.
+    fn new(
+        st: &mut SparseState,
+        s: &Arc<freekv_kernels::cudarc::driver::CudaStream>,
+        seq: usize,
+        n_tok: usize,
+        src_page: Option<&dyn Fn(usize) -> usize>,
+    ) -> Result<Self, ModelError> {
+        let budget = st.budget;
+        let p = budget.page_size();
+        let nb = budget.total_pages();
+        let n_pages = n_tok.div_ceil(p);
+        let full = n_tok / p;
+        let src = |pg: usize| src_page.map_or(pg, |f| f(pg));
+        st.pool.ensure_pages(s, seq, n_pages)?;
+        let mut entries = Vec::with_capacity(3 * full.max(1));
+        for pg in 0..full {
+            entries.extend([seq as i32, src(pg) as i32, pg as i32]);
+        }
+        let mut pairs = Vec::new();
+        let resident: Vec<usize> = if n_pages <= nb {
+            (0..n_pages).collect()
+        } else {
+            (0..budget.sink_pages())
+                .chain(n_pages - budget.window_pages()..n_pages)
+                .collect()
+        };
+        for pg in resident {
+            pairs.extend([src(pg) as i32, (seq * nb + home_slot(&budget, pg)) as i32]);
+        }
+        let n_pairs = pairs.len() / 2;
+        if entries.is_empty() {
+            entries.extend([-1, 0, 0]);
+        }
+        if pairs.is_empty() {
+            pairs.extend([0, 0]);
+        }
+        Ok(Self {
+            entries: s
+                .clone_htod(&entries)
+                .map_err(drv("uploading offload entries"))?,
+            full,
+            pairs: s.clone_htod(&pairs).map_err(drv("uploading page copies"))?,
+            n_pairs,
+        })
+    }
+}
+
+/// Length of the prefill metadata buffer for prompts of up to `cap` tokens in chunks of `chunk`.
+fn pmeta_len(cap: usize, chunk: usize) -> usize {
+    2 * cap + 3 * cap.div_ceil(chunk.max(1)).max(1)
 }
 
 fn model_key(cfg: &LlamaConfig) -> (usize, usize, usize, usize, usize) {
@@ -1303,15 +1537,19 @@ pub struct CudaBatch {
     geom: PageGeometry,
     pages_per_seq: usize,
     chunk: usize,
-    kv: Vec<CudaSlice<bf16>>,
+    /// The KV pool of every layer (`None` for the sparse layers of a sparse batch: their KV
+    /// lives in [`SparseState`]).
+    kv: Vec<Option<CudaSlice<bf16>>>,
     page_table: CudaSlice<i32>,
     lens: Vec<usize>,
     /// Decode metadata: `[ids | positions | lengths after the step]`, `max_seqs` each.
     dmeta: CudaSlice<i32>,
     /// Sequence index of every decode row (`0..max_seqs`).
     dseq: CudaSlice<i32>,
-    /// Prefill metadata: `[ids chunk | positions chunk | q_start 2 | length 1]`.
+    /// Prefill metadata of a whole prompt: `[ids cap | positions cap | per chunk: q_start 2,
+    /// length after the chunk 1]` with `cap` = [`CudaBatch::pmeta_cap`] tokens.
     pmeta: CudaSlice<i32>,
+    pmeta_cap: usize,
     /// Zeros: the sequence index of every prefill row (one page-table row is passed).
     pzeros: CudaSlice<i32>,
     x: CudaSlice<bf16>,
@@ -1418,18 +1656,21 @@ impl CudaBatch {
         };
         let mut kv = Vec::with_capacity(cfg.n_layers);
         for l in 0..cfg.n_layers {
-            // A sparse layer keeps only a one-sequence prefill scratch on the device.
-            let elems = match &sparse {
-                Some(st) if st.layer_of.get(l).copied().flatten().is_some() => {
-                    st.prefill_pages * geom.page_elems()
-                }
-                _ => pool_elems,
-            };
-            kv.push(s.alloc_zeros::<bf16>(elems).map_err(oom(format!(
-                "allocating the KV pool of layer {l} ({:.2} GiB of {:.2} GiB in all)",
-                (2 * elems) as f64 / (1u64 << 30) as f64,
-                kv_bytes as f64 / (1u64 << 30) as f64
-            )))?);
+            // A sparse layer's KV lives in the sparse state (slots on the device, the history
+            // on the host).
+            if let Some(st) = &sparse
+                && st.layer_of.get(l).copied().flatten().is_some()
+            {
+                kv.push(None);
+                continue;
+            }
+            kv.push(Some(s.alloc_zeros::<bf16>(pool_elems).map_err(oom(
+                format!(
+                    "allocating the KV pool of layer {l} ({:.2} GiB of {:.2} GiB in all)",
+                    (2 * pool_elems) as f64 / (1u64 << 30) as f64,
+                    kv_bytes as f64 / (1u64 << 30) as f64
+                ),
+            ))?));
         }
         let table: Vec<i32> = (0..total_pages as i32).collect();
         let page_table = s.clone_htod(&table).map_err(drv("uploading page tables"))?;
@@ -1460,8 +1701,9 @@ impl CudaBatch {
                 .clone_htod(&dseq_host)
                 .map_err(drv("allocating decode metadata"))?,
             pmeta: s
-                .alloc_zeros::<i32>(2 * chunk + 3)
+                .alloc_zeros::<i32>(pmeta_len(chunk, chunk))
                 .map_err(drv("allocating prefill metadata"))?,
+            pmeta_cap: chunk,
             pzeros: s
                 .alloc_zeros::<i32>(chunk)
                 .map_err(drv("allocating prefill metadata"))?,
@@ -1573,9 +1815,10 @@ impl CudaBatch {
         &self.plan
     }
 
-    /// Device bytes of the KV pools.
+    /// Device bytes of the KV pools of the dense layers (every layer for `full`; the sparse
+    /// layers' slots are [`CudaBatch::sparse_device_bytes`]).
     pub fn kv_bytes(&self) -> usize {
-        self.kv.iter().map(|p| 2 * p.len()).sum()
+        self.kv.iter().flatten().map(|p| 2 * p.len()).sum()
     }
 }
 

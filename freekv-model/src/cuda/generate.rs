@@ -11,6 +11,14 @@ use crate::generate::{GenerateOptions, Generation, StopReason, Timings};
 use crate::sampling::Rng;
 use crate::tokenizer::Tokenizer;
 
+/// `FREEKV_CUDA_GRAPH=0` makes [`CudaLlama::generate`] decode eagerly, without capturing the
+/// step as a CUDA graph (diagnostics: compute-sanitizer runs, graph-versus-eager checks).
+pub const GRAPH_ENV: &str = "FREEKV_CUDA_GRAPH";
+
+fn graphs_enabled() -> bool {
+    std::env::var(GRAPH_ENV).map_or(true, |v| v.trim() != "0")
+}
+
 fn rate(n: usize, s: f64) -> f64 {
     if s > 0.0 { n as f64 / s } else { 0.0 }
 }
@@ -67,6 +75,7 @@ impl CudaLlama {
                     BatchOptions {
                         max_seq_len: cap,
                         page_size,
+                        use_graph: graphs_enabled(),
                         ..BatchOptions::default()
                     },
                     kv,
@@ -74,6 +83,7 @@ impl CudaLlama {
             }
             None => self.new_batch(BatchOptions {
                 max_seq_len: cap,
+                use_graph: graphs_enabled(),
                 ..BatchOptions::default()
             })?,
         };

@@ -51,6 +51,7 @@ pub use freekv_kernels::probe::cuda_available;
 pub use freekv_kernels::{Gpu, KernelError};
 
 pub use decoder::{BatchOptions, CudaBatch, CudaLlama, ModelSource, SparseSnapshot, StepMode};
+pub use generate::GRAPH_ENV;
 pub use sparse::{GpuKvOptions, GpuKvStats, GpuRecall};
 pub use synthetic::{
     SYNTHETIC_MODELS, SYNTHETIC_PREFIX, decode_weight_bytes, kv_bytes_per_token, synthetic_config,

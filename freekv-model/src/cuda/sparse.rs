@@ -10,8 +10,11 @@
 //! * Device, per sparse layer: the resident slots `[bs·nb][2][P][Hkv][d]` (sinks, retrieved
 //!   pages, the recent-window ring), the page summaries `[bs][Hkv][MP][2][d]` f32, the slot
 //!   tables of the middle, the recall lists and the last query. Apart from the summaries nothing
-//!   grows with the context. During prefill a per-layer scratch pool holds one sequence's prompt
-//!   (`max_prompt` tokens); its full pages are offloaded and summarised when the prompt is done.
+//!   grows with the context. Prefill runs layer by layer over the whole prompt (in chunks):
+//!   a sparse layer writes its prompt KV into one of two shared scratch pools (`max_prompt`
+//!   tokens each), and when the layer is done its full pages are offloaded and summarised on the
+//!   recall stream while the next layer runs on the other pool. A prompt never has more than
+//!   two layers' KV on the device, whatever the number of layers.
 //! * Dense layers (`dense_layers`) keep their full KV on the device, as with `full`.
 //!
 //! # One decode step of a sparse layer
@@ -221,8 +224,16 @@ pub(crate) struct SparseState {
     pub(crate) layers: Vec<SparseLayer>,
     pub(crate) pool: HostKvPool,
     pub(crate) gather: GatherRecall,
-    /// Pages of one sequence's prompt the per-layer prefill scratch holds.
+    /// Pages of one sequence's prompt a prefill scratch holds.
     pub(crate) prefill_pages: usize,
+    /// The prefill scratch pools (NHD, `prefill_pages` pages each): sparse layer `si` writes
+    /// its prompt KV into `prefill_kv[si % 2]` (one pool when there is one sparse layer).
+    pub(crate) prefill_kv: Vec<CudaSlice<bf16>>,
+    /// Recorded on the compute stream when a layer's prefill is done (its offload waits).
+    pub(crate) prefill_ready: CudaEvent,
+    /// Recorded on the recall stream when the offload out of scratch `i` is done (the next
+    /// layer that writes scratch `i` waits).
+    pub(crate) scratch_free: Vec<CudaEvent>,
     /// `0..prefill_pages` (the page table of a prefill).
     pub(crate) prefill_table: CudaSlice<i32>,
     /// `0..bs·nb` (the page table of the KV append into the slots).
@@ -382,6 +393,16 @@ impl SparseState {
             },
         )?;
         let prefill_table: Vec<i32> = (0..prefill_pages as i32).collect();
+        let mut prefill_kv = Vec::with_capacity(2);
+        for i in 0..n_sparse.min(2) {
+            prefill_kv.push(s.alloc_zeros::<bf16>(prefill_pages * page_elems).map_err(oom(
+                format!(
+                    "allocating prefill scratch {i} ({} tokens × {:.1} KiB; lower --max-prompt)",
+                    prefill_pages * p,
+                    (2 * page_elems / p) as f64 / 1024.0
+                ),
+            ))?);
+        }
         let slot_table: Vec<i32> = (0..(bs * nb) as i32).collect();
         let meta_len = StepPlan::offsets(bs, nb)[6];
         let plan = kernels.plan_decode(plan_shape, bs, nb * p)?;
@@ -393,6 +414,10 @@ impl SparseState {
             attn_done.push(ctx.new_event(None).map_err(drv("creating an event"))?);
             recall_done.push(ctx.new_event(None).map_err(drv("creating an event"))?);
         }
+        let scratch_free = (0..n_sparse.min(2))
+            .map(|_| ctx.new_event(None).map_err(drv("creating an event")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let prefill_ready = ctx.new_event(None).map_err(drv("creating an event"))?;
         let gather = GatherRecall::new(opts.gather_blocks).with_counters(s)?;
         let streamed = if kv.kind == KvKind::FreeKv && opts.recall == GpuRecall::Streamed {
             Some(StreamedRecall::new(gpu, &shape)?)
@@ -412,6 +437,9 @@ impl SparseState {
             pool,
             gather,
             prefill_pages,
+            prefill_kv,
+            prefill_ready,
+            scratch_free,
             prefill_table: s
                 .clone_htod(&prefill_table)
                 .map_err(drv("uploading the prefill table"))?,
@@ -554,22 +582,25 @@ impl SparseState {
         Ok(())
     }
 
-    /// Device bytes held by the sparse layers (slots, summaries, tables, queries).
+    /// Device bytes held by the sparse layers (slots, summaries, tables, queries) and the two
+    /// prefill scratch pools.
     pub(crate) fn device_bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .map(|l| {
-                2 * l.slots.len()
-                    + 4 * (l.summaries.len()
-                        + l.mid_page.len()
-                        + l.page_mid.len()
-                        + l.recall_count.len()
-                        + l.recall_list.len()
-                        + l.selected.len()
-                        + l.q_prev.len()
-                        + l.flags.len())
-            })
-            .sum::<usize>()
+        self.prefill_kv.iter().map(|p| 2 * p.len()).sum::<usize>()
+            + self
+                .layers
+                .iter()
+                .map(|l| {
+                    2 * l.slots.len()
+                        + 4 * (l.summaries.len()
+                            + l.mid_page.len()
+                            + l.page_mid.len()
+                            + l.recall_count.len()
+                            + l.recall_list.len()
+                            + l.selected.len()
+                            + l.q_prev.len()
+                            + l.flags.len())
+                })
+                .sum::<usize>()
             + 4 * self.flags_all.len()
     }
 
