@@ -52,7 +52,15 @@ pub struct SanitizeOptions {
     pub timeout_s: u64,
     /// More `freekv generate` flags for every run.
     pub extra: Vec<String>,
+    /// racecheck instruments only the kernels whose names match this regular expression
+    /// (`None`: every kernel; racecheck slows shared-memory kernels by orders of magnitude, and
+    /// a whole generation under it does not finish in minutes).
+    pub racecheck_kernels: Option<String>,
 }
+
+/// Default `--racecheck-kernels`: the FreeKV kernels (correction, selection, offload, gather,
+/// scatter, slot copies).
+pub const DEFAULT_RACECHECK_KERNELS: &str = "freekv|copy_pages";
 
 impl Default for SanitizeOptions {
     fn default() -> Self {
@@ -69,6 +77,7 @@ impl Default for SanitizeOptions {
             sanitizer: None,
             timeout_s: 300,
             extra: Vec::new(),
+            racecheck_kernels: Some(DEFAULT_RACECHECK_KERNELS.into()),
         }
     }
 }
@@ -76,7 +85,8 @@ impl Default for SanitizeOptions {
 pub fn usage() -> &'static str {
     "sanitize [--prebuilt DIR] [--tools memcheck,racecheck,synccheck] [--kv full,freekv]\n      \
      [--model PATH|synthetic:NAME] [--prompt-tokens 640] [-n 16] [--budget 256] [--out DIR]\n      \
-     [--sanitizer PATH] [--timeout-s 300] [-- more freekv generate flags]\n  \
+     [--sanitizer PATH] [--timeout-s 300] [--racecheck-kernels REGEX|all]\n      \
+     [-- more freekv generate flags]\n  \
      sanitize --bundle [DIR]   build freekv and xtask (release) into DIR (default .device/sanitize)"
 }
 
@@ -151,6 +161,16 @@ impl SanitizeOptions {
                             .ok_or_else(|| anyhow!("--sanitizer needs a path"))?
                             .into(),
                     )
+                }
+                "--racecheck-kernels" => {
+                    let r = it
+                        .next()
+                        .ok_or_else(|| anyhow!("--racecheck-kernels needs a regex or `all`"))?;
+                    o.racecheck_kernels = match r.trim() {
+                        "" => bail!("--racecheck-kernels needs a regex or `all`"),
+                        "all" => None,
+                        r => Some(r.to_string()),
+                    };
                 }
                 "--" => o.extra = it.by_ref().cloned().collect(),
                 other => {
@@ -490,6 +510,9 @@ pub fn run(o: &SanitizeOptions) -> Result<()> {
             if tool == "memcheck" {
                 c.args(["--leak-check", "full"]);
             }
+            if let (Some(re), "racecheck") = (&o.racecheck_kernels, tool.as_str()) {
+                c.arg("--kernel-regex").arg(format!("kns={re}"));
+            }
             c.arg("--log-file").arg(&log).arg(&freekv).args(&args);
             let r = run_with_timeout(c, timeout)?;
             // The run's own messages (a failed run says why here, not in the sanitizer log).
@@ -545,6 +568,7 @@ pub fn run(o: &SanitizeOptions) -> Result<()> {
         "prompt_tokens": o.prompt_tokens,
         "budget": o.budget,
         "extra_args": o.extra,
+        "racecheck_kernels": o.racecheck_kernels,
         "runs": rows,
     });
     let path = out_dir.join("summary.json");
@@ -602,6 +626,16 @@ mod tests {
         assert_eq!(b.bundle, Some(PathBuf::from("x")));
         assert!(SanitizeOptions::parse(&args(&["--tools", "leakcheck"])).is_err());
         assert!(SanitizeOptions::parse(&args(&["-n", "0"])).is_err());
+        assert_eq!(
+            o.racecheck_kernels.as_deref(),
+            Some(DEFAULT_RACECHECK_KERNELS)
+        );
+        let r = SanitizeOptions::parse(&args(&["--racecheck-kernels", "all"])).unwrap();
+        assert_eq!(r.racecheck_kernels, None);
+        let r = SanitizeOptions::parse(&args(&["--racecheck-kernels", "decode_attn"])).unwrap();
+        assert_eq!(r.racecheck_kernels.as_deref(), Some("decode_attn"));
+        assert!(SanitizeOptions::parse(&args(&["--racecheck-kernels"])).is_err());
+        assert!(SanitizeOptions::parse(&args(&["--racecheck-kernels", " "])).is_err());
     }
 
     #[test]
