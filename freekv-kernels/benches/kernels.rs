@@ -1,5 +1,6 @@
 //! Kernel timings on the GPU with CUDA events (`iter_custom`): decode attention at Llama-3.1-8B
-//! per-layer shapes (32 query heads, 8 KV heads, d = 128, pages of 16), prefill attention,
+//! per-layer shapes (32 query heads, 8 KV heads, d = 128, pages of 16 and of 32; d = 64 and other
+//! group sizes; a device copy as the bandwidth ceiling), prefill attention,
 //! the element-wise kernels, sampling and cuBLAS GEMMs. Prints "skipped: no CUDA device" and
 //! exits 0 where there is no GPU.
 
@@ -41,9 +42,48 @@ fn identity_table(s: &Arc<CudaStream>, batch: usize, pages_per_seq: usize) -> Cu
     s.clone_htod(&t).unwrap()
 }
 
-fn bench_decode(c: &mut Criterion, g: &Gpu) {
+/// One decode-attention timing: `batch` sequences of `ctx` tokens, `hkv` KV heads of `d` dims,
+/// `group` query heads per KV head, pages of `page` tokens; throughput = KV bytes read.
+#[allow(clippy::too_many_arguments)]
+fn decode_case(
+    grp: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    g: &Gpu,
+    id: BenchmarkId,
+    (batch, ctx): (usize, usize),
+    (hkv, group, d, page): (usize, usize, usize, usize),
+) {
     let s = g.stream();
-    let geom = PageGeometry::new(PAGE, HKV, D).unwrap();
+    let hq = hkv * group;
+    let geom = PageGeometry::new(page, hkv, d).unwrap();
+    let pps = ctx / page;
+    let pages = small_bf16(s, batch * pps * geom.page_elems());
+    let table = identity_table(s, batch, pps);
+    let lens = s.clone_htod(&vec![ctx as i32; batch]).unwrap();
+    let q = small_bf16(s, batch * hq * d);
+    let mut out = zeros_bf16(s, batch * hq * d);
+    let shape = AttentionShape {
+        q_heads: hq,
+        geom,
+        table_stride: pps,
+        q_rows: Strided::contiguous(hq * d),
+        scale: None,
+    };
+    let plan = g.kernels().plan_decode(shape, batch, ctx).unwrap();
+    let mut ws = s.alloc_zeros::<f32>(plan.workspace_len().max(1)).unwrap();
+    let kv_bytes = (batch * ctx * hkv * d * 2 * 2) as u64;
+    grp.throughput(Throughput::Bytes(kv_bytes));
+    grp.bench_function(id, |b| {
+        b.iter_custom(|iters| {
+            gpu_time(s, iters, || {
+                g.kernels()
+                    .decode_attention(s, &plan, &q, &pages, &table, &lens, &mut out, &mut ws)
+                    .unwrap()
+            })
+        })
+    });
+}
+
+fn bench_decode(c: &mut Criterion, g: &Gpu) {
     let mut grp = c.benchmark_group("decode_attention_llama8b_layer");
     for &(batch, ctx) in &[
         (1usize, 4096usize),
@@ -53,33 +93,42 @@ fn bench_decode(c: &mut Criterion, g: &Gpu) {
         (8, 32768),
         (32, 32768),
     ] {
-        let pps = ctx / PAGE;
-        let pages = zeros_bf16(s, batch * pps * geom.page_elems());
-        let table = identity_table(s, batch, pps);
-        let lens = s.clone_htod(&vec![ctx as i32; batch]).unwrap();
-        let q = small_bf16(s, batch * HQ * D);
-        let mut out = zeros_bf16(s, batch * HQ * D);
-        let shape = AttentionShape {
-            q_heads: HQ,
-            geom,
-            table_stride: pps,
-            q_rows: Strided::contiguous(HQ * D),
-            scale: None,
-        };
-        let plan = g.kernels().plan_decode(shape, batch, ctx).unwrap();
-        let mut ws = s.alloc_zeros::<f32>(plan.workspace_len().max(1)).unwrap();
-        let kv_bytes = (batch * ctx * HKV * D * 2 * 2) as u64;
-        grp.throughput(Throughput::Bytes(kv_bytes));
-        grp.bench_function(BenchmarkId::new(format!("b{batch}"), ctx), |b| {
-            b.iter_custom(|iters| {
-                gpu_time(s, iters, || {
-                    g.kernels()
-                        .decode_attention(s, &plan, &q, &pages, &table, &lens, &mut out, &mut ws)
-                        .unwrap()
-                })
-            })
-        });
+        let id = BenchmarkId::new(format!("b{batch}"), ctx);
+        decode_case(&mut grp, g, id, (batch, ctx), (HKV, HQ / HKV, D, PAGE));
     }
+    grp.finish();
+    // The decoder's page size (32), other head dims and group sizes, and short contexts.
+    let mut grp = c.benchmark_group("decode_attention_p32");
+    for &(batch, ctx) in &[
+        (1usize, 512usize),
+        (1, 4096),
+        (8, 4096),
+        (1, 32768),
+        (8, 32768),
+    ] {
+        let id = BenchmarkId::new(format!("d128_g4_b{batch}"), ctx);
+        decode_case(&mut grp, g, id, (batch, ctx), (HKV, 4, 128, 32));
+    }
+    for &(hkv, group, d, batch, ctx) in &[
+        (8usize, 4usize, 64usize, 1usize, 32768usize),
+        (8, 4, 64, 8, 32768),
+        (8, 8, 128, 1, 32768),
+        (32, 1, 128, 1, 32768),
+    ] {
+        let id = BenchmarkId::new(format!("d{d}_g{group}_h{hkv}_b{batch}"), ctx);
+        decode_case(&mut grp, g, id, (batch, ctx), (hkv, group, d, 32));
+    }
+    grp.finish();
+    // The ceiling: a device-to-device copy of 1 GiB (throughput counts bytes read + written).
+    let mut grp = c.benchmark_group("decode_attention_ceiling");
+    let s = g.stream();
+    let n = 1usize << 29;
+    let src = zeros_bf16(s, n);
+    let mut dst = zeros_bf16(s, n);
+    grp.throughput(Throughput::Bytes((4 * n) as u64));
+    grp.bench_function("dtod_copy_1GiB", |b| {
+        b.iter_custom(|iters| gpu_time(s, iters, || s.memcpy_dtod(&src, &mut dst).unwrap()))
+    });
     grp.finish();
 }
 

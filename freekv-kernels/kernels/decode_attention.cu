@@ -1,18 +1,45 @@
-// Paged decode attention (one query token per sequence) over NHD pages (dynamic shared memory:
-// DEC_STAGES * 2 * 64 * D * 2 bytes, set by the launcher)
-// pages[num_pages][2][page_size][kv_heads][D], flash-decoding style:
-//   grid = (num_splits, kv_heads * (group / G), batch), 128 threads.
-// A block handles G query heads of one KV group (so every K/V row it loads serves G heads) over one
-// split of the KV length. With one split it writes the normalised output directly; otherwise it
-// writes (acc, m, l) in fp32 to a workspace and `decode_reduce` merges the splits.
-// Scores are kept in the log2 domain (q is pre-scaled by scale * log2(e)).
+// Paged decode attention (one query token per sequence) over NHD pages
+// pages[num_pages][2][page_size][kv_heads][D], flash-decoding style on the tensor cores:
+//   grid = (num_splits, kv_heads * (group / G), batch), 128 threads (4 warps), dynamic shared
+//   memory DEC_STAGES * 4 warps * (16 K rows + 16 V rows) * D * 2 bytes (set by the launcher).
+// A block handles G (<= 8) query heads of one KV group over one split of the KV length; every K/V
+// row it loads serves all G heads. Each warp streams its own 16-token tiles (tiles w, w + 4, ...
+// of the split) through a private DEC_STAGES-deep cp.async pipeline, so the main loop has no
+// block-wide barrier, and computes with mma.m16n8k16 (bf16 in, fp32 accumulate):
+//   S^T[16 tokens][8 heads] = K[16][D] . Q^T[D][8]         (A = K via ldmatrix, B = Q in registers)
+//   O^T[D][8 heads]        += V^T[D][16] . P^T[16][8]      (A = V via ldmatrix.trans, B = P)
+// P is split into bf16 hi + lo parts (two mma) so the weights keep ~16 bits of mantissa. The four
+// warps' (m, l, O) are merged through shared memory at the end. With one split the block writes
+// the normalised output directly; otherwise it writes (O, m, l) in fp32 to a workspace and
+// `decode_reduce` merges the splits. Scores are kept in the log2 domain (scale * log2(e)).
+// Blocks are ordered head-fastest (the grid's linear index is remapped) so that the blocks of
+// all KV heads of one split run together and read whole token rows of the pages.
 
 #define DEC_THREADS 128
-#define DEC_TILE 64
+#define DEC_WARPS 4
+#define DEC_WTILE 16
 #define DEC_STAGES 3
 
-// K/V tiles of 64 tokens stream through a DEC_STAGES-deep cp.async pipeline in dynamic shared
-// memory: [stage][K|V][64 tokens][D/8 chunks of 16 bytes].
+__device__ __forceinline__ void ldsm_x4(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(addr)
+                 : "memory");
+}
+__device__ __forceinline__ void ldsm_x4_t(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(addr)
+                 : "memory");
+}
+// c += A . B for one m16n8k16 tile (A row-major 16x16, B column-major 16x8, bf16; c fp32).
+__device__ __forceinline__ void mma_bf16(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
 template <int D, int G>
 __device__ __forceinline__ void decode_attn(const bf16* __restrict__ q, u64 q_stride, const bf16* __restrict__ pages,
                                             const i32* __restrict__ page_table, u32 table_stride,
@@ -20,28 +47,29 @@ __device__ __forceinline__ void decode_attn(const bf16* __restrict__ q, u64 q_st
                                             float* __restrict__ ws_acc, float* __restrict__ ws_ml, u32 q_heads,
                                             u32 kv_heads, u32 group, u32 page_size, u32 num_pages, u32 chunk,
                                             u32 num_splits, float scale_log2) {
-    constexpr int LPT = D / 8;              // lanes per K/V row (8 elements = 16 bytes each)
-    constexpr int TPP = DEC_THREADS / LPT;  // rows per pass
-    constexpr int PASSES = DEC_TILE / TPP;
-    static_assert(PASSES * 2 == LPT, "the reduce-scatter needs PASSES = LPT / 2");
-    constexpr int CPT = DEC_TILE * LPT / DEC_THREADS;  // 16-byte chunks per thread per K (or V) tile
-    constexpr int GW = (G + 3) / 4;  // heads per warp in the softmax step (4 warps)
+    static_assert(G >= 1 && G <= 8, "one n8 mma tile holds at most 8 heads");
+    static_assert(D == 64 || D == 128, "head dim 64 or 128");
+    constexpr int CH = D / 8;         // 16-byte chunks per K/V row
+    constexpr int RPI = 32 / CH;      // rows one warp-wide copy covers
+    constexpr int ITERS = DEC_WTILE / RPI;
+    constexpr int KS = D / 16;        // mma k-steps of Q.K^T and m-tiles of V^T.P^T
+    constexpr int WSTAGE = 2 * DEC_WTILE * CH;  // uint4 per warp stage (K then V)
     extern __shared__ uint4 kv_smem[];
-    __shared__ float s_p[G][DEC_TILE];
-    __shared__ float s_alpha[G];
-    __shared__ float s_ml[G][2];
-    __shared__ float s_red[TPP][D];
-    __shared__ unsigned char s_ok[DEC_STAGES][DEC_TILE];
+    __shared__ __align__(16) unsigned short s_p[DEC_WARPS][2][8][DEC_WTILE];  // P^T hi / lo, [head][token]
+    __shared__ u32 s_mask[DEC_WARPS][DEC_STAGES];
+    __shared__ float s_m[DEC_WARPS][8], s_l[DEC_WARPS][8];
 
-    const u32 split = blockIdx.x;
+    const u32 ny = gridDim.y;
+    const u32 lin = blockIdx.x + gridDim.x * blockIdx.y;
+    const u32 split = lin / ny;
+    const u32 hy = lin % ny;
     const u32 nsub = group / G;
-    const u32 kvh = blockIdx.y / nsub;
-    const u32 sub = blockIdx.y % nsub;
+    const u32 kvh = hy / nsub;
+    const u32 sub = hy % nsub;
     const u32 b = blockIdx.z;
     const u32 h0 = kvh * group + sub * G;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int li = tid % LPT;
-    const int ri = tid / LPT;
+    const int gq = lane >> 2, tq = lane & 3;  // mma fragment row group / column pair
 
     i32 len = seq_lens[b];
     const i32 cap = (i32)(table_stride * page_size);
@@ -49,212 +77,214 @@ __device__ __forceinline__ void decode_attn(const bf16* __restrict__ q, u64 q_st
     const i32 start = (i32)(split * chunk);
     // The last split takes every remaining token, so lengths above the planned maximum stay exact.
     const i32 end = (split + 1 == num_splits) ? len : min(len, start + (i32)chunk);
-    const int ntiles = end > start ? (end - start + DEC_TILE - 1) / DEC_TILE : 0;
+    const int ntiles = end > start ? (end - start + DEC_WTILE - 1) / DEC_WTILE : 0;
+    const int nk = ntiles > warp ? (ntiles - warp + DEC_WARPS - 1) / DEC_WARPS : 0;
 
     const i32* table = page_table + (u64)b * table_stride;
     const u64 row = (u64)kv_heads * D;
     const u64 page_elems = 2ull * page_size * row;
+    uint4* wsm = kv_smem + warp * (DEC_STAGES * WSTAGE);
+    const u32 wsm_s = (u32)__cvta_generic_to_shared(wsm);
 
-    auto issue = [&](int tile) {
-        const int stage = tile % DEC_STAGES;
-        const i32 t0 = start + tile * DEC_TILE;
+    const int part = lane % CH, r0 = lane / CH;
+    // Copies this warp's k-th tile (tokens start + 16 * (warp + 4k) ..) into stage k % DEC_STAGES;
+    // rows past the end or on an invalid page are zero-filled and masked.
+    auto issue = [&](int k) {
+        const int stage = k % DEC_STAGES;
+        uint4* dk = wsm + stage * WSTAGE;
+        uint4* dv = dk + DEC_WTILE * CH;
+        const i32 pos0 = start + (warp + DEC_WARPS * k) * DEC_WTILE + r0;
+        u32 pi = (u32)pos0 / page_size, po = (u32)pos0 % page_size;
+        u32 msk = 0;
 #pragma unroll
-        for (int j = 0; j < CPT; ++j) {
-            const int c = tid + j * DEC_THREADS;
-            const int tok = c / LPT, part = c % LPT;
-            const i32 pos = t0 + tok;
-            uint4* dk = kv_smem + ((stage * 2 + 0) * DEC_TILE + tok) * LPT + part;
-            uint4* dv = kv_smem + ((stage * 2 + 1) * DEC_TILE + tok) * LPT + part;
+        for (int j = 0; j < ITERS; ++j) {
+            const int r = r0 + RPI * j;
+            const i32 pos = pos0 + RPI * j;
+            if (j > 0) {
+                po += RPI;
+                while (po >= page_size) {
+                    po -= page_size;
+                    ++pi;
+                }
+            }
+            const int slot = r * CH + (part ^ (r & 7));
             bool ok = false;
             if (pos < end) {
-                const i32 pg = table[(u32)pos / page_size];
+                const i32 pg = table[pi];
                 if (pg >= 0 && (u32)pg < num_pages) {
                     ok = true;
-                    const bf16* kp = pages + (u64)pg * page_elems + (u64)((u32)pos % page_size) * row +
-                                     (u64)kvh * D + part * 8;
-                    cp_async16(dk, kp);
-                    cp_async16(dv, kp + (u64)page_size * row);
+                    const bf16* kp = pages + (u64)pg * page_elems + (u64)po * row + (u64)kvh * D + part * 8;
+                    cp_async16(dk + slot, kp);
+                    cp_async16(dv + slot, kp + (u64)page_size * row);
                 }
             }
             if (!ok) {
-                *dk = make_uint4(0u, 0u, 0u, 0u);
-                *dv = make_uint4(0u, 0u, 0u, 0u);
+                dk[slot] = make_uint4(0u, 0u, 0u, 0u);
+                dv[slot] = make_uint4(0u, 0u, 0u, 0u);
             }
-            if (part == 0) s_ok[stage][tok] = ok ? 1 : 0;
+            const u32 bits = __ballot_sync(0xffffffffu, ok);
+#pragma unroll
+            for (int rr = 0; rr < RPI; ++rr) msk |= ((bits >> (rr * CH)) & 1u) << (rr + RPI * j);
         }
+        if (lane == 0) s_mask[warp][stage] = msk;
         cp_async_commit();
     };
 
 #pragma unroll
     for (int st = 0; st < DEC_STAGES - 1; ++st) {
-        if (st < ntiles) issue(st);
+        if (st < nk) issue(st);
         else cp_async_commit();
     }
 
-    float qf[G][8];
+    // Q^T as the B operand: b0 = dims 16ks + 2tq (+1), b1 = dims 16ks + 2tq + 8 (+9), head gq.
+    u32 qf[KS][2];
+    {
+        const bool has = gq < G;
+        const u32* qp = reinterpret_cast<const u32*>(q + (u64)b * q_stride + (u64)(h0 + (has ? gq : 0)) * D);
 #pragma unroll
-    for (int g = 0; g < G; ++g) {
-        load8(q + (u64)b * q_stride + (u64)(h0 + g) * D + li * 8, qf[g]);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) qf[g][e] *= scale_log2;
+        for (int ks = 0; ks < KS; ++ks) {
+            qf[ks][0] = has ? qp[ks * 8 + tq] : 0u;
+            qf[ks][1] = has ? qp[ks * 8 + 4 + tq] : 0u;
+        }
     }
-    float acc[G][8];
+    float acc[KS][4];
 #pragma unroll
-    for (int g = 0; g < G; ++g)
+    for (int i = 0; i < KS; ++i)
 #pragma unroll
-        for (int e = 0; e < 8; ++e) acc[g][e] = 0.0f;
-    float m_r[GW], l_r[GW];
-#pragma unroll
-    for (int j = 0; j < GW; ++j) {
-        m_r[j] = -FK_INF;
-        l_r[j] = 0.0f;
-    }
+        for (int e = 0; e < 4; ++e) acc[i][e] = 0.0f;
+    // Heads 2tq and 2tq + 1: running max (log2 domain) and this lane's partial sum.
+    float m0 = -FK_INF, m1 = -FK_INF, l0 = 0.0f, l1 = 0.0f;
 
-    for (int tile = 0; tile < ntiles; ++tile) {
-        if (tile + DEC_STAGES - 1 < ntiles) issue(tile + DEC_STAGES - 1);
+    // ldmatrix row addresses (byte offsets within a stage): lane = 8 * matrix + row.
+    const int mi = lane >> 3, rr8 = lane & 7;
+    const int krow = rr8 + 8 * (mi & 1), kcol = mi >> 1;   // K: matrices (t0-7,d0-7) (t8-15,d0-7) (t0-7,d8-15) (t8-15,d8-15)
+    const int vrow = rr8 + 8 * (mi >> 1), vcol = mi & 1;   // V^T: (t0-7,d0-7) (t0-7,d8-15) (t8-15,d0-7) (t8-15,d8-15)
+    unsigned short* sp_hi = &s_p[warp][0][0][0];
+    unsigned short* sp_lo = &s_p[warp][1][0][0];
+
+    for (int k = 0; k < nk; ++k) {
+        if (k + DEC_STAGES - 1 < nk) issue(k + DEC_STAGES - 1);
         else cp_async_commit();
         cp_async_wait<DEC_STAGES - 1>();
-        __syncthreads();
-        const int stage = tile % DEC_STAGES;
-        const uint4* ks = kv_smem + (stage * 2 + 0) * DEC_TILE * LPT;
-        const uint4* vs = kv_smem + (stage * 2 + 1) * DEC_TILE * LPT;
+        __syncwarp();
+        const int stage = k % DEC_STAGES;
+        const u32 kb = wsm_s + (u32)(stage * WSTAGE) * 16u;
+        const u32 vb = kb + (u32)(DEC_WTILE * CH) * 16u;
+        float sc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
-        if constexpr (G * D <= 5 * 128 || G <= 4) {
-            float dot[PASSES][G];
+        for (int ks = 0; ks < KS; ++ks) {
+            u32 a0, a1, a2, a3;
+            ldsm_x4(kb + (u32)(krow * CH + ((2 * ks + kcol) ^ rr8)) * 16u, a0, a1, a2, a3);
+            mma_bf16(sc, a0, a1, a2, a3, qf[ks][0], qf[ks][1]);
+        }
+        // sc: tokens gq (0, 1) and gq + 8 (2, 3); heads 2tq (0, 2) and 2tq + 1 (1, 3).
+        const u32 msk = s_mask[warp][stage];
+        const bool okA = (msk >> gq) & 1u, okB = (msk >> (gq + 8)) & 1u;
+        const float s0 = okA ? sc[0] * scale_log2 : -FK_INF;
+        const float s1 = okA ? sc[1] * scale_log2 : -FK_INF;
+        const float s2 = okB ? sc[2] * scale_log2 : -FK_INF;
+        const float s3 = okB ? sc[3] * scale_log2 : -FK_INF;
+        float x0 = fmaxf(s0, s2), x1 = fmaxf(s1, s3);
 #pragma unroll
-            for (int p = 0; p < PASSES; ++p) {
-                const int tt = p * TPP + ri;
-                float kf[8];
-                unpack8(ks[tt * LPT + li], kf);
+        for (int o = 4; o < 32; o <<= 1) {
+            x0 = fmaxf(x0, __shfl_xor_sync(0xffffffffu, x0, o));
+            x1 = fmaxf(x1, __shfl_xor_sync(0xffffffffu, x1, o));
+        }
+        const float n0 = fmaxf(m0, x0), n1 = fmaxf(m1, x1);
+        const float base0 = n0 == -FK_INF ? 0.0f : n0, base1 = n1 == -FK_INF ? 0.0f : n1;
+        const float al0 = exp2f(m0 - base0), al1 = exp2f(m1 - base1);
+        const float p0 = exp2f(s0 - base0), p1 = exp2f(s1 - base1);
+        const float p2 = exp2f(s2 - base0), p3 = exp2f(s3 - base1);
+        l0 = l0 * al0 + (p0 + p2);
+        l1 = l1 * al1 + (p1 + p3);
+        m0 = n0;
+        m1 = n1;
+        if (!__all_sync(0xffffffffu, al0 == 1.0f && al1 == 1.0f)) {
 #pragma unroll
-                for (int g = 0; g < G; ++g) {
-                    float d = 0.0f;
-#pragma unroll
-                    for (int e = 0; e < 8; ++e) d = fmaf(qf[g][e], kf[e], d);
-                    dot[p][g] = d;
-                }
-            }
-            // Reduce-scatter over the LPT lanes of each row group: every stage halves the passes
-            // a lane holds (PASSES = LPT / 2), so lane li ends with pass li >> 1; a last exchange
-            // with lane li ^ 1 completes the sum. About 2 * PASSES * G shuffles instead of
-            // log2(LPT) * PASSES * G.
-#pragma unroll
-            for (int o = LPT / 2, cnt = PASSES; o >= 2; o >>= 1, cnt >>= 1) {
-                const bool up = (li & o) != 0;
-#pragma unroll
-                for (int k = 0; k < cnt / 2; ++k) {
-#pragma unroll
-                    for (int g = 0; g < G; ++g) {
-                        const float lo = dot[k][g], hi = dot[k + cnt / 2][g];
-                        const float sent = __shfl_xor_sync(0xffffffffu, up ? lo : hi, o);
-                        dot[k][g] = (up ? hi : lo) + sent;
-                    }
-                }
-            }
-#pragma unroll
-            for (int g = 0; g < G; ++g) dot[0][g] += __shfl_xor_sync(0xffffffffu, dot[0][g], 1);
-            if ((li & 1) == 0) {
-                const int tt = (li >> 1) * TPP + ri;
-                const bool ok = s_ok[stage][tt] != 0;
-#pragma unroll
-                for (int g = 0; g < G; ++g) s_p[g][tt] = ok ? dot[0][g] : -FK_INF;
-            }
-        } else {
-            // Large head tiles: a full butterfly per pass keeps the register footprint small.
-#pragma unroll
-            for (int p = 0; p < PASSES; ++p) {
-                const int tt = p * TPP + ri;
-                float kf[8];
-                unpack8(ks[tt * LPT + li], kf);
-                float dot[G];
-#pragma unroll
-                for (int g = 0; g < G; ++g) {
-                    float d = 0.0f;
-#pragma unroll
-                    for (int e = 0; e < 8; ++e) d = fmaf(qf[g][e], kf[e], d);
-                    dot[g] = d;
-                }
-#pragma unroll
-                for (int o = LPT / 2; o > 0; o >>= 1)
-#pragma unroll
-                    for (int g = 0; g < G; ++g) dot[g] += __shfl_xor_sync(0xffffffffu, dot[g], o);
-                if (li == 0) {
-                    const bool ok = s_ok[stage][tt] != 0;
-#pragma unroll
-                    for (int g = 0; g < G; ++g) s_p[g][tt] = ok ? dot[g] : -FK_INF;
-                }
+            for (int i = 0; i < KS; ++i) {
+                acc[i][0] *= al0;
+                acc[i][1] *= al1;
+                acc[i][2] *= al0;
+                acc[i][3] *= al1;
             }
         }
-        __syncthreads();
+        // P^T to shared memory as [head][token], hi and lo bf16 parts.
+        {
+            const float ps[4] = {p0, p1, p2, p3};
 #pragma unroll
-        for (int j = 0; j < GW; ++j) {
-            const int g = warp + 4 * j;
-            if (g < G) {
-                const float x0 = s_p[g][lane], x1 = s_p[g][lane + 32];
-                const float mt = warp_max(fmaxf(x0, x1));
-                const float mn = fmaxf(m_r[j], mt);
-                const float base = (mn == -FK_INF) ? 0.0f : mn;
-                const float alpha = exp2f(m_r[j] - base);
-                const float p0 = exp2f(x0 - base), p1 = exp2f(x1 - base);
-                l_r[j] = l_r[j] * alpha + warp_sum(p0 + p1);
-                m_r[j] = mn;
-                s_p[g][lane] = p0;
-                s_p[g][lane + 32] = p1;
-                if (lane == 0) s_alpha[g] = alpha;
+            for (int e = 0; e < 4; ++e) {
+                const int hh = 2 * tq + (e & 1), tt = gq + 8 * (e >> 1);
+                const bf16 hi = f2bf(ps[e]);
+                const bf16 lo = f2bf(ps[e] - bf2f(hi));
+                sp_hi[hh * DEC_WTILE + tt] = __bfloat16_as_ushort(hi);
+                sp_lo[hh * DEC_WTILE + tt] = __bfloat16_as_ushort(lo);
             }
         }
-        __syncthreads();
+        __syncwarp();
+        const u32 bh0 = *reinterpret_cast<const u32*>(sp_hi + gq * DEC_WTILE + 2 * tq);
+        const u32 bh1 = *reinterpret_cast<const u32*>(sp_hi + gq * DEC_WTILE + 2 * tq + 8);
+        const u32 bl0 = *reinterpret_cast<const u32*>(sp_lo + gq * DEC_WTILE + 2 * tq);
+        const u32 bl1 = *reinterpret_cast<const u32*>(sp_lo + gq * DEC_WTILE + 2 * tq + 8);
 #pragma unroll
-        for (int g = 0; g < G; ++g) {
-            const float a = s_alpha[g];
-#pragma unroll
-            for (int e = 0; e < 8; ++e) acc[g][e] *= a;
+        for (int mt = 0; mt < KS; ++mt) {
+            u32 a0, a1, a2, a3;
+            ldsm_x4_t(vb + (u32)(vrow * CH + ((2 * mt + vcol) ^ rr8)) * 16u, a0, a1, a2, a3);
+            mma_bf16(acc[mt], a0, a1, a2, a3, bh0, bh1);
+            mma_bf16(acc[mt], a0, a1, a2, a3, bl0, bl1);
         }
-#pragma unroll
-        for (int p = 0; p < PASSES; ++p) {
-            const int tt = p * TPP + ri;
-            float vf[8];
-            unpack8(vs[tt * LPT + li], vf);
-#pragma unroll
-            for (int g = 0; g < G; ++g) {
-                const float pw = s_p[g][tt];
-#pragma unroll
-                for (int e = 0; e < 8; ++e) acc[g][e] = fmaf(pw, vf[e], acc[g][e]);
-            }
-        }
-        __syncthreads();
+        __syncwarp();
     }
     cp_async_wait<0>();
 
 #pragma unroll
-    for (int j = 0; j < GW; ++j) {
-        const int g = warp + 4 * j;
-        if (g < G && lane == 0) {
-            s_ml[g][0] = m_r[j];
-            s_ml[g][1] = l_r[j];
+    for (int o = 4; o < 32; o <<= 1) {
+        l0 += __shfl_xor_sync(0xffffffffu, l0, o);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, o);
+    }
+    // Merge the warps: every warp's O^T goes to shared memory (reusing the K/V stages).
+    __syncthreads();
+    float* red = reinterpret_cast<float*>(kv_smem);  // [warp][head 8][D]
+    if (gq == 0) {
+        s_m[warp][2 * tq] = m0;
+        s_m[warp][2 * tq + 1] = m1;
+        s_l[warp][2 * tq] = l0;
+        s_l[warp][2 * tq + 1] = l1;
+    }
+    if (2 * tq < G) {
+        float* rw = red + (warp * 8 + 2 * tq) * D;
+#pragma unroll
+        for (int mt = 0; mt < KS; ++mt) {
+            rw[16 * mt + gq] = acc[mt][0];
+            rw[16 * mt + gq + 8] = acc[mt][2];
+            if (2 * tq + 1 < G) {
+                rw[D + 16 * mt + gq] = acc[mt][1];
+                rw[D + 16 * mt + gq + 8] = acc[mt][3];
+            }
         }
     }
+    __syncthreads();
+    for (int idx = tid; idx < G * D; idx += DEC_THREADS) {
+        const int h = idx / D, d = idx % D;
+        float mx = -FK_INF;
 #pragma unroll
-    for (int g = 0; g < G; ++g) {
-        __syncthreads();
+        for (int w = 0; w < DEC_WARPS; ++w) mx = fmaxf(mx, s_m[w][h]);
+        const float base = mx == -FK_INF ? 0.0f : mx;
+        float l = 0.0f, o = 0.0f;
 #pragma unroll
-        for (int e = 0; e < 8; ++e) s_red[ri][li * 8 + e] = acc[g][e];
-        __syncthreads();
-        if (tid < D) {
-            float o = 0.0f;
-#pragma unroll
-            for (int r = 0; r < TPP; ++r) o += s_red[r][tid];
-            const float m = s_ml[g][0], l = s_ml[g][1];
-            const u32 h = h0 + g;
-            if (num_splits == 1) {
-                out[((u64)b * q_heads + h) * D + tid] = f2bf(l > 0.0f ? o / l : 0.0f);
-            } else {
-                const u64 slot = ((u64)b * q_heads + h) * num_splits + split;
-                ws_acc[slot * D + tid] = o;
-                if (tid == 0) {
-                    ws_ml[slot * 2] = m;
-                    ws_ml[slot * 2 + 1] = l;
-                }
+        for (int w = 0; w < DEC_WARPS; ++w) {
+            const float wt = exp2f(s_m[w][h] - base);
+            l = fmaf(wt, s_l[w][h], l);
+            o = fmaf(wt, red[(w * 8 + h) * D + d], o);
+        }
+        const u32 hq = h0 + h;
+        if (num_splits == 1) {
+            out[((u64)b * q_heads + hq) * D + d] = f2bf(l > 0.0f ? o / l : 0.0f);
+        } else {
+            const u64 slot = ((u64)b * q_heads + hq) * num_splits + split;
+            ws_acc[slot * D + d] = o;
+            if (d == 0) {
+                ws_ml[slot * 2] = mx;
+                ws_ml[slot * 2 + 1] = l;
             }
         }
     }
@@ -268,8 +298,9 @@ __device__ __forceinline__ void decode_attn(const bf16* __restrict__ q, u64 q_st
 #define DECODE_PASS                                                                                      \
     q, q_stride, pages, page_table, table_stride, seq_lens, out, ws_acc, ws_ml, q_heads, kv_heads, group, \
         page_size, num_pages, chunk, num_splits, scale_log2
-#define DECODE_INST(D, G)                                                                     \
-    extern "C" __global__ void __launch_bounds__(DEC_THREADS) decode_attn_d##D##_g##G(DECODE_ARGS) { \
+#define DECODE_INST(D, G)                                                                        \
+    extern "C" __global__ void __launch_bounds__(DEC_THREADS, (D) == 64 ? 4 : 2)                        \
+        decode_attn_d##D##_g##G(DECODE_ARGS) {                                                           \
         decode_attn<D, G>(DECODE_PASS);                                                       \
     }
 

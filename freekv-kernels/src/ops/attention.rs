@@ -13,6 +13,11 @@ use crate::kernels::{
 const DECODE_TILE: usize = 64;
 const DECODE_THREADS: u32 = 128;
 const MIN_SPLIT_TOKENS: usize = 128;
+/// Fixed cost of one decode block in tokens' worth of KV streaming (start-up, pipeline fill, the
+/// final merge of its warps), for the planner.
+const BLOCK_COST_TOKENS: usize = 128;
+/// Cost of the split-K reduce launch in tokens' worth of one block's KV streaming.
+const REDUCE_COST_TOKENS: usize = 64;
 const PREFILL_ROWS: usize = 64;
 const PREFILL_THREADS: u32 = 128;
 const LOG2_E: f32 = std::f32::consts::LOG2_E;
@@ -153,10 +158,33 @@ fn group_tile(group: usize) -> usize {
         .unwrap_or(1)
 }
 
+/// Splits and tokens per split for `base` blocks per split (sequences × head groups), `resident`
+/// blocks running at once, sequences of up to `max_seq_len` tokens: the cheapest of every split
+/// count (chunks of at least [`MIN_SPLIT_TOKENS`], multiples of [`DECODE_TILE`]) under the model
+/// waves × (chunk + [`BLOCK_COST_TOKENS`]) (+ [`REDUCE_COST_TOKENS`] with several splits); ties
+/// keep fewer splits.
+fn plan_splits(base: usize, resident: usize, max_seq_len: usize) -> (usize, usize) {
+    let (base, resident, len) = (base.max(1), resident.max(1), max_seq_len.max(1));
+    let by_len = len.div_ceil(MIN_SPLIT_TOKENS).max(1);
+    let mut best = (usize::MAX, 1, len.div_ceil(DECODE_TILE) * DECODE_TILE);
+    for s in 1..=by_len.min(4 * resident) {
+        let chunk = len.div_ceil(s).div_ceil(DECODE_TILE) * DECODE_TILE;
+        let splits = len.div_ceil(chunk);
+        let waves = base.saturating_mul(splits).div_ceil(resident);
+        let reduce = if splits > 1 { REDUCE_COST_TOKENS } else { 0 };
+        let cost = waves.saturating_mul(chunk + BLOCK_COST_TOKENS) + reduce;
+        if cost < best.0 {
+            best = (cost, splits, chunk);
+        }
+    }
+    (best.1, best.2)
+}
+
 impl Kernels {
     /// Plans a decode call: picks the group tile, then the number of KV splits (at least 128
-    /// tokens each) that minimises (waves of resident blocks) / (splits), i.e. the time of the
-    /// slowest SM, preferring fewer splits on ties.
+    /// tokens each, a multiple of 64) that minimises the modelled time of the slowest SM:
+    /// (waves of resident blocks) × (tokens per split + a fixed per-block cost, plus the reduce
+    /// launch when there are several splits), preferring fewer splits on ties.
     pub fn plan_decode(
         &self,
         shape: AttentionShape,
@@ -164,23 +192,13 @@ impl Kernels {
         max_seq_len: usize,
     ) -> Result<DecodePlan, KernelError> {
         const K: &str = "decode_attention";
+        let _s = tracing::debug_span!("plan_decode").entered();
         let (di, group) = shape.validate(K)?;
         let gt = group_tile(group);
         let base = batch.max(1) * shape.geom.kv_heads * (group / gt);
         let occ = self.decode_occupancy[di][gt - 1].max(1) as usize;
         let resident = occ * self.sm_count.max(1) as usize;
-        let by_len = max_seq_len.max(1).div_ceil(MIN_SPLIT_TOKENS).max(1);
-        let mut best = (f64::INFINITY, 1usize);
-        for s in 1..=by_len.min(4 * resident) {
-            let waves = (base * s).div_ceil(resident) as f64;
-            let cost = waves / s as f64;
-            if cost < best.0 * (1.0 - 1e-9) {
-                best = (cost, s);
-            }
-        }
-        let splits = best.1;
-        let chunk = max_seq_len.max(1).div_ceil(splits).div_ceil(DECODE_TILE) * DECODE_TILE;
-        let splits = max_seq_len.max(1).div_ceil(chunk);
+        let (splits, chunk) = plan_splits(base, resident, max_seq_len);
         Ok(DecodePlan {
             shape,
             batch,
@@ -431,5 +449,39 @@ mod tests {
         assert_eq!(group_tile(16), 8);
         assert_eq!(group_tile(7), 7);
         assert_eq!(group_tile(9), 3);
+    }
+
+    #[test]
+    fn plan_splits_fills_the_machine_and_covers_the_length() {
+        // 132 SMs × 2 resident blocks, Llama-3.1-8B heads (8 KV groups of 4).
+        let resident = 264;
+        for (batch, len) in [
+            (1usize, 4096usize),
+            (1, 32768),
+            (8, 4096),
+            (8, 32768),
+            (32, 4096),
+        ] {
+            let base = batch * 8;
+            let (splits, chunk) = plan_splits(base, resident, len);
+            assert!(chunk.is_multiple_of(DECODE_TILE) && chunk >= MIN_SPLIT_TOKENS.min(len));
+            assert!(
+                splits * chunk >= len && (splits - 1) * chunk < len,
+                "{batch}x{len}"
+            );
+            // One wave at least nine tenths full, or several.
+            let blocks = base * splits;
+            assert!(
+                blocks > resident || blocks * 10 >= resident * 9,
+                "{batch}x{len}: {blocks}"
+            );
+        }
+        // Batch 1 at 32K: 32 splits of 1024 fill 256 of the 264 slots in one wave.
+        assert_eq!(plan_splits(8, resident, 32768), (32, 1024));
+        // Enough sequences to fill the machine: one split, no reduce.
+        assert_eq!(plan_splits(256, resident, 4096), (1, 4096));
+        // Short sequences: a single split of whole 64-token steps.
+        assert_eq!(plan_splits(8, resident, 100), (1, 128));
+        assert_eq!(plan_splits(8, resident, 0), (1, 64));
     }
 }
