@@ -121,7 +121,7 @@ fn workspace_bench_packages() -> Result<Vec<String>> {
         .unwrap_or_default())
 }
 
-fn cargo_bench_no_run(packages: &[String]) -> (Vec<BenchArtifact>, Result<()>) {
+pub(crate) fn cargo_bench_no_run(packages: &[String]) -> (Vec<BenchArtifact>, Result<()>) {
     let mut c = crate::bench::cargo();
     c.args(["bench", "--no-run", "--message-format=json"]);
     if packages.is_empty() {
@@ -409,7 +409,7 @@ pub fn select<'a>(
 
 /// Copies `src` to `dst` without debug information (`strip`); falls back to a plain copy when
 /// `strip` is missing or fails, returning a note.
-fn copy_stripped(src: &Path, dst: &Path) -> Result<Option<String>> {
+pub(crate) fn copy_stripped(src: &Path, dst: &Path) -> Result<Option<String>> {
     let ok = Command::new("strip")
         .arg("-o")
         .arg(dst)

@@ -6,9 +6,15 @@
 //! sanitizer log under `--out` (default `target/sanitize`), and `summary.json` holds the table
 //! that is also printed. Exit status: non-zero when a sanitizer reports an error or a run fails.
 //!
+//! Every tool also runs over the [`KERNEL_BENCHES`] (the FreeKV selection and recall kernels,
+//! no cuBLAS) in criterion's test mode: on the H200 racecheck cannot run the engine (the tool
+//! fails inside a cuBLAS GEMM, reported as "sanitizer internal error", not as a finding), so
+//! those rows are its verification of the FreeKV kernels; racecheck of the engine instruments
+//! only `--racecheck-kernels` (default [`DEFAULT_RACECHECK_KERNELS`]).
+//!
 //! The GPU machine has no cargo: `cargo xtask sanitize --bundle` builds the release `freekv` and
-//! `xtask` binaries into `.device/sanitize`, and there `./xtask sanitize --prebuilt
-//! .device/sanitize --out OUT` runs them.
+//! `xtask` binaries and the kernel benches into `.device/sanitize`, and there `./xtask sanitize
+//! --prebuilt .device/sanitize --out OUT` runs them.
 
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::{Value, json};
@@ -52,6 +58,8 @@ pub struct SanitizeOptions {
     pub timeout_s: u64,
     /// More `freekv generate` flags for every run.
     pub extra: Vec<String>,
+    /// Also run the [`KERNEL_BENCHES`] under every tool (default on).
+    pub kernel_benches: bool,
     /// racecheck instruments only the kernels whose names match this regular expression
     /// (`None`: every kernel; racecheck slows shared-memory kernels by orders of magnitude, and
     /// a whole generation under it does not finish in minutes).
@@ -61,6 +69,19 @@ pub struct SanitizeOptions {
 /// Default `--racecheck-kernels`: the FreeKV kernels (correction, selection, offload, gather,
 /// scatter, slot copies).
 pub const DEFAULT_RACECHECK_KERNELS: &str = "freekv|copy_pages";
+
+/// Benches that exercise the FreeKV kernels without cuBLAS (package, bench): each is also run
+/// once per tool in criterion's test mode (`--bench --test`, every benchmark once). On the
+/// H200 (compute-sanitizer 2025, cuBLAS 13.1) racecheck stops the engine inside a cuBLAS GEMM
+/// with "Internal Sanitizer Error: The Sanitizer failed to handle a hardware exception" even
+/// when the GEMM kernels are filtered out, so these runs are what racecheck can verify there.
+pub const KERNEL_BENCHES: [(&str, &str); 2] = [
+    ("freekv-kernels", "select"),
+    ("freekv-recall", "cuda_recall"),
+];
+
+/// The marker compute-sanitizer prints when the tool itself failed (not a finding).
+pub const INTERNAL_ERROR: &str = "Internal Sanitizer Error";
 
 impl Default for SanitizeOptions {
     fn default() -> Self {
@@ -78,6 +99,7 @@ impl Default for SanitizeOptions {
             timeout_s: 300,
             extra: Vec::new(),
             racecheck_kernels: Some(DEFAULT_RACECHECK_KERNELS.into()),
+            kernel_benches: true,
         }
     }
 }
@@ -86,7 +108,7 @@ pub fn usage() -> &'static str {
     "sanitize [--prebuilt DIR] [--tools memcheck,racecheck,synccheck] [--kv full,freekv]\n      \
      [--model PATH|synthetic:NAME] [--prompt-tokens 640] [-n 16] [--budget 256] [--out DIR]\n      \
      [--sanitizer PATH] [--timeout-s 300] [--racecheck-kernels REGEX|all]\n      \
-     [-- more freekv generate flags]\n  \
+     [--no-kernel-benches] [-- more freekv generate flags]\n  \
      sanitize --bundle [DIR]   build freekv and xtask (release) into DIR (default .device/sanitize)"
 }
 
@@ -172,6 +194,7 @@ impl SanitizeOptions {
                         r => Some(r.to_string()),
                     };
                 }
+                "--no-kernel-benches" => o.kernel_benches = false,
                 "--" => o.extra = it.by_ref().cloned().collect(),
                 other => {
                     bail!(
@@ -325,11 +348,18 @@ fn bundle(dir: &Path) -> Result<()> {
         root.join(dir)
     };
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    for name in ["freekv", "xtask"] {
-        let src = release.join(name);
-        let dst = dir.join(name);
-        std::fs::copy(&src, &dst)
-            .with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
+    let mut files: Vec<(PathBuf, String)> = ["freekv", "xtask"]
+        .iter()
+        .map(|n| (release.join(n), n.to_string()))
+        .collect();
+    for (name, exe) in build_kernel_benches()? {
+        files.push((exe, format!("bench-{name}")));
+    }
+    for (src, name) in files {
+        let dst = dir.join(&name);
+        if let Some(note) = crate::bundle::copy_stripped(&src, &dst)? {
+            println!("sanitize: {note}");
+        }
         let size = std::fs::metadata(&dst).map(|m| m.len()).unwrap_or(0);
         println!(
             "sanitize: {} ({:.1} MiB)",
@@ -343,6 +373,60 @@ fn bundle(dir: &Path) -> Result<()> {
         dir.display()
     );
     Ok(())
+}
+
+/// Builds the [`KERNEL_BENCHES`] (`cargo bench --no-run`) and returns (bench name, executable).
+fn build_kernel_benches() -> Result<Vec<(String, PathBuf)>> {
+    let packages: Vec<String> = KERNEL_BENCHES.iter().map(|(p, _)| p.to_string()).collect();
+    let (arts, res) = crate::bundle::cargo_bench_no_run(&packages);
+    res?;
+    KERNEL_BENCHES
+        .iter()
+        .map(|(pkg, name)| {
+            arts.iter()
+                .find(|a| a.package == *pkg && a.name == *name)
+                .map(|a| (name.to_string(), a.exe.clone()))
+                .ok_or_else(|| anyhow!("cargo built no `{name}` bench in {pkg}"))
+        })
+        .collect()
+}
+
+/// The kernel benches to sanitize: `DIR/bench-NAME` of a prebuilt folder (those present), or
+/// built here.
+fn kernel_bench_bins(o: &SanitizeOptions) -> Result<Vec<(String, PathBuf)>> {
+    match &o.prebuilt {
+        Some(dir) => Ok(KERNEL_BENCHES
+            .iter()
+            .map(|(_, n)| (n.to_string(), dir.join(format!("bench-{n}"))))
+            .filter(|(_, p)| p.is_file())
+            .collect()),
+        None => build_kernel_benches(),
+    }
+}
+
+/// The status of one sanitizer run from its outcome and log text: (status, errors, warnings).
+pub fn run_status(
+    timed_out: bool,
+    code: Option<i32>,
+    log: &str,
+) -> (String, Option<u64>, Option<u64>) {
+    if log.contains(INTERNAL_ERROR) {
+        return ("sanitizer internal error".into(), None, None);
+    }
+    match (timed_out, parse_summary(log)) {
+        (true, _) => ("timed out".into(), None, None),
+        (false, Some((e, w))) if e == 0 && code == Some(0) => ("clean".into(), Some(e), Some(w)),
+        (false, Some((e, w))) => (
+            if e > 0 {
+                "errors".into()
+            } else {
+                format!("exit {code:?}")
+            },
+            Some(e),
+            Some(w),
+        ),
+        (false, None) => (format!("no summary (exit {code:?})"), None, None),
+    }
 }
 
 /// The outcome of one child process.
@@ -520,23 +604,7 @@ pub fn run(o: &SanitizeOptions) -> Result<()> {
             std::fs::write(&err_log, &r.stderr)
                 .with_context(|| format!("writing {}", err_log.display()))?;
             let text = std::fs::read_to_string(&log).unwrap_or_default();
-            let summary = parse_summary(&text);
-            let (status, errors, warnings) = match (r.timed_out, summary) {
-                (true, _) => ("timed out".to_string(), None, None),
-                (false, Some((e, w))) if e == 0 && r.code == Some(0) => {
-                    ("clean".to_string(), Some(e), Some(w))
-                }
-                (false, Some((e, w))) => (
-                    if e > 0 {
-                        "errors".to_string()
-                    } else {
-                        format!("exit {:?}", r.code)
-                    },
-                    Some(e),
-                    Some(w),
-                ),
-                (false, None) => (format!("no summary (exit {:?})", r.code), None, None),
-            };
+            let (status, errors, warnings) = run_status(r.timed_out, r.code, &text);
             if status != "clean" {
                 failed = true;
             }
@@ -559,6 +627,69 @@ pub fn run(o: &SanitizeOptions) -> Result<()> {
                 "stderr_tail": last_line(&r.stderr),
             }));
         }
+    }
+    if o.kernel_benches {
+        let bins = kernel_bench_bins(o)?;
+        if bins.is_empty() {
+            println!(
+                "sanitize: no kernel benches next to {} (make them with `cargo xtask sanitize --bundle`)",
+                freekv.display()
+            );
+        }
+        for (name, bin) in bins {
+            for tool in &o.tools {
+                let log = out_dir.join(format!("{tool}-bench-{name}.log"));
+                let mut c = Command::new(&sanitizer);
+                c.args([
+                    "--tool",
+                    tool,
+                    "--error-exitcode",
+                    "86",
+                    "--print-limit",
+                    "200",
+                ]);
+                c.arg("--log-file")
+                    .arg(&log)
+                    .arg(&bin)
+                    .args(["--bench", "--test"]);
+                let r = run_with_timeout(c, timeout)?;
+                let err_log = out_dir.join(format!("{tool}-bench-{name}.stderr"));
+                std::fs::write(&err_log, &r.stderr)
+                    .with_context(|| format!("writing {}", err_log.display()))?;
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let (status, errors, warnings) = run_status(r.timed_out, r.code, &text);
+                if status != "clean" {
+                    failed = true;
+                }
+                println!(
+                    "sanitize: {tool:<9} bench {name:<12} {status}: {} errors, {} warnings ({:.0} s) -> {}",
+                    errors.map_or("?".into(), |e| e.to_string()),
+                    warnings.map_or("?".into(), |w| w.to_string()),
+                    r.secs,
+                    log.display()
+                );
+                rows.push(json!({
+                    "kv": format!("kernels: {name} bench"),
+                    "tool": tool,
+                    "status": status,
+                    "errors": errors,
+                    "warnings": warnings,
+                    "exit": r.code,
+                    "seconds": r.secs,
+                    "log": log.display().to_string(),
+                    "stderr_tail": last_line(&r.stderr),
+                }));
+            }
+        }
+    }
+    if rows
+        .iter()
+        .any(|r| r["status"] == "sanitizer internal error")
+    {
+        println!(
+            "sanitize: \"{INTERNAL_ERROR}\" is the tool failing (racecheck on the H200 stops inside a \
+             cuBLAS GEMM), not a finding in the code; the kernel-bench rows cover the FreeKV kernels"
+        );
     }
     let summary = json!({
         "freekv": freekv.display().to_string(),
@@ -636,6 +767,39 @@ mod tests {
         assert_eq!(r.racecheck_kernels.as_deref(), Some("decode_attn"));
         assert!(SanitizeOptions::parse(&args(&["--racecheck-kernels"])).is_err());
         assert!(SanitizeOptions::parse(&args(&["--racecheck-kernels", " "])).is_err());
+    }
+
+    #[test]
+    fn run_statuses() {
+        let clean = "========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)\n";
+        assert_eq!(run_status(false, Some(0), clean).0, "clean");
+        assert_eq!(run_status(true, None, clean).0, "timed out");
+        let found = "========= ERROR SUMMARY: 3 errors\n";
+        assert_eq!(
+            run_status(false, Some(86), found),
+            ("errors".to_string(), Some(3), Some(0))
+        );
+        // The tool failing inside cuBLAS also prints a racecheck summary with one "hazard":
+        // it must not read as a finding.
+        let internal = "========= Internal Sanitizer Error: The Sanitizer failed to handle a \
+                        hardware exception.\n========= Target application returned an error\n\
+                        ========= RACECHECK SUMMARY: 1 hazard displayed (1 error, 0 warnings)\n";
+        assert_eq!(
+            run_status(false, Some(1), internal),
+            ("sanitizer internal error".to_string(), None, None)
+        );
+        assert_eq!(
+            run_status(false, Some(1), "no summary here").0,
+            "no summary (exit Some(1))"
+        );
+        assert_eq!(
+            run_status(false, Some(2), "ERROR SUMMARY: 0 errors").0,
+            "exit Some(2)"
+        );
+        assert!(
+            SanitizeOptions::parse(&args(&["--no-kernel-benches"]))
+                .is_ok_and(|o| !o.kernel_benches)
+        );
     }
 
     #[test]
