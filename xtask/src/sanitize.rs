@@ -429,6 +429,78 @@ pub fn run_status(
     }
 }
 
+/// `stem.ext` (a `.` in the stem stays: `freekv@0.5` gives `freekv@0.5.log`).
+fn suffixed(stem: &Path, ext: &str) -> PathBuf {
+    let mut s = stem.as_os_str().to_owned();
+    s.push(".");
+    s.push(ext);
+    s.into()
+}
+
+/// One compute-sanitizer run: `tool` over `program` (executable and arguments), the log in
+/// `stem.log` and the program's stderr in `stem.stderr`.
+struct SanitizerRun<'a> {
+    sanitizer: &'a Path,
+    tool: &'a str,
+    /// What the printed line names (`--kv freekv`, `bench select`).
+    label: String,
+    stem: PathBuf,
+    /// racecheck: instrument only the kernels matching this regex.
+    kernels: Option<&'a str>,
+    program: Vec<std::ffi::OsString>,
+    timeout: Duration,
+}
+
+impl SanitizerRun<'_> {
+    /// Runs it, prints one line and returns the summary row (`kv` names the subject).
+    fn run(&self, kv: Value) -> Result<Value> {
+        let log = suffixed(&self.stem, "log");
+        let mut c = Command::new(self.sanitizer);
+        c.args([
+            "--tool",
+            self.tool,
+            "--error-exitcode",
+            "86",
+            "--print-limit",
+            "200",
+        ]);
+        if self.tool == "memcheck" {
+            c.args(["--leak-check", "full"]);
+        }
+        if let Some(re) = self.kernels {
+            c.arg("--kernel-regex").arg(format!("kns={re}"));
+        }
+        c.arg("--log-file").arg(&log).args(&self.program);
+        let r = run_with_timeout(c, self.timeout)?;
+        // The run's own messages (a failed run says why here, not in the sanitizer log).
+        let err_log = suffixed(&self.stem, "stderr");
+        std::fs::write(&err_log, &r.stderr)
+            .with_context(|| format!("writing {}", err_log.display()))?;
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let (status, errors, warnings) = run_status(r.timed_out, r.code, &text);
+        println!(
+            "sanitize: {:<9} {:<16} {status}: {} errors, {} warnings ({:.0} s) -> {}",
+            self.tool,
+            self.label,
+            errors.map_or("?".into(), |e| e.to_string()),
+            warnings.map_or("?".into(), |w| w.to_string()),
+            r.secs,
+            log.display()
+        );
+        Ok(json!({
+            "kv": kv,
+            "tool": self.tool,
+            "status": status,
+            "errors": errors,
+            "warnings": warnings,
+            "exit": r.code,
+            "seconds": r.secs,
+            "log": log.display().to_string(),
+            "stderr_tail": last_line(&r.stderr),
+        }))
+    }
+}
+
 /// The outcome of one child process.
 struct Ran {
     code: Option<i32>,
@@ -581,51 +653,24 @@ pub fn run(o: &SanitizeOptions) -> Result<()> {
             last_line(&p.stderr)
         );
         for tool in &o.tools {
-            let log = out_dir.join(format!("{tool}-{kv}.log"));
-            let mut c = Command::new(&sanitizer);
-            c.args([
-                "--tool",
+            let kernels = match (&o.racecheck_kernels, tool.as_str()) {
+                (Some(re), "racecheck") => Some(re.as_str()),
+                _ => None,
+            };
+            let mut program = vec![freekv.as_os_str().to_owned()];
+            program.extend(args.iter().map(Into::into));
+            let run = SanitizerRun {
+                sanitizer: &sanitizer,
                 tool,
-                "--error-exitcode",
-                "86",
-                "--print-limit",
-                "200",
-            ]);
-            if tool == "memcheck" {
-                c.args(["--leak-check", "full"]);
-            }
-            if let (Some(re), "racecheck") = (&o.racecheck_kernels, tool.as_str()) {
-                c.arg("--kernel-regex").arg(format!("kns={re}"));
-            }
-            c.arg("--log-file").arg(&log).arg(&freekv).args(&args);
-            let r = run_with_timeout(c, timeout)?;
-            // The run's own messages (a failed run says why here, not in the sanitizer log).
-            let err_log = out_dir.join(format!("{tool}-{kv}.stderr"));
-            std::fs::write(&err_log, &r.stderr)
-                .with_context(|| format!("writing {}", err_log.display()))?;
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            let (status, errors, warnings) = run_status(r.timed_out, r.code, &text);
-            if status != "clean" {
-                failed = true;
-            }
-            println!(
-                "sanitize: {tool:<9} --kv {kv:<8} {status}: {} errors, {} warnings ({:.0} s) -> {}",
-                errors.map_or("?".into(), |e| e.to_string()),
-                warnings.map_or("?".into(), |w| w.to_string()),
-                r.secs,
-                log.display()
-            );
-            rows.push(json!({
-                "kv": kv,
-                "tool": tool,
-                "status": status,
-                "errors": errors,
-                "warnings": warnings,
-                "exit": r.code,
-                "seconds": r.secs,
-                "log": log.display().to_string(),
-                "stderr_tail": last_line(&r.stderr),
-            }));
+                label: format!("--kv {kv}"),
+                stem: out_dir.join(format!("{tool}-{kv}")),
+                kernels,
+                program,
+                timeout,
+            };
+            let row = run.run(json!(kv))?;
+            failed |= row["status"] != "clean";
+            rows.push(row);
         }
     }
     if o.kernel_benches {
@@ -638,47 +683,18 @@ pub fn run(o: &SanitizeOptions) -> Result<()> {
         }
         for (name, bin) in bins {
             for tool in &o.tools {
-                let log = out_dir.join(format!("{tool}-bench-{name}.log"));
-                let mut c = Command::new(&sanitizer);
-                c.args([
-                    "--tool",
+                let run = SanitizerRun {
+                    sanitizer: &sanitizer,
                     tool,
-                    "--error-exitcode",
-                    "86",
-                    "--print-limit",
-                    "200",
-                ]);
-                c.arg("--log-file")
-                    .arg(&log)
-                    .arg(&bin)
-                    .args(["--bench", "--test"]);
-                let r = run_with_timeout(c, timeout)?;
-                let err_log = out_dir.join(format!("{tool}-bench-{name}.stderr"));
-                std::fs::write(&err_log, &r.stderr)
-                    .with_context(|| format!("writing {}", err_log.display()))?;
-                let text = std::fs::read_to_string(&log).unwrap_or_default();
-                let (status, errors, warnings) = run_status(r.timed_out, r.code, &text);
-                if status != "clean" {
-                    failed = true;
-                }
-                println!(
-                    "sanitize: {tool:<9} bench {name:<12} {status}: {} errors, {} warnings ({:.0} s) -> {}",
-                    errors.map_or("?".into(), |e| e.to_string()),
-                    warnings.map_or("?".into(), |w| w.to_string()),
-                    r.secs,
-                    log.display()
-                );
-                rows.push(json!({
-                    "kv": format!("kernels: {name} bench"),
-                    "tool": tool,
-                    "status": status,
-                    "errors": errors,
-                    "warnings": warnings,
-                    "exit": r.code,
-                    "seconds": r.secs,
-                    "log": log.display().to_string(),
-                    "stderr_tail": last_line(&r.stderr),
-                }));
+                    label: format!("bench {name}"),
+                    stem: out_dir.join(format!("{tool}-bench-{name}")),
+                    kernels: None,
+                    program: vec![bin.clone().into(), "--bench".into(), "--test".into()],
+                    timeout,
+                };
+                let row = run.run(json!(format!("kernels: {name} bench")))?;
+                failed |= row["status"] != "clean";
+                rows.push(row);
             }
         }
     }
@@ -767,6 +783,14 @@ mod tests {
         assert_eq!(r.racecheck_kernels.as_deref(), Some("decode_attn"));
         assert!(SanitizeOptions::parse(&args(&["--racecheck-kernels"])).is_err());
         assert!(SanitizeOptions::parse(&args(&["--racecheck-kernels", " "])).is_err());
+    }
+
+    #[test]
+    fn log_names_keep_dots() {
+        assert_eq!(
+            suffixed(Path::new("out/racecheck-freekv@0.5"), "log"),
+            PathBuf::from("out/racecheck-freekv@0.5.log")
+        );
     }
 
     #[test]
