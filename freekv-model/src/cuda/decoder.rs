@@ -410,11 +410,6 @@ impl CudaLlama {
     ) -> Result<(), ModelError> {
         let _span = tracing::debug_span!("cuda_prefill_layer_major", seq, tokens = n_tok).entered();
         let s = self.gpu.stream();
-        let k = self.gpu.kernels();
-        let c = b.chunk;
-        let h = self.cfg.hidden;
-        let n_layers = self.weights.layers.len();
-        let n_chunks = n_tok.div_ceil(c);
         let lists = {
             let st = b
                 .sparse
@@ -422,10 +417,43 @@ impl CudaLlama {
                 .ok_or_else(|| ModelError::Config("not a sparse batch".into()))?;
             SparsePrefillLists::new(st, s, seq, n_tok, None)?
         };
+        let result = self.prefill_layers(b, seq, n_tok, &lists);
+        // Whatever happened, the lists (and the scratch pools) may be released only after the
+        // offloads that read them on the recall stream: the compute stream waits for them.
+        let st = b
+            .sparse
+            .as_mut()
+            .ok_or_else(|| ModelError::Config("not a sparse batch".into()))?;
+        for e in &st.scratch_free {
+            s.wait(e).map_err(drv("waiting for the prefill offloads"))?;
+        }
+        result?;
+        if let Some(started) = st.started.get_mut(seq) {
+            *started = false;
+        }
+        b.lens[seq] += n_tok;
+        drop(lists);
+        Ok(())
+    }
+
+    /// The layer loop of [`CudaLlama::prefill_layer_major`].
+    fn prefill_layers(
+        &self,
+        b: &mut CudaBatch,
+        seq: usize,
+        n_tok: usize,
+        lists: &SparsePrefillLists,
+    ) -> Result<(), ModelError> {
+        let s = self.gpu.stream();
+        let k = self.gpu.kernels();
+        let c = b.chunk;
+        let h = self.cfg.hidden;
+        let n_layers = self.weights.layers.len();
+        let n_chunks = n_tok.div_ceil(c);
         let oom = |what: &str| {
             let what = format!(
                 "allocating the prefill's residual stream ({what}: {n_tok} tokens × {h}; \
-                 lower the prompt length or the prefill chunk)"
+                 lower the prompt length)"
             );
             move |e: DriverError| ModelError::Kernel(KernelError::Driver { what, source: e })
         };
@@ -486,7 +514,7 @@ impl CudaLlama {
                     .map_err(drv("recording a prefilled layer"))?;
                 r.wait(&st.prefill_ready)
                     .map_err(drv("ordering a prefill offload"))?;
-                Self::offload_sparse_layer(k, &r, st, si, si % 2, &lists, &b.geom)?;
+                Self::offload_sparse_layer(k, &r, st, si, si % 2, lists, &b.geom)?;
                 let free = st
                     .scratch_free
                     .get(si % 2)
@@ -495,19 +523,8 @@ impl CudaLlama {
                     .map_err(drv("recording a prefill offload"))?;
             }
         }
-        let st = b
-            .sparse
-            .as_mut()
-            .ok_or_else(|| ModelError::Config("not a sparse batch".into()))?;
-        for e in &st.scratch_free {
-            s.wait(e).map_err(drv("waiting for the prefill offloads"))?;
-        }
-        if let Some(started) = st.started.get_mut(seq) {
-            *started = false;
-        }
-        b.lens[seq] += n_tok;
-        // px, po and the lists are freed in stream order after the kernels that read them.
-        drop((px, po, lists));
+        // px and po are freed in stream order after the kernels that read them.
+        drop((px, po));
         Ok(())
     }
 
