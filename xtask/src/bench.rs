@@ -52,9 +52,7 @@ impl Options {
                 "--no-criterion" => o.no_criterion = true,
                 "--no-e2e" => o.no_e2e = true,
                 "--peer" => {
-                    let p = it
-                        .next()
-                        .ok_or_else(|| anyhow!("--peer needs hf or llamacpp"))?;
+                    let p = crate::flag_value(&mut it, "--peer", "hf or llamacpp")?;
                     for p in p.split(',') {
                         if p != "hf" && p != "llamacpp" {
                             bail!("unknown peer `{p}` (hf, llamacpp)");
@@ -63,16 +61,14 @@ impl Options {
                     }
                 }
                 "--targets" => {
-                    let t = it
-                        .next()
-                        .ok_or_else(|| anyhow!("--targets needs a comma list"))?;
+                    let t = crate::flag_value(&mut it, "--targets", "a comma list")?;
                     o.targets
                         .extend(t.split(',').filter(|n| !n.is_empty()).map(str::to_string));
                 }
                 "--out" => {
-                    o.out = Some(PathBuf::from(
-                        it.next().ok_or_else(|| anyhow!("--out needs a folder"))?,
-                    ));
+                    o.out = Some(PathBuf::from(crate::flag_value(
+                        &mut it, "--out", "a folder",
+                    )?));
                 }
                 "--prebuilt" => {
                     o.prebuilt =

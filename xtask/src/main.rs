@@ -14,7 +14,16 @@ mod sanitize;
 mod soak;
 mod svg;
 
-use anyhow::{Result, bail};
+use anyhow::{Result, anyhow, bail};
+
+/// The value after `flag` on a task's command line, or an error saying what the flag needs.
+pub(crate) fn flag_value<'a>(
+    it: &mut impl Iterator<Item = &'a String>,
+    flag: &str,
+    what: &str,
+) -> Result<&'a String> {
+    it.next().ok_or_else(|| anyhow!("{flag} needs {what}"))
+}
 
 fn usage() -> &'static str {
     "usage: cargo xtask <task>\n\

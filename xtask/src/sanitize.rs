@@ -139,11 +139,7 @@ impl SanitizeOptions {
         while let Some(a) = it.next() {
             match a.as_str() {
                 "--prebuilt" => {
-                    o.prebuilt = Some(
-                        it.next()
-                            .ok_or_else(|| anyhow!("--prebuilt needs a folder"))?
-                            .into(),
-                    )
+                    o.prebuilt = Some(crate::flag_value(&mut it, "--prebuilt", "a folder")?.into())
                 }
                 "--bundle" => {
                     let dir = match it.peek() {
@@ -160,34 +156,18 @@ impl SanitizeOptions {
                 }
                 "--kv" => o.kv = list(it.next(), "--kv")?,
                 "--model" => {
-                    o.model = Some(
-                        it.next()
-                            .ok_or_else(|| anyhow!("--model needs a path"))?
-                            .clone(),
-                    )
+                    o.model = Some(crate::flag_value(&mut it, "--model", "a path")?.clone())
                 }
                 "--prompt-tokens" => o.prompt_tokens = num(it.next(), "--prompt-tokens")?,
                 "-n" | "--tokens" => o.tokens = num(it.next(), "-n")?,
                 "--budget" => o.budget = num(it.next(), "--budget")?,
                 "--timeout-s" => o.timeout_s = num(it.next(), "--timeout-s")? as u64,
-                "--out" => {
-                    o.out = Some(
-                        it.next()
-                            .ok_or_else(|| anyhow!("--out needs a folder"))?
-                            .into(),
-                    )
-                }
+                "--out" => o.out = Some(crate::flag_value(&mut it, "--out", "a folder")?.into()),
                 "--sanitizer" => {
-                    o.sanitizer = Some(
-                        it.next()
-                            .ok_or_else(|| anyhow!("--sanitizer needs a path"))?
-                            .into(),
-                    )
+                    o.sanitizer = Some(crate::flag_value(&mut it, "--sanitizer", "a path")?.into())
                 }
                 "--racecheck-kernels" => {
-                    let r = it
-                        .next()
-                        .ok_or_else(|| anyhow!("--racecheck-kernels needs a regex or `all`"))?;
+                    let r = crate::flag_value(&mut it, "--racecheck-kernels", "a regex or `all`")?;
                     o.racecheck_kernels = match r.trim() {
                         "" => bail!("--racecheck-kernels needs a regex or `all`"),
                         "all" => None,

@@ -87,32 +87,12 @@ impl SoakOptions {
                 "--per-run" => o.per_run = num(it.next(), "--per-run")?,
                 "--budget" => o.budget = num(it.next(), "--budget")?,
                 "--interval-ms" => o.interval_ms = num(it.next(), "--interval-ms")? as u64,
-                "--kv" => {
-                    o.kv = it
-                        .next()
-                        .ok_or_else(|| anyhow!("--kv needs a policy"))?
-                        .clone()
-                }
+                "--kv" => o.kv = crate::flag_value(&mut it, "--kv", "a policy")?.clone(),
                 "--model" => {
-                    o.model = Some(
-                        it.next()
-                            .ok_or_else(|| anyhow!("--model needs a path"))?
-                            .into(),
-                    )
+                    o.model = Some(crate::flag_value(&mut it, "--model", "a path")?.into())
                 }
-                "--bin" => {
-                    o.bin = Some(
-                        it.next()
-                            .ok_or_else(|| anyhow!("--bin needs a path"))?
-                            .into(),
-                    )
-                }
-                "--out" => {
-                    o.out = it
-                        .next()
-                        .ok_or_else(|| anyhow!("--out needs a folder"))?
-                        .into()
-                }
+                "--bin" => o.bin = Some(crate::flag_value(&mut it, "--bin", "a path")?.into()),
+                "--out" => o.out = crate::flag_value(&mut it, "--out", "a folder")?.into(),
                 "--max-growth-mib" => {
                     o.max_growth_mib = it
                         .next()
