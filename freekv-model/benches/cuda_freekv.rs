@@ -294,16 +294,18 @@ fn run_one(
     let mut prefill_warm_s = None;
     if sc.name.starts_with("prefill") {
         let vocab = model.config().vocab_size as u32;
+        // Seconds of one prefill of `ids` into `seq`, synchronised.
+        let timed_prefill = |b: &mut _, seq: usize, ids: &[u32]| -> Result<f64, String> {
+            let t0 = Instant::now();
+            model.prefill(b, seq, ids).map_err(|e| e.to_string())?;
+            gpu.synchronize().map_err(|e| e.to_string())?;
+            Ok(t0.elapsed().as_secs_f64())
+        };
         for seq in 0..bs {
             let ids: Vec<u32> = (0..sc.context)
                 .map(|i| 1 + ((i as u64 * 7919 + seq as u64 * 104_729) % (vocab as u64 - 1)) as u32)
                 .collect();
-            let t0 = Instant::now();
-            model
-                .prefill(&mut b, seq, &ids)
-                .map_err(|e| e.to_string())?;
-            gpu.synchronize().map_err(|e| e.to_string())?;
-            *prefill_s.get_or_insert(0.0) += t0.elapsed().as_secs_f64();
+            *prefill_s.get_or_insert(0.0) += timed_prefill(&mut b, seq, &ids)?;
             // Again from empty: the host pool keeps its pinned pages (the first prefill of a
             // sparse policy also pins the host memory of the history). Up to 64K tokens: a
             // 128K prefill takes a minute.
@@ -311,12 +313,7 @@ fn run_one(
                 continue;
             }
             b.truncate(seq, 0).map_err(|e| e.to_string())?;
-            let t0 = Instant::now();
-            model
-                .prefill(&mut b, seq, &ids)
-                .map_err(|e| e.to_string())?;
-            gpu.synchronize().map_err(|e| e.to_string())?;
-            *prefill_warm_s.get_or_insert(0.0) += t0.elapsed().as_secs_f64();
+            *prefill_warm_s.get_or_insert(0.0) += timed_prefill(&mut b, seq, &ids)?;
         }
     } else {
         model

@@ -290,17 +290,8 @@ fn cached_default_model() -> Option<PathBuf> {
     Some(home.join("models").join("SmolLM2-135M-Instruct.Q4_1.gguf")).filter(|p| p.is_file())
 }
 
-/// Repository root (only meaningful where cargo built this binary).
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
-}
-
 fn cargo_build_release(root: &Path, packages: &[&str]) -> Result<PathBuf> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut c = Command::new(cargo);
+    let mut c = crate::bench::cargo();
     c.args(["build", "--release"]).current_dir(root);
     for p in packages {
         c.args(["-p", p]);
@@ -320,7 +311,7 @@ fn cargo_build_release(root: &Path, packages: &[&str]) -> Result<PathBuf> {
 
 /// `--bundle DIR`: the release `freekv` and `xtask` binaries, copied into DIR.
 fn bundle(dir: &Path) -> Result<()> {
-    let root = repo_root();
+    let root = crate::bench::root();
     let release = cargo_build_release(&root, &["freekv-cli", "xtask"])?;
     let dir = if dir.is_absolute() {
         dir.to_path_buf()
@@ -571,7 +562,7 @@ pub fn run(o: &SanitizeOptions) -> Result<()> {
             o.out.clone().unwrap_or_else(|| dir.join("sanitize-out")),
         ),
         None => {
-            let root = repo_root();
+            let root = crate::bench::root();
             let release = cargo_build_release(&root, &["freekv-cli"])?;
             let out = match &o.out {
                 Some(p) if p.is_absolute() => p.clone(),

@@ -473,11 +473,8 @@ impl CudaLlama {
                 .and_then(|st| st.layer_of.get(l).copied().flatten());
             if let (Some(si), Some(st)) = (si, b.sparse.as_ref()) {
                 // The scratch this layer writes was last read by the offload of layer si − 2.
-                let free = st
-                    .scratch_free
-                    .get(si % 2)
-                    .ok_or_else(|| ModelError::Config("no prefill scratch event".into()))?;
-                s.wait(free).map_err(drv("waiting for a prefill offload"))?;
+                s.wait(st.scratch_free_of(si)?)
+                    .map_err(drv("waiting for a prefill offload"))?;
             }
             for j in 0..n_chunks {
                 let r0 = j * c;
@@ -515,11 +512,8 @@ impl CudaLlama {
                 r.wait(&st.prefill_ready)
                     .map_err(drv("ordering a prefill offload"))?;
                 Self::offload_sparse_layer(k, &r, st, si, si % 2, lists, &b.geom)?;
-                let free = st
-                    .scratch_free
-                    .get(si % 2)
-                    .ok_or_else(|| ModelError::Config("no prefill scratch event".into()))?;
-                free.record(&r)
+                st.scratch_free_of(si)?
+                    .record(&r)
                     .map_err(drv("recording a prefill offload"))?;
             }
         }

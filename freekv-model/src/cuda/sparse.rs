@@ -515,6 +515,13 @@ impl SparseState {
         Ok(())
     }
 
+    /// The event that frees the prefill scratch sparse layer `si` writes (`prefill_kv[si % 2]`).
+    pub(crate) fn scratch_free_of(&self, si: usize) -> Result<&CudaEvent, ModelError> {
+        self.scratch_free
+            .get(si % 2)
+            .ok_or_else(|| ModelError::Config(format!("no prefill scratch event for layer {si}")))
+    }
+
     /// Recall counters of every executor so far (units, bytes); synchronises `s` and the recall
     /// stream.
     pub(crate) fn recall_counters(
