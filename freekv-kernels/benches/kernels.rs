@@ -1,7 +1,8 @@
 //! Kernel timings on the GPU with CUDA events (`iter_custom`): decode attention at Llama-3.1-8B
 //! per-layer shapes (32 query heads, 8 KV heads, d = 128, pages of 16 and of 32; d = 64 and other
 //! group sizes; a device copy as the bandwidth ceiling), prefill attention,
-//! the element-wise kernels, sampling and cuBLAS GEMMs. Prints "skipped: no CUDA device" and
+//! the element-wise kernels, sampling and GEMMs (the `FREEKV_GEMM` backend, cuBLAS by default;
+//! benches/gemm.rs sets the native GEMM against cuBLAS). Prints "skipped: no CUDA device" and
 //! exits 0 where there is no GPU.
 
 use std::sync::Arc;
@@ -316,7 +317,7 @@ fn bench_gemm(c: &mut Criterion, g: &Gpu) {
         grp.bench_function(BenchmarkId::new("tokens", t), |b| {
             b.iter_custom(|iters| {
                 gpu_time(s, iters, || {
-                    g.gemm().linear(&x, &w, &mut y, dims, false).unwrap()
+                    g.matmul().linear(&x, &w, &mut y, dims, false).unwrap()
                 })
             })
         });

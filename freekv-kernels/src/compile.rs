@@ -67,8 +67,15 @@ pub const GEMV: KernelModule = KernelModule {
     source: include_str!("../kernels/gemv.cu"),
 };
 
-/// Every module, in load order.
-pub const ALL_MODULES: [KernelModule; 7] = [
+/// The native tensor-core GEMM (bf16 in, fp32 accumulation, bf16 or f32 out), loaded on demand
+/// by [`crate::ops::gemm_native::NativeGemm`] (not part of [`crate::Kernels`]).
+pub const GEMM: KernelModule = KernelModule {
+    name: "gemm",
+    source: include_str!("../kernels/gemm.cu"),
+};
+
+/// Every module: those of [`crate::Kernels`] in load order, then [`GEMM`] (loaded on demand).
+pub const ALL_MODULES: [KernelModule; 8] = [
     ELEMENTWISE,
     DECODE_ATTENTION,
     PREFILL_ATTENTION,
@@ -76,6 +83,7 @@ pub const ALL_MODULES: [KernelModule; 7] = [
     FREEKV_SELECT,
     FREEKV_RECALL,
     GEMV,
+    GEMM,
 ];
 
 impl KernelModule {

@@ -1,5 +1,13 @@
-//! Matrix products through cuBLAS: bf16 inputs, fp32 accumulation.
+//! Matrix products beyond decode size: bf16 inputs, fp32 accumulation, bf16 or f32 output.
+//!
+//! Two backends: cuBLAS ([`Gemm`]) and the native tensor-core GEMM of this crate
+//! ([`NativeGemm`], `kernels/gemm.cu`, no cuBLAS). [`Matmul`] holds one of them, chosen by
+//! [`GemmChoice`]: the environment variable [`GEMM_ENV`] (`FREEKV_GEMM`) = `cublas`, `native`
+//! or `auto` (the default: cuBLAS when it loads, else the native GEMM with a warning naming why).
+//! The native backend lets a machine without libcublas run the CUDA backend, and lets
+//! compute-sanitizer's racecheck run the engine (it fails inside cuBLAS's GEMMs).
 
+use std::path::Path;
 use std::sync::Arc;
 
 use cudarc::cublas::{CudaBlas, result as blas_result, sys as blas_sys};
@@ -7,7 +15,12 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use half::bf16;
 
 use crate::kernels::{check_len, mul};
-use crate::{KernelError, probe};
+use crate::ops::gemm_native::NativeGemm;
+use crate::ops::gemv::GemvOut;
+use crate::{KernelError, compile, probe};
+
+/// Environment variable choosing the GEMM backend: `cublas`, `native` or `auto` (default).
+pub const GEMM_ENV: &str = "FREEKV_GEMM";
 
 /// Sizes of a linear layer `y[t, o] = Σ_i x[t, i] · w[o, i]` (row-major; `w` as stored by GGUF and
 /// PyTorch, `[out_features, in_features]`).
@@ -28,16 +41,6 @@ pub struct Gemm {
     blas: CudaBlas,
     stream: Arc<CudaStream>,
     workspace: Option<CudaSlice<u8>>,
-}
-
-trait OutType {
-    const CUDA: blas_sys::cudaDataType;
-}
-impl OutType for bf16 {
-    const CUDA: blas_sys::cudaDataType = blas_sys::cudaDataType::CUDA_R_16BF;
-}
-impl OutType for f32 {
-    const CUDA: blas_sys::cudaDataType = blas_sys::cudaDataType::CUDA_R_32F;
 }
 
 impl Gemm {
@@ -99,7 +102,7 @@ impl Gemm {
         &self.stream
     }
 
-    fn run<O: OutType>(
+    fn run<O: GemvOut>(
         &self,
         what: &'static str,
         x: &impl DevicePtr<bf16>,
@@ -140,6 +143,11 @@ impl Gemm {
             int(d.tokens, "tokens")?,
             int(d.in_features, "in_features")?,
         );
+        let out_type = if O::F32 {
+            blas_sys::cudaDataType::CUDA_R_32F
+        } else {
+            blas_sys::cudaDataType::CUDA_R_16BF
+        };
         let alpha = 1.0f32;
         let beta = if accumulate { 1.0f32 } else { 0.0f32 };
         let s = &self.stream;
@@ -166,7 +174,7 @@ impl Gemm {
                 k,
                 (&beta) as *const f32 as *const _,
                 yp as *mut _,
-                O::CUDA,
+                out_type,
                 m,
                 blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
@@ -200,5 +208,249 @@ impl Gemm {
         accumulate: bool,
     ) -> Result<(), KernelError> {
         self.run("gemm_bf16_f32", x, w, y, dims, accumulate)
+    }
+}
+
+/// The library that computes the products of a [`Matmul`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GemmBackend {
+    /// cuBLAS (`cublasGemmEx`).
+    Cublas,
+    /// The native tensor-core GEMM of this crate ([`NativeGemm`]).
+    Native,
+}
+
+impl GemmBackend {
+    /// The value of [`GEMM_ENV`] that selects this backend.
+    pub fn name(self) -> &'static str {
+        match self {
+            GemmBackend::Cublas => "cublas",
+            GemmBackend::Native => "native",
+        }
+    }
+}
+
+impl std::fmt::Display for GemmBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Which backend to use: one of them, or `Auto` (cuBLAS when it loads, else native).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum GemmChoice {
+    /// cuBLAS, an error when it does not load.
+    Cublas,
+    /// The native GEMM; cuBLAS is never loaded.
+    Native,
+    /// cuBLAS when it loads, else the native GEMM (with a warning naming why).
+    #[default]
+    Auto,
+}
+
+impl From<GemmBackend> for GemmChoice {
+    fn from(b: GemmBackend) -> Self {
+        match b {
+            GemmBackend::Cublas => GemmChoice::Cublas,
+            GemmBackend::Native => GemmChoice::Native,
+        }
+    }
+}
+
+impl std::fmt::Display for GemmChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            GemmChoice::Cublas => "cublas",
+            GemmChoice::Native => "native",
+            GemmChoice::Auto => "auto",
+        })
+    }
+}
+
+impl std::str::FromStr for GemmChoice {
+    type Err = KernelError;
+
+    /// `cublas`, `native` or `auto` (ASCII case and surrounding blanks ignored).
+    fn from_str(s: &str) -> Result<Self, KernelError> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "cublas" => Ok(GemmChoice::Cublas),
+            "native" => Ok(GemmChoice::Native),
+            "auto" => Ok(GemmChoice::Auto),
+            _ => Err(KernelError::arg(
+                GEMM_ENV,
+                format!("`{s}` is not a GEMM backend (expected cublas, native or auto)"),
+            )),
+        }
+    }
+}
+
+impl GemmChoice {
+    /// The choice in [`GEMM_ENV`]: `Auto` when it is unset or empty, an error naming the
+    /// variable for any other value than `cublas`, `native` or `auto`.
+    pub fn from_env() -> Result<Self, KernelError> {
+        match std::env::var(GEMM_ENV) {
+            Ok(v) if v.trim().is_empty() => Ok(GemmChoice::Auto),
+            Ok(v) => v.parse(),
+            Err(std::env::VarError::NotPresent) => Ok(GemmChoice::Auto),
+            Err(std::env::VarError::NotUnicode(v)) => Err(KernelError::arg(
+                GEMM_ENV,
+                format!(
+                    "{} is not a GEMM backend (expected cublas, native or auto)",
+                    v.to_string_lossy()
+                ),
+            )),
+        }
+    }
+}
+
+#[derive(Debug)]
+enum MatmulImpl {
+    Cublas(Gemm),
+    Native(NativeGemm),
+}
+
+/// The products of one stream through the chosen backend ([`GemmChoice`]): the same calls and
+/// checks either way, no allocation and no host synchronisation per product (capturable in a
+/// CUDA graph; give cuBLAS a fixed workspace for that).
+#[derive(Debug)]
+pub struct Matmul {
+    stream: Arc<CudaStream>,
+    imp: MatmulImpl,
+}
+
+impl Matmul {
+    /// The backend `choice` on `stream`; cuBLAS gets a fixed workspace of `cublas_workspace`
+    /// bytes (0: cuBLAS manages its own, which is not capturable). `Auto` falls back to the
+    /// native GEMM, with a `tracing` warning naming the reason, when cuBLAS does not load.
+    pub fn new(
+        stream: Arc<CudaStream>,
+        choice: GemmChoice,
+        cublas_workspace: usize,
+    ) -> Result<Self, KernelError> {
+        Self::with_cache_dir(
+            stream,
+            choice,
+            cublas_workspace,
+            compile::default_cache_dir().as_deref(),
+        )
+    }
+
+    /// Like [`new`](Self::new), with an explicit kernel cache directory for the native module
+    /// (`None`: no disk cache).
+    pub fn with_cache_dir(
+        stream: Arc<CudaStream>,
+        choice: GemmChoice,
+        cublas_workspace: usize,
+        cache_dir: Option<&Path>,
+    ) -> Result<Self, KernelError> {
+        let cublas = |stream: &Arc<CudaStream>| {
+            if cublas_workspace > 0 {
+                Gemm::with_workspace(stream.clone(), cublas_workspace)
+            } else {
+                Gemm::new(stream.clone())
+            }
+        };
+        let imp = match choice {
+            GemmChoice::Cublas => MatmulImpl::Cublas(cublas(&stream)?),
+            GemmChoice::Native => MatmulImpl::Native(NativeGemm::load(&stream, cache_dir)?),
+            GemmChoice::Auto => match cublas(&stream) {
+                Ok(g) => MatmulImpl::Cublas(g),
+                Err(e) => {
+                    tracing::warn!(
+                        "cuBLAS is unavailable ({e}); using the native tensor-core GEMM \
+                         ({GEMM_ENV}=auto; set {GEMM_ENV}=native to skip cuBLAS)"
+                    );
+                    MatmulImpl::Native(NativeGemm::load(&stream, cache_dir)?)
+                }
+            },
+        };
+        tracing::debug!(backend = %Self::backend_of(&imp), "GEMM backend ready");
+        Ok(Self { stream, imp })
+    }
+
+    fn backend_of(imp: &MatmulImpl) -> GemmBackend {
+        match imp {
+            MatmulImpl::Cublas(_) => GemmBackend::Cublas,
+            MatmulImpl::Native(_) => GemmBackend::Native,
+        }
+    }
+
+    /// The backend in use.
+    pub fn backend(&self) -> GemmBackend {
+        Self::backend_of(&self.imp)
+    }
+
+    /// The stream the products run on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The cuBLAS handle, with the cuBLAS backend.
+    pub fn cublas(&self) -> Option<&Gemm> {
+        match &self.imp {
+            MatmulImpl::Cublas(g) => Some(g),
+            MatmulImpl::Native(_) => None,
+        }
+    }
+
+    /// The native kernels, with the native backend.
+    pub fn native(&self) -> Option<&NativeGemm> {
+        match &self.imp {
+            MatmulImpl::Native(n) => Some(n),
+            MatmulImpl::Cublas(_) => None,
+        }
+    }
+
+    /// `y = x · wᵀ` (`accumulate`: `y += x · wᵀ`), bf16 or f32 output, on [`stream`](Self::stream).
+    /// Shapes and checks as [`Gemm::linear`] (the native backend also refuses a `y` that
+    /// overlaps `x` or `w`).
+    pub fn linear<O: GemvOut>(
+        &self,
+        x: &impl DevicePtr<bf16>,
+        w: &impl DevicePtr<bf16>,
+        y: &mut impl DevicePtrMut<O>,
+        dims: LinearDims,
+        accumulate: bool,
+    ) -> Result<(), KernelError> {
+        match &self.imp {
+            MatmulImpl::Cublas(g) => {
+                let what = if O::F32 { "gemm_bf16_f32" } else { "gemm_bf16" };
+                g.run(what, x, w, y, dims, accumulate)
+            }
+            MatmulImpl::Native(n) => n.linear(&self.stream, x, w, y, dims, accumulate),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn choices_parse_and_print() {
+        for (s, c) in [
+            ("cublas", GemmChoice::Cublas),
+            ("native", GemmChoice::Native),
+            ("auto", GemmChoice::Auto),
+            (" Native\n", GemmChoice::Native),
+            ("CUBLAS", GemmChoice::Cublas),
+        ] {
+            assert_eq!(s.parse::<GemmChoice>().unwrap(), c, "{s:?}");
+        }
+        for c in [GemmChoice::Cublas, GemmChoice::Native, GemmChoice::Auto] {
+            assert_eq!(c.to_string().parse::<GemmChoice>().unwrap(), c);
+        }
+        for bad in ["", "cuda", "native2", "0"] {
+            let e = bad.parse::<GemmChoice>().unwrap_err();
+            let msg = e.to_string();
+            assert!(
+                msg.contains(GEMM_ENV) && msg.contains("cublas, native or auto"),
+                "{msg}"
+            );
+            assert!(!e.is_unavailable());
+        }
+        assert_eq!(GemmChoice::default(), GemmChoice::Auto);
+        assert_eq!(GemmChoice::from(GemmBackend::Native), GemmChoice::Native);
+        assert_eq!(GemmBackend::Cublas.to_string(), "cublas");
     }
 }

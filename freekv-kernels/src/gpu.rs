@@ -1,4 +1,4 @@
-//! The device handle: context, stream, compiled kernels and cuBLAS.
+//! The device handle: context, stream, compiled kernels and the GEMM backend (cuBLAS or native).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -7,44 +7,67 @@ use cudarc::driver::{CudaContext, CudaStream};
 
 use crate::KernelError;
 use crate::compile::{self, CubinSource};
-use crate::gemm::Gemm;
+use crate::gemm::{Gemm, GemmBackend, GemmChoice, Matmul};
 use crate::kernels::Kernels;
 use crate::probe::{self, DeviceInfo};
 
 /// One CUDA device ready for work: its primary context (event tracking disabled), a compute
-/// stream, the compiled kernels and a cuBLAS handle bound to that stream.
+/// stream, the compiled kernels and the matrix products bound to that stream (cuBLAS or the
+/// native tensor-core GEMM, see [`GemmChoice`]).
 #[derive(Debug)]
 pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     kernels: Kernels,
-    gemm: Gemm,
+    matmul: Matmul,
     info: DeviceInfo,
 }
 
 impl Gpu {
-    /// Probes device `ordinal` and compiles (or loads from the default disk cache) every kernel.
-    /// Errors, never panics, when there is no driver, device, NVRTC, cuBLAS or toolkit headers.
+    /// Probes device `ordinal` and compiles (or loads from the default disk cache) every kernel;
+    /// the GEMM backend comes from `FREEKV_GEMM` ([`GemmChoice::from_env`]). Errors, never
+    /// panics, when there is no driver, device, NVRTC or toolkit headers, when `FREEKV_GEMM` is
+    /// not `cublas`, `native` or `auto`, or when it is `cublas` and cuBLAS does not load.
     pub fn new(ordinal: usize) -> Result<Self, KernelError> {
         Self::with_cache_dir(ordinal, compile::default_cache_dir())
     }
 
     /// Like [`Gpu::new`] with an explicit kernel cache directory (`None`: no disk cache).
-    #[tracing::instrument(level = "debug", skip_all, fields(ordinal))]
     pub fn with_cache_dir(ordinal: usize, cache_dir: Option<PathBuf>) -> Result<Self, KernelError> {
+        Self::with_options(ordinal, cache_dir, None)
+    }
+
+    /// Like [`Gpu::new`] with the GEMM backend given explicitly (the environment is not read).
+    pub fn with_gemm(ordinal: usize, gemm: GemmChoice) -> Result<Self, KernelError> {
+        Self::with_options(ordinal, compile::default_cache_dir(), Some(gemm))
+    }
+
+    /// The general constructor: kernel cache directory (`None`: no disk cache) and GEMM backend
+    /// (`None`: from `FREEKV_GEMM`).
+    #[tracing::instrument(level = "debug", skip_all, fields(ordinal))]
+    pub fn with_options(
+        ordinal: usize,
+        cache_dir: Option<PathBuf>,
+        gemm: Option<GemmChoice>,
+    ) -> Result<Self, KernelError> {
         let (info, ctx) = probe::probe(ordinal)?;
+        // Read after the probe: without a device the variable does not matter.
+        let choice = match gemm {
+            Some(c) => c,
+            None => GemmChoice::from_env()?,
+        };
         let include_dirs = compile::resolve_include_dirs()?;
         let stream = ctx
             .new_stream()
             .map_err(KernelError::driver("creating the compute stream"))?;
         let kernels = Kernels::load(&ctx, &info, &include_dirs, cache_dir.as_deref())?;
-        let gemm = Gemm::new(stream.clone())?;
-        tracing::debug!(device = %info, "CUDA device ready");
+        let matmul = Matmul::with_cache_dir(stream.clone(), choice, 0, cache_dir.as_deref())?;
+        tracing::debug!(device = %info, gemm = %matmul.backend(), "CUDA device ready");
         Ok(Self {
             ctx,
             stream,
             kernels,
-            gemm,
+            matmul,
             info,
         })
     }
@@ -54,7 +77,7 @@ impl Gpu {
         &self.ctx
     }
 
-    /// The compute stream every launcher of this handle's [`Gemm`] uses.
+    /// The compute stream every launcher of this handle's [`Matmul`] uses.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
     }
@@ -64,9 +87,19 @@ impl Gpu {
         &self.kernels
     }
 
-    /// cuBLAS matrix products on [`Gpu::stream`].
-    pub fn gemm(&self) -> &Gemm {
-        &self.gemm
+    /// Matrix products on [`Gpu::stream`] through the chosen backend.
+    pub fn matmul(&self) -> &Matmul {
+        &self.matmul
+    }
+
+    /// The GEMM backend of [`Gpu::matmul`].
+    pub fn gemm_backend(&self) -> GemmBackend {
+        self.matmul.backend()
+    }
+
+    /// The cuBLAS handle on [`Gpu::stream`]; `None` with the native GEMM backend.
+    pub fn gemm(&self) -> Option<&Gemm> {
+        self.matmul.cublas()
     }
 
     /// What the probe found.

@@ -7,7 +7,8 @@
 //!   and cached on disk under `$FREEKV_HOME/kernels` keyed by a hash of (source, options, NVRTC
 //!   version, architecture).
 //! * [`Gpu`]: context (cudarc event tracking disabled: synchronisation is explicit), compute
-//!   stream, [`Kernels`] (every function resolved once into a field) and a cuBLAS [`Gemm`].
+//!   stream, [`Kernels`] (every function resolved once into a field) and the matrix products
+//!   ([`Matmul`]: cuBLAS [`Gemm`] or the native tensor-core GEMM, chosen by `FREEKV_GEMM`).
 //! * Kernels (bf16 storage, fp32 math): embedding gather, fused residual add + RMSNorm, RoPE (both
 //!   pairings), SwiGLU, KV append into NHD pages, paged decode attention (split-K, GQA-aware, head
 //!   dims 64 and 128), causal paged prefill attention on tensor cores, argmax and sampling.
@@ -39,7 +40,7 @@ pub mod probe;
 pub mod testing;
 
 pub use error::KernelError;
-pub use gemm::{Gemm, LinearDims};
+pub use gemm::{Gemm, GemmBackend, GemmChoice, LinearDims, Matmul};
 pub use gpu::Gpu;
 pub use host::MappedHostBuffer;
 pub use kernels::{Kernels, Strided};

@@ -29,8 +29,9 @@ pub struct DeviceInfo {
     pub driver_version: i32,
     /// NVRTC (major, minor).
     pub nvrtc_version: (i32, i32),
-    /// cuBLAS (major, minor, patch).
-    pub cublas_version: (i32, i32, i32),
+    /// cuBLAS (major, minor, patch); `None` when cuBLAS 13 does not load (the native GEMM
+    /// backend still runs, see [`crate::gemm::GemmChoice`]).
+    pub cublas_version: Option<(i32, i32, i32)>,
 }
 
 impl DeviceInfo {
@@ -47,7 +48,7 @@ impl std::fmt::Display for DeviceInfo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} (device {}, {}, {} SMs, {:.1} GiB, driver {}.{}, NVRTC {}.{}, cuBLAS {}.{}.{})",
+            "{} (device {}, {}, {} SMs, {:.1} GiB, driver {}.{}, NVRTC {}.{}, {})",
             self.name,
             self.ordinal,
             self.arch(),
@@ -57,9 +58,10 @@ impl std::fmt::Display for DeviceInfo {
             (self.driver_version % 1000) / 10,
             self.nvrtc_version.0,
             self.nvrtc_version.1,
-            self.cublas_version.0,
-            self.cublas_version.1,
-            self.cublas_version.2,
+            match self.cublas_version {
+                Some((a, b, c)) => format!("cuBLAS {a}.{b}.{c}"),
+                None => "no cuBLAS".to_string(),
+            },
         )
     }
 }
@@ -172,12 +174,13 @@ pub fn cublas_version() -> Result<(i32, i32, i32), KernelError> {
     Ok((v[0], v[1], v[2]))
 }
 
-/// Full probe: driver, device `ordinal`, NVRTC and cuBLAS; creates (retains) the device's primary
+/// Full probe: driver, device `ordinal`, NVRTC, and whether cuBLAS loads (recorded, not
+/// required: the native GEMM backend needs no cuBLAS); creates (retains) the device's primary
 /// context to read its properties. Never panics; every failure is a [`KernelError`].
 pub fn probe(ordinal: usize) -> Result<(DeviceInfo, std::sync::Arc<CudaContext>), KernelError> {
     let driver_version = check_device(ordinal)?;
     let nvrtc_version = nvrtc_version()?;
-    let cublas_version = cublas_version()?;
+    let cublas_version = cublas_version().ok();
     let ctx = CudaContext::new(ordinal).map_err(|e| {
         KernelError::NoDevice(format!("creating a context on device {ordinal}: {e}"))
     })?;
@@ -210,8 +213,8 @@ pub fn probe(ordinal: usize) -> Result<(DeviceInfo, std::sync::Arc<CudaContext>)
     ))
 }
 
-/// True when a usable CUDA device is present (driver, device, NVRTC and cuBLAS all probe OK).
-/// Never panics.
+/// True when a usable CUDA device is present (driver, device and NVRTC probe OK; cuBLAS is
+/// optional, see [`crate::gemm::GemmChoice`]). Never panics.
 pub fn cuda_available() -> bool {
-    check_device(0).is_ok() && nvrtc_version().is_ok() && cublas_version().is_ok()
+    check_device(0).is_ok() && nvrtc_version().is_ok()
 }

@@ -54,7 +54,10 @@ fn gpu_handle_and_kernel_cache() {
             "elementwise",
             "decode_attention",
             "prefill_attention",
-            "sampling"
+            "sampling",
+            "freekv_select",
+            "freekv_recall",
+            "gemv"
         ]
     );
     println!("modules: {:?}", g.module_sources());

@@ -7,10 +7,11 @@
 //! that is also printed. Exit status: non-zero when a sanitizer reports an error or a run fails.
 //!
 //! Every tool also runs over the [`KERNEL_BENCHES`] (the FreeKV selection and recall kernels,
-//! no cuBLAS) in criterion's test mode: on the H200 racecheck cannot run the engine (the tool
-//! fails inside a cuBLAS GEMM, reported as "sanitizer internal error", not as a finding), so
-//! those rows are its verification of the FreeKV kernels; racecheck of the engine instruments
-//! only `--racecheck-kernels` (default [`DEFAULT_RACECHECK_KERNELS`]).
+//! no cuBLAS) in criterion's test mode. On the H200 racecheck could not run the engine through
+//! cuBLAS (the tool fails inside a cuBLAS GEMM, reported as "sanitizer internal error", not as
+//! a finding), so the racecheck runs of the engine set [`RACECHECK_ENV`] (`FREEKV_GEMM=native`:
+//! the products go through freekv-kernels' own tensor-core GEMM and cuBLAS never runs); they
+//! instrument only `--racecheck-kernels` (default [`DEFAULT_RACECHECK_KERNELS`]).
 //!
 //! The GPU machine has no cargo: `cargo xtask sanitize --bundle` builds the release `freekv` and
 //! `xtask` binaries and the kernel benches into `.device/sanitize`, and there `./xtask sanitize
@@ -72,13 +73,18 @@ pub const DEFAULT_RACECHECK_KERNELS: &str = "freekv|copy_pages";
 
 /// Benches that exercise the FreeKV kernels without cuBLAS (package, bench): each is also run
 /// once per tool in criterion's test mode (`--bench --test`, every benchmark once). On the
-/// H200 (compute-sanitizer 2025, cuBLAS 13.1) racecheck stops the engine inside a cuBLAS GEMM
+/// H200 (compute-sanitizer 2025, cuBLAS 13.1) racecheck stopped the engine inside a cuBLAS GEMM
 /// with "Internal Sanitizer Error: The Sanitizer failed to handle a hardware exception" even
-/// when the GEMM kernels are filtered out, so these runs are what racecheck can verify there.
+/// when the GEMM kernels were filtered out; these runs check the FreeKV kernels without the
+/// engine, and the engine's racecheck runs avoid cuBLAS with [`RACECHECK_ENV`].
 pub const KERNEL_BENCHES: [(&str, &str); 2] = [
     ("freekv-kernels", "select"),
     ("freekv-recall", "cuda_recall"),
 ];
+
+/// Environment of the racecheck runs of the engine: the native GEMM backend, so that cuBLAS
+/// (inside which racecheck fails on the H200) never runs.
+pub const RACECHECK_ENV: [(&str, &str); 1] = [("FREEKV_GEMM", "native")];
 
 /// The marker compute-sanitizer prints when the tool itself failed (not a finding).
 pub const INTERNAL_ERROR: &str = "Internal Sanitizer Error";
@@ -109,7 +115,8 @@ pub fn usage() -> &'static str {
      [--model PATH|synthetic:NAME] [--prompt-tokens 640] [-n 16] [--budget 256] [--out DIR]\n      \
      [--sanitizer PATH] [--timeout-s 300] [--racecheck-kernels REGEX|all]\n      \
      [--no-kernel-benches] [-- more freekv generate flags]\n  \
-     sanitize --bundle [DIR]   build freekv and xtask (release) into DIR (default .device/sanitize)"
+     sanitize --bundle [DIR]   build freekv and xtask (release) into DIR (default .device/sanitize)\n  \
+     racecheck runs of the engine set FREEKV_GEMM=native (the native GEMM, no cuBLAS)"
 }
 
 fn list(v: Option<&String>, flag: &str) -> Result<Vec<String>> {
@@ -418,6 +425,8 @@ struct SanitizerRun<'a> {
     stem: PathBuf,
     /// racecheck: instrument only the kernels matching this regex.
     kernels: Option<&'a str>,
+    /// Environment variables set for the program.
+    env: &'a [(&'a str, &'a str)],
     program: Vec<std::ffi::OsString>,
     timeout: Duration,
 }
@@ -442,6 +451,7 @@ impl SanitizerRun<'_> {
             c.arg("--kernel-regex").arg(format!("kns={re}"));
         }
         c.arg("--log-file").arg(&log).args(&self.program);
+        c.envs(self.env.iter().copied());
         let r = run_with_timeout(c, self.timeout)?;
         // The run's own messages (a failed run says why here, not in the sanitizer log).
         let err_log = suffixed(&self.stem, "stderr");
@@ -449,18 +459,25 @@ impl SanitizerRun<'_> {
             .with_context(|| format!("writing {}", err_log.display()))?;
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         let (status, errors, warnings) = run_status(r.timed_out, r.code, &text);
+        let env: Vec<String> = self.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         println!(
-            "sanitize: {:<9} {:<16} {status}: {} errors, {} warnings ({:.0} s) -> {}",
+            "sanitize: {:<9} {:<16} {status}: {} errors, {} warnings ({:.0} s) -> {}{}",
             self.tool,
             self.label,
             errors.map_or("?".into(), |e| e.to_string()),
             warnings.map_or("?".into(), |w| w.to_string()),
             r.secs,
-            log.display()
+            log.display(),
+            if env.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", env.join(" "))
+            }
         );
         Ok(json!({
             "kv": kv,
             "tool": self.tool,
+            "env": env,
             "status": status,
             "errors": errors,
             "warnings": warnings,
@@ -520,6 +537,15 @@ fn last_line(s: &str) -> String {
         .find(|l| !l.trim().is_empty())
         .unwrap_or("")
         .to_string()
+}
+
+/// Environment of an engine run under `tool`: [`RACECHECK_ENV`] for racecheck, nothing else.
+fn engine_env(tool: &str) -> &'static [(&'static str, &'static str)] {
+    if tool == "racecheck" {
+        &RACECHECK_ENV
+    } else {
+        &[]
+    }
 }
 
 /// The `freekv generate` arguments of one policy.
@@ -636,6 +662,7 @@ pub fn run(o: &SanitizeOptions) -> Result<()> {
                 label: format!("--kv {kv}"),
                 stem: out_dir.join(format!("{tool}-{kv}")),
                 kernels,
+                env: engine_env(tool),
                 program,
                 timeout,
             };
@@ -660,6 +687,7 @@ pub fn run(o: &SanitizeOptions) -> Result<()> {
                     label: format!("bench {name}"),
                     stem: out_dir.join(format!("{tool}-bench-{name}")),
                     kernels: None,
+                    env: &[],
                     program: vec![bin.clone().into(), "--bench".into(), "--test".into()],
                     timeout,
                 };
@@ -674,8 +702,9 @@ pub fn run(o: &SanitizeOptions) -> Result<()> {
         .any(|r| r["status"] == "sanitizer internal error")
     {
         println!(
-            "sanitize: \"{INTERNAL_ERROR}\" is the tool failing (racecheck on the H200 stops inside a \
-             cuBLAS GEMM), not a finding in the code; the kernel-bench rows cover the FreeKV kernels"
+            "sanitize: \"{INTERNAL_ERROR}\" is the tool failing (racecheck on the H200 stopped \
+             inside a cuBLAS GEMM; the engine's racecheck runs use FREEKV_GEMM=native), not a \
+             finding in the code; the kernel-bench rows cover the FreeKV kernels"
         );
     }
     let summary = json!({
@@ -754,6 +783,13 @@ mod tests {
         assert_eq!(r.racecheck_kernels.as_deref(), Some("decode_attn"));
         assert!(SanitizeOptions::parse(&args(&["--racecheck-kernels"])).is_err());
         assert!(SanitizeOptions::parse(&args(&["--racecheck-kernels", " "])).is_err());
+    }
+
+    #[test]
+    fn racecheck_runs_use_the_native_gemm() {
+        assert_eq!(engine_env("racecheck"), &[("FREEKV_GEMM", "native")]);
+        assert!(engine_env("memcheck").is_empty() && engine_env("synccheck").is_empty());
+        assert!(usage().contains("FREEKV_GEMM=native"));
     }
 
     #[test]

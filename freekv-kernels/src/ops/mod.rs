@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod elementwise;
+pub mod gemm_native;
 pub mod gemv;
 pub mod init;
 pub mod recall;

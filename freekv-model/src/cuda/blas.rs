@@ -1,17 +1,21 @@
-//! The decoder's linear layers: freekv-kernels' skinny `gemv` kernels for decode-sized products
-//! (up to [`GEMV_PREFERRED_MAX_TOKENS`] token rows, where they beat cuBLAS), cuBLAS (with a fixed
-//! workspace, so that the products can be captured in a CUDA graph) for everything else.
+//! The decoder's linear layers: freekv-kernels' skinny `gemv` kernels for decode-sized products,
+//! and a [`Matmul`] (cuBLAS with a fixed workspace, so that the products can be captured in a
+//! CUDA graph, or the native tensor-core GEMM: the [`Gpu`]'s backend, `FREEKV_GEMM`) for
+//! everything else. With cuBLAS the `gemv` kernels take up to [`GEMV_PREFERRED_MAX_TOKENS`] rows
+//! (where they beat cuBLAS); with the native GEMM, whose smallest tile has 64 rows, they take up
+//! to [`GEMV_MAX_TOKENS`].
 //!
-//! Set `FREEKV_GEMV=0` to send every product to cuBLAS (for before/after measurements).
+//! Set `FREEKV_GEMV=0` to send every product to the GEMM backend (for before/after
+//! measurements).
 
 use std::sync::Arc;
 
-use freekv_kernels::KernelError;
+use freekv_kernels::Gpu;
 use freekv_kernels::cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
-use freekv_kernels::gemm::{Gemm, LinearDims};
+use freekv_kernels::gemm::{GemmBackend, LinearDims, Matmul};
 use freekv_kernels::half::bf16;
 use freekv_kernels::ops::gemv::{
-    GEMV_PREFERRED_MAX_TOKENS, GemvKernels, GemvOut, gemv_aligned, gemv_supported,
+    GEMV_MAX_TOKENS, GEMV_PREFERRED_MAX_TOKENS, GemvKernels, GemvOut, gemv_aligned, gemv_supported,
 };
 
 use crate::ModelError;
@@ -19,76 +23,64 @@ use crate::ModelError;
 /// cuBLAS workspace handed to the handle (what cuBLAS recommends for Hopper).
 const WORKSPACE_BYTES: usize = 32 << 20;
 
-/// Environment variable: `0` disables the `gemv` kernels (every product through cuBLAS).
+/// Environment variable: `0` disables the `gemv` kernels (every product through the GEMM backend).
 pub(crate) const GEMV_ENV: &str = "FREEKV_GEMV";
 
-/// Output element types of [`Blas::linear`].
-pub(crate) trait OutType: GemvOut + Sized {
-    fn linear(
-        g: &Gemm,
-        x: &impl DevicePtr<bf16>,
-        w: &impl DevicePtr<bf16>,
-        y: &mut impl DevicePtrMut<Self>,
-        d: LinearDims,
-    ) -> Result<(), KernelError>;
-}
-impl OutType for bf16 {
-    fn linear(
-        g: &Gemm,
-        x: &impl DevicePtr<bf16>,
-        w: &impl DevicePtr<bf16>,
-        y: &mut impl DevicePtrMut<Self>,
-        d: LinearDims,
-    ) -> Result<(), KernelError> {
-        g.linear(x, w, y, d, false)
-    }
-}
-impl OutType for f32 {
-    fn linear(
-        g: &Gemm,
-        x: &impl DevicePtr<bf16>,
-        w: &impl DevicePtr<bf16>,
-        y: &mut impl DevicePtrMut<Self>,
-        d: LinearDims,
-    ) -> Result<(), KernelError> {
-        g.linear_f32(x, w, y, d, false)
-    }
-}
-
-/// The decoder's products: the `gemv` kernels where they apply, else cuBLAS with a fixed
-/// workspace (cuBLAS must not allocate during a graph capture).
+/// The decoder's products: the `gemv` kernels where they apply, else the GEMM backend (cuBLAS
+/// with a fixed workspace, since cuBLAS must not allocate during a graph capture, or the native
+/// GEMM).
 #[derive(Debug)]
 pub(crate) struct Blas {
-    gemm: Gemm,
+    mm: Matmul,
     /// `None` when disabled through [`GEMV_ENV`].
     gemv: Option<GemvKernels>,
+    /// Most token rows a plain product sends to the `gemv` kernels.
+    gemv_max_tokens: usize,
 }
 
 impl Blas {
-    pub(crate) fn new(stream: Arc<CudaStream>) -> Result<Self, ModelError> {
+    /// The products of `gpu`'s stream with `gpu`'s GEMM backend; `gemv` kernels unless
+    /// `FREEKV_GEMV=0`.
+    pub(crate) fn new(gpu: &Gpu) -> Result<Self, ModelError> {
         let enabled = std::env::var(GEMV_ENV).map_or(true, |v| v.trim() != "0");
-        Self::with_gemv(stream, enabled)
+        Self::with_options(gpu.stream().clone(), enabled, gpu.gemm_backend())
     }
 
-    /// Like [`new`](Self::new), with the `gemv` kernels on or off regardless of the environment.
-    pub(crate) fn with_gemv(stream: Arc<CudaStream>, gemv: bool) -> Result<Self, ModelError> {
+    /// The products of `stream` with the `gemv` kernels on or off and the GEMM `backend`, both
+    /// regardless of the environment.
+    pub(crate) fn with_options(
+        stream: Arc<CudaStream>,
+        gemv: bool,
+        backend: GemmBackend,
+    ) -> Result<Self, ModelError> {
         let gemv = if gemv {
             Some(GemvKernels::for_stream(&stream)?)
         } else {
-            tracing::debug!("{GEMV_ENV}=0: every product through cuBLAS");
+            tracing::debug!("{GEMV_ENV}=0: every product through the {backend} GEMM");
             None
         };
+        let gemv_max_tokens = match backend {
+            GemmBackend::Cublas => GEMV_PREFERRED_MAX_TOKENS,
+            GemmBackend::Native => GEMV_MAX_TOKENS,
+        };
         Ok(Self {
-            gemm: Gemm::with_workspace(stream, WORKSPACE_BYTES)?,
+            mm: Matmul::new(stream, backend.into(), WORKSPACE_BYTES)?,
             gemv,
+            gemv_max_tokens,
         })
     }
 
+    /// The GEMM backend of the products the `gemv` kernels do not take.
+    #[allow(dead_code)] // read by the tests
+    pub(crate) fn backend(&self) -> GemmBackend {
+        self.mm.backend()
+    }
+
     /// `y[t, o] = Σ_i x[t, i] · w[o, i]` for `tokens` rows (row-major; `w` is `[out, in]`), fp32
-    /// accumulation. Buffers may be longer than needed. Up to [`GEMV_PREFERRED_MAX_TOKENS`] rows
-    /// with `in` a multiple of 8 and 16-byte aligned `x` and `w` go to the `gemv` kernels (one
-    /// pass over the weights), the rest to cuBLAS.
-    pub(crate) fn linear<O: OutType>(
+    /// accumulation. Buffers may be longer than needed. Up to the `gemv` limit of the backend
+    /// (see the module docs) with `in` a multiple of 8 and 16-byte aligned `x` and `w`, rows go
+    /// to the `gemv` kernels (one pass over the weights), the rest to the GEMM backend.
+    pub(crate) fn linear<O: GemvOut>(
         &self,
         x: &impl DevicePtr<bf16>,
         w: &impl DevicePtr<bf16>,
@@ -105,9 +97,9 @@ impl Blas {
         if let Some(gv) = &self.gemv
             && self.gemv_fits(x, w, d)
         {
-            return Ok(gv.linear(self.gemm.stream(), x, w, y, d, false)?);
+            return Ok(gv.linear(self.mm.stream(), x, w, y, d, false)?);
         }
-        Ok(O::linear(&self.gemm, x, w, y, d)?)
+        Ok(self.mm.linear(x, w, y, d, false)?)
     }
 
     /// The `gemv` kernels when a decode step of `tokens` rows should use them, fused operations
@@ -120,10 +112,10 @@ impl Blas {
 
     /// Whether the `gemv` kernels serve this product (decided on the host: shape and alignment).
     fn gemv_fits(&self, x: &impl DevicePtr<bf16>, w: &impl DevicePtr<bf16>, d: LinearDims) -> bool {
-        if d.tokens > GEMV_PREFERRED_MAX_TOKENS || !gemv_supported(d) {
+        if d.tokens > self.gemv_max_tokens || !gemv_supported(d) {
             return false;
         }
-        let s = self.gemm.stream();
+        let s = self.mm.stream();
         let (xp, _gx) = x.device_ptr(s);
         let (wp, _gw) = w.device_ptr(s);
         gemv_aligned(xp) && gemv_aligned(wp)
@@ -155,15 +147,23 @@ mod tests {
             / scale
     }
 
-    /// Both routes (gemv for ≤ 2 aligned rows, cuBLAS otherwise: more rows, `in` not a multiple
-    /// of 8, a misaligned `x`) against an f64 reference, bf16 and f32 outputs poisoned with NaN.
+    /// Every route (gemv for few aligned rows — ≤ 2 with cuBLAS, ≤ 8 with the native GEMM —, the
+    /// GEMM backend otherwise: more rows, `in` not a multiple of 8, a misaligned `x`) of both
+    /// backends against an f64 reference, bf16 and f32 outputs poisoned with NaN.
     #[test]
     fn linear_routes_match_reference() {
         let Some(g) = freekv_kernels::testing::gpu() else {
             return;
         };
         let s = g.stream();
-        let blas = Blas::with_gemv(s.clone(), true).unwrap();
+        for backend in [GemmBackend::Cublas, GemmBackend::Native] {
+            let blas = Blas::with_options(s.clone(), true, backend).unwrap();
+            assert_eq!(blas.backend(), backend);
+            linear_routes(&blas, s);
+        }
+    }
+
+    fn linear_routes(blas: &Blas, s: &Arc<CudaStream>) {
         let mut r = StdRng::seed_from_u64(0xB1A5);
         // (tokens, in, out, x offset in elements)
         for &(t, k, n, off) in &[
@@ -174,6 +174,8 @@ mod tests {
             (9, 1024, 515, 0),
             (3, 100, 70, 0),
             (2, 512, 256, 1),
+            (70, 576, 1536, 0),
+            (130, 100, 70, 3),
         ] {
             let x = rand_bf16(&mut r, off + t * k, 1.0);
             let w = rand_bf16(&mut r, n * k, 0.1);
@@ -202,7 +204,8 @@ mod tests {
             let e2 = rel_err(&s.clone_dtoh(&y32).unwrap(), &want);
             assert!(
                 e1 <= 1e-2 && e2 <= 1e-4,
-                "{t}x{k}x{n}+{off}: {e1:.2e} {e2:.2e}"
+                "{:?} {t}x{k}x{n}+{off}: {e1:.2e} {e2:.2e}",
+                blas.backend()
             );
         }
     }

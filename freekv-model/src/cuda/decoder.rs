@@ -169,7 +169,7 @@ impl CudaLlama {
         let cfg = LlamaConfig::from_gguf(gguf)?;
         check_config(&cfg)?;
         let weights = Weights::from_gguf(&gpu, gguf, &cfg)?;
-        let blas = Blas::new(gpu.stream().clone())?;
+        let blas = Blas::new(&gpu)?;
         Ok(Self {
             gpu,
             cfg,
@@ -200,7 +200,7 @@ impl CudaLlama {
     ) -> Result<Self, ModelError> {
         check_config(&cfg)?;
         let weights = Weights::synthetic(&gpu, &cfg, seed)?;
-        let blas = Blas::new(gpu.stream().clone())?;
+        let blas = Blas::new(&gpu)?;
         Ok(Self {
             gpu,
             cfg,
