@@ -20,3 +20,16 @@ extern "C" __global__ void init_uniform_bf16(bf16* __restrict__ out, u64 n, u64 
         out[i] = f2bf(offset + scale * (2.0f * u - 1.0f));
     }
 }
+
+// out[r * row_len + j] = value for every row r < rows and column j < cols (cols <= row_len): the
+// persistent dimensions of a synthetic embedding table (every token's row holds the same values
+// there, like the "massive activations" of trained models).
+extern "C" __global__ void init_fill_columns_bf16(bf16* __restrict__ out, u64 rows, u64 row_len,
+                                                  u32 cols, float value) {
+    const u64 n = rows * (u64)cols;
+    const u64 stride = (u64)gridDim.x * blockDim.x;
+    const bf16 v = f2bf(value);
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        out[(i / cols) * row_len + (i % cols)] = v;
+    }
+}

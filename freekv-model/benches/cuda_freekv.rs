@@ -15,7 +15,13 @@
 //! decode forward (a CUDA graph replay where the policy allows it), argmax on the device and
 //! the read-back of the token ids.
 //!
-//! Environment: `FREEKV_BENCH_MODEL` (default `llama-3.1-8b`), `FREEKV_BENCH_SCENARIOS`
+//! The tokens fed to each step are a seeded pseudo-random stream (the argmax is still computed
+//! and read back every step, so the step costs the same): a model with a persistent residual
+//! component would otherwise repeat one token, which real text does not.
+//!
+//! Environment: `FREEKV_BENCH_MODEL` (default `llama-3.1-8b`; a comma-separated list runs each
+//! model in turn, e.g. a sweep `llama-3.1-8b,llama-3.1-8b+persistent=0.9` of the query coherence
+//! of [`freekv_model::cuda::SyntheticSpec`]), `FREEKV_BENCH_SCENARIOS`
 //! (`name:context:gen,…`, default `long-input:32768:512,long-generation:1024:2048`),
 //! `FREEKV_BENCH_BATCHES` (default `1,4,16`), `FREEKV_BENCH_POLICIES` (default
 //! `full,oracle,arkvale,freekv,freekv-spec,freekv-streamed`; `freekv-spec` is `freekv` with
@@ -116,7 +122,11 @@ fn main() {
         Some(g) => g,
         None => return,
     };
-    let model_name = env_or("FREEKV_BENCH_MODEL", "llama-3.1-8b");
+    let model_names: Vec<String> = env_or("FREEKV_BENCH_MODEL", "llama-3.1-8b")
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
     let scenarios: Vec<Scenario> = env_or(
         "FREEKV_BENCH_SCENARIOS",
         "long-input:32768:512,long-generation:1024:2048",
@@ -149,20 +159,18 @@ fn main() {
         .ok()
         .and_then(|v| v.parse::<f64>().ok());
     let t_start = Instant::now();
-    let model = CudaLlama::synthetic(Arc::clone(&gpu), &model_name, 1).expect("synthetic model");
-    println!(
-        "model: {} — {} — all figures synthetic (random weights)",
-        model.source().label(),
-        gpu.info().name,
-    );
     let json_path = std::env::var("FREEKV_BENCH_JSON").ok();
+    let labels: Vec<String> = model_names
+        .iter()
+        .map(|m| format!("synthetic:{m}"))
+        .collect();
     // The side file is rewritten after every configuration, so a run stopped by a time limit
     // keeps what it measured.
     let write_json = |rows: &[serde_json::Value]| {
         if let Some(path) = &json_path {
             let json = serde_json::json!({
                 "bench": "cuda_freekv",
-                "model": model.source().label(),
+                "model": labels.join(", "),
                 "synthetic": true,
                 "device": gpu.info().name,
                 "rows": rows,
@@ -174,51 +182,60 @@ fn main() {
         }
     };
     let mut rows = Vec::new();
-    for sc in &scenarios {
-        for &bs in &batches {
-            for policy in &policies {
-                if let Some(m) = max_s
-                    && t_start.elapsed().as_secs_f64() > m
-                {
-                    println!(
-                        "{} bs {bs} {policy}: skipped (time budget {m} s spent)",
-                        sc.name
-                    );
-                    rows.push(serde_json::json!({
-                        "scenario": sc.name, "batch": bs, "policy": policy,
-                        "skipped": "time budget",
-                    }));
-                    continue;
-                }
-                write_json(&rows);
-                match run_one(&gpu, &model, sc, bs, policy) {
-                    Ok(r) => {
+    for model_name in &model_names {
+        let model = CudaLlama::synthetic(Arc::clone(&gpu), model_name, 1).expect("synthetic model");
+        println!(
+            "model: {} — {} — all figures synthetic (random weights)",
+            model.source().label(),
+            gpu.info().name,
+        );
+        for sc in &scenarios {
+            for &bs in &batches {
+                for policy in &policies {
+                    if let Some(m) = max_s
+                        && t_start.elapsed().as_secs_f64() > m
+                    {
                         println!(
-                            "{} bs {bs} {policy}: {:.3} ms/step median over {} steps ({:.1} tok/s), quarters {}, GPU {:.2} GiB, host KV {:.2} GiB, recall {:.2} MiB/step, prefill {} tok/s (again {}), stats {}",
-                            sc.name,
-                            r["ms_median"].as_f64().unwrap_or(f64::NAN),
-                            r["steps_measured"],
-                            r["tokens_per_s"].as_f64().unwrap_or(f64::NAN),
-                            r["ms_quarters"],
-                            r["gpu_used_gib"].as_f64().unwrap_or(f64::NAN),
-                            r["host_kv_gib"].as_f64().unwrap_or(f64::NAN),
-                            r["recall_mib_per_step"].as_f64().unwrap_or(0.0),
-                            r["prefill_tok_s"]
-                                .as_f64()
-                                .map_or("-".into(), |t| format!("{t:.0}")),
-                            r["prefill_warm_tok_s"]
-                                .as_f64()
-                                .map_or("-".into(), |t| format!("{t:.0}")),
-                            r["stats"],
+                            "{} bs {bs} {policy}: skipped (time budget {m} s spent)",
+                            sc.name
                         );
-                        rows.push(r);
-                    }
-                    Err(e) => {
-                        println!("{} bs {bs} {policy}: failed: {e}", sc.name);
                         rows.push(serde_json::json!({
-                            "scenario": sc.name, "batch": bs, "policy": policy,
-                            "error": e,
+                            "model": model_name, "scenario": sc.name, "batch": bs, "policy": policy,
+                            "skipped": "time budget",
                         }));
+                        continue;
+                    }
+                    write_json(&rows);
+                    match run_one(&gpu, &model, sc, bs, policy) {
+                        Ok(mut r) => {
+                            r["model"] = model_name.as_str().into();
+                            println!(
+                                "{model_name} {} bs {bs} {policy}: {:.3} ms/step median over {} steps ({:.1} tok/s), quarters {}, GPU {:.2} GiB, host KV {:.2} GiB, recall {:.2} MiB/step, prefill {} tok/s (again {}), stats {}",
+                                sc.name,
+                                r["ms_median"].as_f64().unwrap_or(f64::NAN),
+                                r["steps_measured"],
+                                r["tokens_per_s"].as_f64().unwrap_or(f64::NAN),
+                                r["ms_quarters"],
+                                r["gpu_used_gib"].as_f64().unwrap_or(f64::NAN),
+                                r["host_kv_gib"].as_f64().unwrap_or(f64::NAN),
+                                r["recall_mib_per_step"].as_f64().unwrap_or(0.0),
+                                r["prefill_tok_s"]
+                                    .as_f64()
+                                    .map_or("-".into(), |t| format!("{t:.0}")),
+                                r["prefill_warm_tok_s"]
+                                    .as_f64()
+                                    .map_or("-".into(), |t| format!("{t:.0}")),
+                                r["stats"],
+                            );
+                            rows.push(r);
+                        }
+                        Err(e) => {
+                            println!("{} bs {bs} {policy}: failed: {e}", sc.name);
+                            rows.push(serde_json::json!({
+                                "model": model_name, "scenario": sc.name, "batch": bs,
+                                "policy": policy, "error": e,
+                            }));
+                        }
                     }
                 }
             }
@@ -227,29 +244,33 @@ fn main() {
     // Ratios against oracle and arkvale, per (scenario, batch).
     println!();
     println!(
-        "| scenario | batch | policy | ms/step | tok/s | × oracle | speedup vs arkvale | recall MiB/step | GPU GiB | host GiB | correction |"
+        "| model | scenario | batch | policy | ms/step | tok/s | × oracle | speedup vs arkvale | recall MiB/step | units/head/step | GPU GiB | host GiB | correction |"
     );
-    println!("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
-    let find = |sc: &str, bs: u64, p: &str| -> Option<f64> {
+    println!("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let find = |m: &str, sc: &str, bs: u64, p: &str| -> Option<f64> {
         rows.iter()
-            .find(|r| r["scenario"] == sc && r["batch"] == bs && r["policy"] == p)
+            .find(|r| {
+                r["model"] == m && r["scenario"] == sc && r["batch"] == bs && r["policy"] == p
+            })
             .and_then(|r| r["ms_median"].as_f64())
     };
     for r in &rows {
-        let (Some(ms), Some(sc), Some(bs), Some(p)) = (
+        let (Some(ms), Some(m), Some(sc), Some(bs), Some(p)) = (
             r["ms_median"].as_f64(),
+            r["model"].as_str(),
             r["scenario"].as_str(),
             r["batch"].as_u64(),
             r["policy"].as_str(),
         ) else {
             continue;
         };
-        let vs_oracle = find(sc, bs, "oracle").map_or("".into(), |o| format!("{:.2}", ms / o));
-        let vs_ark = find(sc, bs, "arkvale").map_or("".into(), |a| format!("{:.1}×", a / ms));
+        let vs_oracle = find(m, sc, bs, "oracle").map_or("".into(), |o| format!("{:.2}", ms / o));
+        let vs_ark = find(m, sc, bs, "arkvale").map_or("".into(), |a| format!("{:.1}×", a / ms));
         println!(
-            "| {sc} | {bs} | {p} | {ms:.3} | {:.1} | {vs_oracle} | {vs_ark} | {:.2} | {:.2} | {:.2} | {} |",
+            "| {m} | {sc} | {bs} | {p} | {ms:.3} | {:.1} | {vs_oracle} | {vs_ark} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
             r["tokens_per_s"].as_f64().unwrap_or(0.0),
             r["recall_mib_per_step"].as_f64().unwrap_or(0.0),
+            r["recall_units_per_head_step"].as_f64().unwrap_or(0.0),
             r["gpu_used_gib"].as_f64().unwrap_or(0.0),
             r["host_kv_gib"].as_f64().unwrap_or(0.0),
             match (
@@ -323,6 +344,7 @@ fn run_one(
     let setup_s = t_setup.elapsed().as_secs_f64();
     let (free, total) = ctx.mem_get_info().map_err(|e| e.to_string())?;
     let mut tokens = vec![1u32; bs];
+    let vocab = model.config().vocab_size as u64;
     let warm = 8;
     let cap_s = std::env::var("FREEKV_BENCH_RUN_SECONDS")
         .ok()
@@ -338,7 +360,13 @@ fn run_one(
         model
             .decode_step(&mut b, &tokens)
             .map_err(|e| e.to_string())?;
-        tokens = model.argmax(&mut b).map_err(|e| e.to_string())?;
+        let _greedy = model.argmax(&mut b).map_err(|e| e.to_string())?;
+        // A seeded pseudo-random stream of distinct-looking tokens (see the module comment).
+        for (i, t) in tokens.iter_mut().enumerate() {
+            let h = (step as u64 * 0x9E37_79B9 + i as u64 * 0x85EB_CA6B)
+                .wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+            *t = 1 + ((h >> 17) % (vocab - 1)) as u32;
+        }
         if step >= warm {
             times.push(t0.elapsed().as_secs_f64() * 1e3);
         }
@@ -382,6 +410,12 @@ fn run_one(
         "stats": stats,
         "recall_units": recall.map(|r| r.0),
         "recall_mib_per_step": recall.map(|r| r.1 as f64 / steps / (1u64 << 20) as f64),
+        // Units (one page of one KV head) recalled per KV head, layer and step: how much of a
+        // selection changes per step.
+        "recall_units_per_head_step": recall.map(|r| {
+            let c = model.config();
+            r.0 as f64 / steps / (bs * c.n_kv_heads * c.n_layers) as f64
+        }),
         "synthetic": true,
     }))
 }

@@ -1,7 +1,8 @@
 //! Seeded random initialisation of bf16 device buffers (synthetic models for speed work).
 //!
 //! The module is compiled on demand (it is not part of [`crate::Kernels`]): load it once with
-//! [`InitKernels::load`] and fill buffers with [`InitKernels::uniform_bf16`].
+//! [`InitKernels::load`] and fill buffers with [`InitKernels::uniform_bf16`] (and set leading
+//! columns of a row-major matrix with [`InitKernels::fill_columns_bf16`]).
 
 use cudarc::driver::{CudaFunction, CudaStream, DevicePtrMut, LaunchConfig, PushKernelArg};
 use half::bf16;
@@ -30,6 +31,7 @@ pub fn uniform_value(seed: u64, i: u64, scale: f32, offset: f32) -> f32 {
 #[derive(Debug)]
 pub struct InitKernels {
     uniform: CudaFunction,
+    fill_columns: CudaFunction,
     sm_count: u32,
 }
 
@@ -53,8 +55,15 @@ impl InitKernels {
         let uniform = module
             .load_function("init_uniform_bf16")
             .map_err(KernelError::driver("resolving kernel init_uniform_bf16"))?;
+        let fill_columns =
+            module
+                .load_function("init_fill_columns_bf16")
+                .map_err(KernelError::driver(
+                    "resolving kernel init_fill_columns_bf16",
+                ))?;
         Ok(Self {
             uniform,
+            fill_columns,
             sm_count: info.sm_count,
         })
     }
@@ -91,6 +100,56 @@ impl InitKernels {
         let mut b = stream.launch_builder(&self.uniform);
         b.arg(&p).arg(&n).arg(&seed).arg(&scale).arg(&offset);
         // SAFETY: argument types match the kernel; the kernel writes exactly `n` elements.
+        unsafe { b.launch(cfg) }.map_err(KernelError::driver(K))?;
+        Ok(())
+    }
+}
+
+impl InitKernels {
+    /// Sets the first `cols` elements of every row of the row-major `[rows][row_len]` matrix
+    /// `out` to `value` (bf16-rounded), leaving the rest as it is.
+    pub fn fill_columns_bf16(
+        &self,
+        stream: &CudaStream,
+        out: &mut impl DevicePtrMut<bf16>,
+        row_len: usize,
+        cols: usize,
+        value: f32,
+    ) -> Result<(), KernelError> {
+        const K: &str = "init_fill_columns_bf16";
+        let _s = tracing::debug_span!("init_fill_columns").entered();
+        let arg = |msg: String| KernelError::InvalidArgument { kernel: K, msg };
+        if !value.is_finite() {
+            return Err(arg(format!("value {value} must be finite")));
+        }
+        if row_len == 0 || cols > row_len || out.len() % row_len != 0 {
+            return Err(arg(format!(
+                "{} elements are not rows of {row_len} with {cols} columns to fill",
+                out.len()
+            )));
+        }
+        let cols32 = u32::try_from(cols).map_err(|_| arg(format!("{cols} columns")))?;
+        let rows = (out.len() / row_len) as u64;
+        let n = rows * cols as u64;
+        if n == 0 {
+            return Ok(());
+        }
+        let blocks = n.div_ceil(256).min(8 * self.sm_count.max(1) as u64) as u32;
+        let row_len64 = row_len as u64;
+        let (p, _g) = out.device_ptr_mut(stream);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks.max(1), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = stream.launch_builder(&self.fill_columns);
+        b.arg(&p)
+            .arg(&rows)
+            .arg(&row_len64)
+            .arg(&cols32)
+            .arg(&value);
+        // SAFETY: argument types match the kernel; it writes `rows · cols` elements, each inside
+        // a row of `out` (cols ≤ row_len, rows · row_len = out.len()).
         unsafe { b.launch(cfg) }.map_err(KernelError::driver(K))?;
         Ok(())
     }

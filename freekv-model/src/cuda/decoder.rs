@@ -19,7 +19,7 @@ use freekv_layout::PageGeometry;
 use super::blas::Blas;
 use super::sparse::{GpuKvOptions, GpuKvStats, SparseDims, SparseState};
 use super::sparse_plan::{home_slot, plan_step};
-use super::synthetic::{synthetic_config, synthetic_name};
+use super::synthetic::{SyntheticSpec, synthetic_config, synthetic_name};
 use super::weights::{Weights, dims};
 use crate::ModelError;
 use crate::config::LlamaConfig;
@@ -184,11 +184,14 @@ impl CudaLlama {
         Self::from_gguf(gpu, &GgufFile::open(path)?)
     }
 
-    /// A synthetic model (see [`super::SYNTHETIC_MODELS`]) with seeded random bf16 weights
-    /// generated on the device.
+    /// A synthetic model (see [`super::SYNTHETIC_MODELS`], and [`SyntheticSpec`] for the
+    /// `+persistent=S` option) with seeded random bf16 weights generated on the device.
     pub fn synthetic(gpu: Arc<Gpu>, name: &str, seed: u64) -> Result<Self, ModelError> {
-        let cfg = synthetic_config(name)?;
-        Self::synthetic_with_config(gpu, cfg, name, seed)
+        let spec = SyntheticSpec::parse(name)?;
+        let cfg = synthetic_config(&spec.shape)?;
+        check_config(&cfg)?;
+        let weights = Weights::synthetic(&gpu, &cfg, seed, spec.persistent_value(cfg.hidden))?;
+        Self::with_synthetic_weights(gpu, cfg, weights, name, seed)
     }
 
     /// A model of any supported shape `cfg` with seeded random weights (labelled synthetic).
@@ -199,7 +202,17 @@ impl CudaLlama {
         seed: u64,
     ) -> Result<Self, ModelError> {
         check_config(&cfg)?;
-        let weights = Weights::synthetic(&gpu, &cfg, seed)?;
+        let weights = Weights::synthetic(&gpu, &cfg, seed, None)?;
+        Self::with_synthetic_weights(gpu, cfg, weights, name, seed)
+    }
+
+    fn with_synthetic_weights(
+        gpu: Arc<Gpu>,
+        cfg: LlamaConfig,
+        weights: Weights,
+        name: &str,
+        seed: u64,
+    ) -> Result<Self, ModelError> {
         let blas = Blas::new(&gpu)?;
         Ok(Self {
             gpu,

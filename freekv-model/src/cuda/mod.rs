@@ -54,8 +54,8 @@ pub use decoder::{BatchOptions, CudaBatch, CudaLlama, ModelSource, SparseSnapsho
 pub use generate::GRAPH_ENV;
 pub use sparse::{GpuKvOptions, GpuKvStats, GpuRecall};
 pub use synthetic::{
-    SYNTHETIC_MODELS, SYNTHETIC_PREFIX, decode_weight_bytes, kv_bytes_per_token, synthetic_config,
-    synthetic_name,
+    MAX_PERSISTENT_SHARE, PERSISTENT_DIMS, PERSISTENT_EMBD_STD, SYNTHETIC_MODELS, SYNTHETIC_PREFIX,
+    SyntheticSpec, decode_weight_bytes, kv_bytes_per_token, synthetic_config, synthetic_name,
 };
 
 /// Device 0 with every kernel compiled; the error says what is missing when there is no usable

@@ -1,6 +1,16 @@
 //! Synthetic models: the shapes of real models with seeded random bf16 weights generated on the
 //! device, for speed work where the real weights are not at hand. Their outputs are meaningless
 //! text; every figure measured on them must be labelled *synthetic*.
+//!
+//! A step costs the same whatever the weights hold, except for what depends on the queries:
+//! how often FreeKV corrects and how much of a selection changes per step. Plain random weights
+//! make consecutive queries unrelated (the worst case). `NAME+persistent=S` draws the same
+//! shape with a **persistent residual component**: every token's embedding row shares
+//! [`PERSISTENT_DIMS`] dimensions of one large value (the "massive activations" of trained
+//! models), holding the fraction `S` of the row's energy, and the embedding is scaled so that
+//! it dominates the residual stream through all layers. Consecutive queries of a head then have a
+//! cosine similarity that grows with `S` (a sweep of `S` maps query coherence to step time); all
+//! other weights are as in the plain model.
 
 use crate::ModelError;
 use crate::config::{LlamaConfig, llama3_freq_factors};
@@ -24,13 +34,82 @@ pub const SYNTHETIC_MODELS: [(&str, &str); 3] = [
     ),
 ];
 
+/// Dimensions of the embedding that hold the persistent component of `+persistent=S`.
+pub const PERSISTENT_DIMS: usize = 4;
+
+/// Standard deviation of the per-token part of the embedding of a `+persistent=S` model (large
+/// against what the layers add to the residual, a few units per element per layer).
+pub const PERSISTENT_EMBD_STD: f32 = 32.0;
+
+/// Largest persistent share accepted.
+pub const MAX_PERSISTENT_SHARE: f32 = 0.999;
+
+/// A parsed synthetic model name: `SHAPE` or `SHAPE+persistent=S`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SyntheticSpec {
+    /// One of [`SYNTHETIC_MODELS`].
+    pub shape: String,
+    /// Share of the embedding energy common to every token, in `[0, MAX_PERSISTENT_SHARE]` (0:
+    /// plain random weights).
+    pub persistent: f32,
+}
+
+impl SyntheticSpec {
+    /// Parses `SHAPE` or `SHAPE+persistent=S` (the part after `synthetic:`).
+    pub fn parse(name: &str) -> Result<Self, ModelError> {
+        let mut parts = name.split('+');
+        let shape = parts.next().unwrap_or_default().trim().to_string();
+        let mut persistent = 0.0f32;
+        for opt in parts {
+            match opt.split_once('=') {
+                Some(("persistent", v)) => {
+                    persistent = v
+                        .trim()
+                        .parse::<f32>()
+                        .ok()
+                        .filter(|s| (0.0..=MAX_PERSISTENT_SHARE).contains(s))
+                        .ok_or_else(|| {
+                            ModelError::Config(format!(
+                                "synthetic model {name:?}: persistent={v:?} must be a number in \
+                                 [0, {MAX_PERSISTENT_SHARE}]"
+                            ))
+                        })?;
+                }
+                _ => {
+                    return Err(ModelError::Config(format!(
+                        "synthetic model {name:?}: unknown option {opt:?} (known: persistent=S)"
+                    )));
+                }
+            }
+        }
+        synthetic_config(&shape)?;
+        Ok(Self { shape, persistent })
+    }
+
+    /// The value of the [`PERSISTENT_DIMS`] shared embedding dimensions for hidden size
+    /// `hidden`: `std · sqrt(hidden · S / (dims · (1 − S)))`, so that they hold the share `S` of
+    /// a row's energy (`None` for a plain model).
+    pub fn persistent_value(&self, hidden: usize) -> Option<f32> {
+        (self.persistent > 0.0).then(|| {
+            let s = self.persistent as f64;
+            (PERSISTENT_EMBD_STD as f64
+                * (hidden as f64 * s / (PERSISTENT_DIMS as f64 * (1.0 - s))).sqrt())
+                as f32
+        })
+    }
+}
+
 /// The name after `synthetic:` when `model` names a synthetic model, else `None`.
 pub fn synthetic_name(model: &str) -> Option<&str> {
     model.strip_prefix(SYNTHETIC_PREFIX)
 }
 
-/// The hyperparameters of synthetic model `name` (one of [`SYNTHETIC_MODELS`]).
+/// The hyperparameters of synthetic model `name` (one of [`SYNTHETIC_MODELS`], optionally with
+/// options as in [`SyntheticSpec::parse`]).
 pub fn synthetic_config(name: &str) -> Result<LlamaConfig, ModelError> {
+    if let Some((shape, _)) = name.split_once('+') {
+        return SyntheticSpec::parse(name).and_then(|_| synthetic_config(shape));
+    }
     #[allow(clippy::too_many_arguments)]
     fn cfg(
         arch: &str,
@@ -143,5 +222,34 @@ mod tests {
         let gb = decode_weight_bytes(&l) as f64 / 1e9;
         assert!((14.5..15.5).contains(&gb), "{gb}");
         assert_eq!(kv_bytes_per_token(&l), 131_072);
+    }
+
+    #[test]
+    fn persistent_option() {
+        let p = SyntheticSpec::parse("llama-3.1-8b+persistent=0.9").unwrap();
+        assert_eq!((p.shape.as_str(), p.persistent), ("llama-3.1-8b", 0.9));
+        assert_eq!(
+            synthetic_config("llama-3.1-8b+persistent=0.9").unwrap(),
+            synthetic_config("llama-3.1-8b").unwrap()
+        );
+        // The shared dimensions hold the share S of a row's energy.
+        let v = p.persistent_value(4096).unwrap() as f64;
+        let shared = PERSISTENT_DIMS as f64 * v * v;
+        let own = 4096.0 * (PERSISTENT_EMBD_STD as f64).powi(2);
+        assert!((shared / (shared + own) - 0.9).abs() < 1e-4);
+        let plain = SyntheticSpec::parse("smollm2-135m").unwrap();
+        assert_eq!(plain.persistent, 0.0);
+        assert_eq!(plain.persistent_value(576), None);
+        for bad in [
+            "llama-3.1-8b+persistent=1",
+            "llama-3.1-8b+persistent=-0.1",
+            "llama-3.1-8b+persistent=x",
+            "llama-3.1-8b+persistent=NaN",
+            "llama-3.1-8b+coherence=0.5",
+            "gpt-5+persistent=0.5",
+        ] {
+            assert!(SyntheticSpec::parse(bad).is_err(), "{bad}");
+            assert!(synthetic_config(bad).is_err(), "{bad}");
+        }
     }
 }

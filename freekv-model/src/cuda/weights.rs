@@ -13,6 +13,8 @@ use crate::config::LlamaConfig;
 use crate::gguf::GgufFile;
 use crate::quant;
 
+use super::synthetic::{PERSISTENT_DIMS, PERSISTENT_EMBD_STD};
+
 /// The weights of one transformer block on the device.
 pub(crate) struct LayerWeights {
     pub attn_norm: CudaSlice<bf16>,
@@ -164,8 +166,15 @@ impl Weights {
     }
 
     /// Seeded random weights generated on the device: matrices uniform with standard deviation
-    /// 0.02 (as Hugging Face initialises Llama), norm weights 1.
-    pub fn synthetic(gpu: &Gpu, cfg: &LlamaConfig, seed: u64) -> Result<Self, ModelError> {
+    /// 0.02 (as Hugging Face initialises Llama), norm weights 1. With `persistent = Some(v)`
+    /// the embedding rows are drawn with standard deviation [`PERSISTENT_EMBD_STD`] and their
+    /// first [`PERSISTENT_DIMS`] elements set to `v` (see [`super::SyntheticSpec`]).
+    pub fn synthetic(
+        gpu: &Gpu,
+        cfg: &LlamaConfig,
+        seed: u64,
+        persistent: Option<f32>,
+    ) -> Result<Self, ModelError> {
         let _span = tracing::debug_span!("cuda_synthetic_weights").entered();
         let s = gpu.stream();
         let init = InitKernels::load(gpu)?;
@@ -185,7 +194,17 @@ impl Weights {
             )?;
             Ok(d)
         };
-        let embd = random(cfg.vocab_size * h, "token_embd")?;
+        let mut embd = random(cfg.vocab_size * h, "token_embd")?;
+        if let Some(v) = persistent {
+            init.uniform_bf16(
+                s,
+                &mut embd,
+                seed ^ 0xE3B0_C442,
+                PERSISTENT_EMBD_STD * 3f32.sqrt(),
+                0.0,
+            )?;
+            init.fill_columns_bf16(s, &mut embd, h, PERSISTENT_DIMS.min(h), v)?;
+        }
         let head = if cfg.tied_embeddings {
             None
         } else {
