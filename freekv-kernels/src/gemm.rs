@@ -34,6 +34,17 @@ pub struct LinearDims {
     pub out_features: usize,
 }
 
+impl LinearDims {
+    /// `tokens` rows of `in_features` in, `out_features` out.
+    pub const fn new(tokens: usize, in_features: usize, out_features: usize) -> Self {
+        Self {
+            tokens,
+            in_features,
+            out_features,
+        }
+    }
+}
+
 /// A cuBLAS handle bound to one stream, optionally with a fixed workspace of its own.
 #[derive(Debug)]
 pub struct Gemm {

@@ -333,14 +333,6 @@ impl NativeGemm {
 mod tests {
     use super::*;
 
-    fn dims(tokens: usize, in_features: usize, out_features: usize) -> LinearDims {
-        LinearDims {
-            tokens,
-            in_features,
-            out_features,
-        }
-    }
-
     #[test]
     fn names_and_shared_memory() {
         assert_eq!(kernel_name(false, false, 128), "gemm_bf16_m128");
@@ -364,30 +356,30 @@ mod tests {
     #[test]
     fn auto_tiles() {
         assert_eq!(
-            NativeGemmConfig::auto(dims(4096, 4096, 4096), 132).block_m,
+            NativeGemmConfig::auto(LinearDims::new(4096, 4096, 4096), 132).block_m,
             128
         );
         assert_eq!(
-            NativeGemmConfig::auto(dims(512, 4096, 4096), 132).block_m,
+            NativeGemmConfig::auto(LinearDims::new(512, 4096, 4096), 132).block_m,
             64
         );
         assert_eq!(
-            NativeGemmConfig::auto(dims(17, 4096, 128_256), 132).block_m,
+            NativeGemmConfig::auto(LinearDims::new(17, 4096, 128_256), 132).block_m,
             64
         );
         assert_eq!(
-            NativeGemmConfig::auto(dims(1000, 576, 1536), 132).block_m,
+            NativeGemmConfig::auto(LinearDims::new(1000, 576, 1536), 132).block_m,
             64
         );
         assert_eq!(
-            NativeGemmConfig::auto(dims(1000, 576, 49152), 132).block_m,
+            NativeGemmConfig::auto(LinearDims::new(1000, 576, 49152), 132).block_m,
             128
         );
         assert_eq!(
-            NativeGemmConfig::auto(dims(1000, 576, 49152), 0).block_m,
+            NativeGemmConfig::auto(LinearDims::new(1000, 576, 49152), 0).block_m,
             128
         );
-        assert!(NativeGemmConfig::auto(dims(1, 1, 1), 132).vector_loads);
+        assert!(NativeGemmConfig::auto(LinearDims::new(1, 1, 1), 132).vector_loads);
     }
 
     #[test]

@@ -904,23 +904,15 @@ impl Kernels {
 mod tests {
     use super::*;
 
-    fn dims(tokens: usize, in_features: usize, out_features: usize) -> LinearDims {
-        LinearDims {
-            tokens,
-            in_features,
-            out_features,
-        }
-    }
-
     #[test]
     fn supported_shapes() {
-        assert!(gemv_supported(dims(1, 4096, 4096)));
-        assert!(gemv_supported(dims(8, 8, 1)));
-        assert!(!gemv_supported(dims(0, 4096, 4096)));
-        assert!(!gemv_supported(dims(9, 4096, 4096)));
-        assert!(!gemv_supported(dims(1, 4100, 4096)));
-        assert!(!gemv_supported(dims(1, 0, 4096)));
-        assert!(!gemv_supported(dims(1, 4096, 0)));
+        assert!(gemv_supported(LinearDims::new(1, 4096, 4096)));
+        assert!(gemv_supported(LinearDims::new(8, 8, 1)));
+        assert!(!gemv_supported(LinearDims::new(0, 4096, 4096)));
+        assert!(!gemv_supported(LinearDims::new(9, 4096, 4096)));
+        assert!(!gemv_supported(LinearDims::new(1, 4100, 4096)));
+        assert!(!gemv_supported(LinearDims::new(1, 0, 4096)));
+        assert!(!gemv_supported(LinearDims::new(1, 4096, 0)));
         assert!(gemv_aligned(0x1000) && !gemv_aligned(0x1002));
     }
 
@@ -937,7 +929,7 @@ mod tests {
             ] {
                 let tile = GEMV_TILES[tile_index(t).unwrap()];
                 for c in [
-                    GemvConfig::auto(dims(t, k, n)),
+                    GemvConfig::auto(LinearDims::new(t, k, n)),
                     GemvConfig::auto_swiglu(t, k, n),
                 ] {
                     assert!(compiled(tile, c.rows_per_block), "{t} {k} {n} {c:?}");
@@ -953,12 +945,18 @@ mod tests {
         }
         assert!(GemvConfig::candidates(9).is_empty());
         // Small k: few threads; small products: small blocks; 3+ tokens: tensor cores.
-        assert_eq!(GemvConfig::auto(dims(1, 64, 100)).threads, 32);
-        assert_eq!(GemvConfig::auto(dims(1, 4096, 4096)).threads, 64);
-        assert_eq!(GemvConfig::auto(dims(1, 4096, 128_256)).threads, 256);
-        assert_eq!(GemvConfig::auto(dims(1, 14336, 4096)).threads, 256);
+        assert_eq!(GemvConfig::auto(LinearDims::new(1, 64, 100)).threads, 32);
+        assert_eq!(GemvConfig::auto(LinearDims::new(1, 4096, 4096)).threads, 64);
         assert_eq!(
-            GemvConfig::auto(dims(3, 4096, 4096)).rows_per_block,
+            GemvConfig::auto(LinearDims::new(1, 4096, 128_256)).threads,
+            256
+        );
+        assert_eq!(
+            GemvConfig::auto(LinearDims::new(1, 14336, 4096)).threads,
+            256
+        );
+        assert_eq!(
+            GemvConfig::auto(LinearDims::new(3, 4096, 4096)).rows_per_block,
             GEMV_MMA_ROWS
         );
     }
