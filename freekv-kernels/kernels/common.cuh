@@ -72,6 +72,16 @@ __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+// d += a * b: one m16n8k16 bf16 tensor-core product with fp32 accumulation (a row-major 16x16
+// in four registers, b column-major 16x8 in two), as the prefill attention and the GEMM use it.
+__device__ __forceinline__ void mma_16816(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
 // Total order on (value desc, index asc) as one unsigned key: larger key = earlier.
 // NaN sorts below every number (order value 0).
 __device__ __forceinline__ u32 float_order(float x) {

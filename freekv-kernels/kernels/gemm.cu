@@ -40,15 +40,6 @@
 #define GEMM_GROUP_M 8
 #define GEMM_ACCUMULATE 1u
 
-// d += a * b: one m16n8k16 bf16 tensor-core product with fp32 accumulation.
-__device__ __forceinline__ void gemm_mma(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 // Four 8x8 b16 matrices from shared memory; lane l gives the row address of matrix l / 8, row l % 8.
 __device__ __forceinline__ void gemm_ldsm_x4(u32 (&r)[4], u32 addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
@@ -224,7 +215,7 @@ __device__ __forceinline__ void gemm_impl(OUT* __restrict__ y, const bf16* __res
 #pragma unroll
             for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-                for (int ni = 0; ni < NI; ++ni) gemm_mma(acc[mi][ni], af[mi], bfr[ni][0], bfr[ni][1]);
+                for (int ni = 0; ni < NI; ++ni) mma_16816(acc[mi][ni], af[mi], bfr[ni][0], bfr[ni][1]);
         }
     }
     // Only empty groups can be pending here; drain them anyway before leaving.
