@@ -8,11 +8,13 @@
 //! Prints "skipped: no CUDA device" and exits 0 without a GPU; without cuBLAS only the native
 //! rows are measured.
 
-use std::sync::{Arc, Mutex};
+mod common;
+
 use std::time::Duration;
 
+use common::{measure, random_bf16};
+
 use criterion::{BenchmarkId, Criterion, Throughput};
-use freekv_kernels::cudarc::driver::{CudaSlice, CudaStream};
 use freekv_kernels::half::bf16;
 use freekv_kernels::ops::gemm_native::{NATIVE_GEMM_BLOCK_M, NativeGemm, NativeGemmConfig};
 use freekv_kernels::ops::init::InitKernels;
@@ -26,48 +28,6 @@ const SHAPES: [(&str, usize, usize); 4] = [
     ("down", 14336, 4096),
 ];
 const TOKENS: [usize; 2] = [512, 4096];
-
-/// Criterion's measurement of one function with CUDA events; returns the median seconds per
-/// call of its samples (the last 10 recorded: criterion's measurement after its warm-up).
-fn measure(
-    c: &mut Criterion,
-    group: &str,
-    id: BenchmarkId,
-    flops: u64,
-    s: &Arc<CudaStream>,
-    mut f: impl FnMut(),
-) -> f64 {
-    let samples = Arc::new(Mutex::new(Vec::<f64>::new()));
-    let mut g = c.benchmark_group(group);
-    g.throughput(Throughput::Elements(flops));
-    g.bench_function(id, |b| {
-        b.iter_custom(|iters| {
-            let d = freekv_kernels::testing::gpu_time(s, iters, |_| f()).unwrap();
-            samples
-                .lock()
-                .unwrap()
-                .push(d.as_secs_f64() / iters.max(1) as f64);
-            d
-        })
-    });
-    g.finish();
-    let all = samples.lock().unwrap().clone();
-    let mut v = all[all.len().saturating_sub(10)..].to_vec();
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
-fn random_bf16(
-    init: &InitKernels,
-    s: &Arc<CudaStream>,
-    n: usize,
-    seed: u64,
-    scale: f32,
-) -> CudaSlice<bf16> {
-    let mut b = s.alloc_zeros::<bf16>(n).unwrap();
-    init.uniform_bf16(s, &mut b, seed, scale, 0.0).unwrap();
-    b
-}
 
 fn main() {
     let Some(g) = freekv_kernels::testing::gpu() else {
@@ -92,12 +52,12 @@ fn main() {
     let max_t = TOKENS.iter().copied().max().unwrap_or(4096);
     let max_k = SHAPES.iter().map(|s| s.1).max().unwrap_or(14336);
     let max_n = SHAPES.iter().map(|s| s.2).max().unwrap_or(14336);
-    let x = random_bf16(&init, &s, max_t * max_k, 1, 1.0);
+    let x = random_bf16(&init, &s, max_t * max_k, 1, 1.0, 0.0);
     let mut y = s.alloc_zeros::<bf16>(max_t * max_n).unwrap();
     // (shape, t, auto block_m, cuBLAS s, native auto s, native per tile s)
     let mut rows = Vec::new();
     for (i, &(name, k, n)) in SHAPES.iter().enumerate() {
-        let w = random_bf16(&init, &s, n * k, 100 + i as u64, 0.02);
+        let w = random_bf16(&init, &s, n * k, 100 + i as u64, 0.02, 0.0);
         s.synchronize().unwrap();
         for &t in &TOKENS {
             let d = LinearDims {
@@ -112,9 +72,9 @@ fn main() {
                     &mut c,
                     &group,
                     BenchmarkId::new("cublas", t),
-                    flops,
+                    Throughput::Elements(flops),
                     &s,
-                    || cb.linear(&x, &w, &mut y, d, false).unwrap(),
+                    |_| cb.linear(&x, &w, &mut y, d, false).unwrap(),
                 ),
                 None => f64::NAN,
             };
@@ -123,9 +83,9 @@ fn main() {
                 &mut c,
                 &group,
                 BenchmarkId::new("native", t),
-                flops,
+                Throughput::Elements(flops),
                 &s,
-                || native.linear(&s, &x, &w, &mut y, d, false).unwrap(),
+                |_| native.linear(&s, &x, &w, &mut y, d, false).unwrap(),
             );
             let mut per_tile = Vec::new();
             for bm in NATIVE_GEMM_BLOCK_M {
@@ -137,9 +97,9 @@ fn main() {
                     &mut c,
                     &group,
                     BenchmarkId::new(format!("native_m{bm}"), t),
-                    flops,
+                    Throughput::Elements(flops),
                     &s,
-                    || {
+                    |_| {
                         native
                             .linear_with(&s, &x, &w, &mut y, d, false, cfg)
                             .unwrap()

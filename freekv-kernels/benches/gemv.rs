@@ -11,8 +11,12 @@
 //! sweep over every compiled launch shape prints the best per product (a tuning aid; set
 //! `FREEKV_GEMV_SWEEP=0` to skip). Prints "skipped: no CUDA device" and exits 0 without a GPU.
 
-use std::sync::{Arc, Mutex};
+mod common;
+
+use std::sync::Arc;
 use std::time::Duration;
+
+use common::{measure, random_bf16};
 
 use criterion::{BenchmarkId, Criterion, Throughput};
 use freekv_kernels::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
@@ -53,50 +57,6 @@ fn copy_bandwidth(s: &Arc<CudaStream>) -> f64 {
         .collect();
     v.sort_by(f64::total_cmp);
     2.0 * n as f64 / v[v.len() / 2]
-}
-
-fn random_bf16(
-    init: &InitKernels,
-    s: &Arc<CudaStream>,
-    n: usize,
-    seed: u64,
-    scale: f32,
-    offset: f32,
-) -> CudaSlice<bf16> {
-    let mut b = s.alloc_zeros::<bf16>(n).unwrap();
-    init.uniform_bf16(s, &mut b, seed, scale, offset).unwrap();
-    b
-}
-
-/// Criterion's measurement of one function, recording the per-iteration times of its samples so
-/// that the summary table can quote the median (the last `sample_size` samples are criterion's
-/// measurement; earlier ones its warm-up).
-fn measure(
-    c: &mut Criterion,
-    group: &str,
-    id: BenchmarkId,
-    bytes: u64,
-    s: &Arc<CudaStream>,
-    mut f: impl FnMut(u64),
-) -> f64 {
-    let samples = Arc::new(Mutex::new(Vec::<f64>::new()));
-    let mut g = c.benchmark_group(group);
-    g.throughput(Throughput::BytesDecimal(bytes));
-    g.bench_function(id, |b| {
-        b.iter_custom(|iters| {
-            let d = event_time(s, iters, &mut f);
-            samples
-                .lock()
-                .unwrap()
-                .push(d.as_secs_f64() / iters.max(1) as f64);
-            d
-        })
-    });
-    g.finish();
-    let all = samples.lock().unwrap().clone();
-    let mut v = all[all.len().saturating_sub(10)..].to_vec();
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// Median seconds per call over 5 batches (after a warm-up batch), CUDA events.
@@ -232,7 +192,7 @@ fn main() {
                 &mut c,
                 &group,
                 BenchmarkId::new("gemv", t),
-                bytes,
+                Throughput::BytesDecimal(bytes),
                 &s,
                 |i| {
                     gv.linear(&s, &xs, &sh.weights[(i % nw) as usize], &mut ys, d, false)
@@ -243,7 +203,7 @@ fn main() {
                 &mut c,
                 &group,
                 BenchmarkId::new("cublas", t),
-                bytes,
+                Throughput::BytesDecimal(bytes),
                 &s,
                 |i| {
                     gemm.linear(&xs, &sh.weights[(i % nw) as usize], &mut ys, d, false)
@@ -517,7 +477,7 @@ fn bench_layer(
                 c,
                 "decode_layer_llama8b_no_attention",
                 BenchmarkId::new(variant, t),
-                (layer_bytes * LAYERS as f64) as u64,
+                Throughput::BytesDecimal((layer_bytes * LAYERS as f64) as u64),
                 &s,
                 |_| graph.launch().unwrap(),
             ) / LAYERS as f64;

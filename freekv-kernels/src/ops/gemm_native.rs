@@ -46,7 +46,7 @@ use half::bf16;
 use crate::compile;
 use crate::gemm::LinearDims;
 use crate::kernels::{check_len, func, grid_dim, mul};
-use crate::ops::gemv::GemvOut;
+use crate::ops::gemv::{GemvOut, overlaps};
 use crate::{KernelError, probe};
 
 /// Output columns of one block tile.
@@ -113,10 +113,6 @@ fn kernel_name(f32_out: bool, scalar: bool, block_m: usize) -> String {
         if f32_out { "f32" } else { "bf16" },
         if scalar { "_scalar" } else { "" }
     )
-}
-
-fn overlaps(a: u64, a_bytes: u64, b: u64, b_bytes: u64) -> bool {
-    a_bytes > 0 && b_bytes > 0 && a < b.saturating_add(b_bytes) && b < a.saturating_add(a_bytes)
 }
 
 impl NativeGemm {

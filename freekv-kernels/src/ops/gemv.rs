@@ -302,7 +302,9 @@ struct Operands {
     y: (u64, usize),
 }
 
-fn overlaps(a: u64, a_bytes: u64, b: u64, b_bytes: u64) -> bool {
+/// Whether the device byte ranges `[a, a + a_bytes)` and `[b, b + b_bytes)` intersect (empty
+/// ranges never do).
+pub(crate) fn overlaps(a: u64, a_bytes: u64, b: u64, b_bytes: u64) -> bool {
     a_bytes > 0 && b_bytes > 0 && a < b.saturating_add(b_bytes) && b < a.saturating_add(a_bytes)
 }
 
