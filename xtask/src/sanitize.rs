@@ -499,6 +499,11 @@ struct Ran {
 
 fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Result<Ran> {
     let t0 = Instant::now();
+    // Its own process group, so that a timeout also stops what the sanitizer started (the
+    // engine under the tool keeps the stderr pipe open: killing only the sanitizer left the
+    // reader below waiting for the engine to finish).
+    #[cfg(unix)]
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -518,6 +523,10 @@ fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Result<Ran> {
         }
         if t0.elapsed() > timeout {
             timed_out = true;
+            #[cfg(unix)]
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", child.id())])
+                .status();
             let _ = child.kill();
             break child.wait()?;
         }
@@ -783,6 +792,18 @@ mod tests {
         assert_eq!(r.racecheck_kernels.as_deref(), Some("decode_attn"));
         assert!(SanitizeOptions::parse(&args(&["--racecheck-kernels"])).is_err());
         assert!(SanitizeOptions::parse(&args(&["--racecheck-kernels", " "])).is_err());
+    }
+
+    /// A timeout stops the whole process group: a grandchild holding stderr open (as the engine
+    /// under compute-sanitizer does) must not keep the run waiting.
+    #[cfg(unix)]
+    #[test]
+    fn timeout_stops_grandchildren_too() {
+        let mut c = Command::new("sh");
+        c.args(["-c", "sleep 30 & sleep 30"]);
+        let r = run_with_timeout(c, Duration::from_millis(300)).unwrap();
+        assert!(r.timed_out);
+        assert!(r.secs < 10.0, "waited {} s", r.secs);
     }
 
     #[test]
