@@ -22,12 +22,16 @@
 //! Environment: `FREEKV_BENCH_MODEL` (default `llama-3.1-8b`; a comma-separated list runs each
 //! model in turn, e.g. a sweep `llama-3.1-8b,llama-3.1-8b+persistent=0.9` of the query coherence
 //! of [`freekv_model::cuda::SyntheticSpec`]), `FREEKV_BENCH_SCENARIOS`
-//! (`name:context:gen,…`, default `long-input:32768:512,long-generation:1024:2048`),
+//! (`name:context:gen[:model],…`; a scenario naming a model runs on that model only; default
+//! [`DEFAULT_SCENARIOS`]: long input (32768 + 512) and long generation (1024 + 2048) on plain
+//! random weights and on the coherent models calibrated to the published correction rates),
 //! `FREEKV_BENCH_BATCHES` (default `1,4,16`), `FREEKV_BENCH_POLICIES` (default
 //! `full,oracle,arkvale,freekv,freekv-spec,freekv-streamed`; `freekv-spec` is `freekv` with
 //! τ = −1, i.e. no correction: the speculation-only ablation), `FREEKV_BENCH_RUN_SECONDS`
 //! (stop measuring a configuration after this many seconds of steps, default 15; the steps
-//! measured are reported), `FREEKV_BENCH_BUDGET` / `_SINK` / `_WINDOW` /
+//! measured are reported, with the median of every whole window of `FREEKV_BENCH_WINDOW_STEPS`
+//! steps (default 256) in `ms_windows`, so that a configuration stopped early still compares
+//! at equal positions), `FREEKV_BENCH_BUDGET` / `_SINK` / `_WINDOW` /
 //! `_PAGE` (tokens; default 2048 / 512 / 512 / 32, the paper's), `FREEKV_BENCH_TAU` (default
 //! 0.8 for long input and 0.9 for long generation, the paper's), `FREEKV_BENCH_MAX_SECONDS`
 //! (skip what would start after this budget), `FREEKV_BENCH_JSON` (write the results there).
@@ -68,22 +72,90 @@ struct Scenario {
     name: String,
     context: usize,
     generate: usize,
+    /// The model of this scenario alone (`name:context:gen:model`); `None`: every model of
+    /// `FREEKV_BENCH_MODEL`.
+    model: Option<String>,
 }
 
-fn kv_options(policy: &str, scenario: &Scenario) -> Option<GpuKvOptions> {
+/// The default scenarios: the paper's two on plain random weights (every head corrected: the
+/// pessimistic end) and on the coherent models calibrated to the published correction rates
+/// (S = 0.84: ~8 % of KV heads below τ = 0.8; S = 0.92: ~51 % below τ = 0.9; docs/bench/cuda-freekv.md).
+const DEFAULT_SCENARIOS: &str = "long-input:32768:512,long-generation:1024:2048,\
+long-input:32768:512:llama-3.1-8b+persistent=0.84,\
+long-generation:1024:2048:llama-3.1-8b+persistent=0.92";
+
+/// `name:context:gen[:model]`, comma-separated.
+fn parse_scenarios(list: &str) -> Result<Vec<Scenario>, String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            let p: Vec<&str> = s.split(':').collect();
+            if !(3..=4).contains(&p.len()) {
+                return Err(format!("scenario {s:?}: want name:context:gen[:model]"));
+            }
+            let num = |v: &str, what: &str| {
+                v.parse::<usize>()
+                    .map_err(|_| format!("scenario {s:?}: {what} {v:?} is not a number"))
+            };
+            Ok(Scenario {
+                name: p[0].to_string(),
+                context: num(p[1], "context")?,
+                generate: num(p[2], "gen")?,
+                model: p.get(3).map(|m| m.to_string()),
+            })
+        })
+        .collect()
+}
+
+/// The step times of `a` and `b` to compare: their medians when they measured as many steps,
+/// else the last whole window both measured (equal positions in the generation).
+fn compared_ms(a: &serde_json::Value, b: &serde_json::Value) -> Option<(f64, f64)> {
+    if a["steps_measured"] != b["steps_measured"] {
+        let wins = |r: &serde_json::Value| -> Vec<f64> {
+            r["ms_windows"]
+                .as_array()
+                .map(|w| w.iter().filter_map(|x| x.as_f64()).collect())
+                .unwrap_or_default()
+        };
+        let (wa, wb) = (wins(a), wins(b));
+        if let Some(i) = wa.len().min(wb.len()).checked_sub(1) {
+            return Some((wa[i], wb[i]));
+        }
+    }
+    Some((a["ms_median"].as_f64()?, b["ms_median"].as_f64()?))
+}
+
+/// Medians of consecutive whole windows of `w` steps (equal positions in the generation for
+/// every policy, also for one stopped at its time cap).
+fn window_medians(times: &[f64], w: usize) -> Vec<f64> {
+    if w == 0 {
+        return Vec::new();
+    }
+    times
+        .chunks_exact(w)
+        .map(|c| (percentile(c, 0.5) * 1000.0).round() / 1000.0)
+        .collect()
+}
+
+fn kv_options(policy: &str, scenario: &Scenario) -> Result<Option<GpuKvOptions>, String> {
     // `freekv@T`: freekv with τ = T (a sweep of T maps the correction rate to the step time).
     let (policy, tau_given) = match policy.split_once('@') {
         Some((p, t)) => (p, Some(t.to_string())),
         None => (policy, None),
     };
     let (kind, recall) = match policy {
-        "full" => return None,
+        "full" => return Ok(None),
         "oracle" => (KvKind::Quest, GpuRecall::Gather),
         "arkvale" => (KvKind::ArkVale, GpuRecall::Gather),
         "freekv" => (KvKind::FreeKv, GpuRecall::Gather),
         "freekv-streamed" => (KvKind::FreeKv, GpuRecall::Streamed),
         "freekv-spec" => (KvKind::FreeKv, GpuRecall::Gather),
-        other => panic!("unknown policy {other}"),
+        other => {
+            return Err(format!(
+                "unknown policy {other:?} (full, oracle, arkvale, freekv, freekv-streamed, freekv-spec, freekv@T)"
+            ));
+        }
     };
     let mut kv = KvConfig {
         kind,
@@ -109,11 +181,11 @@ fn kv_options(policy: &str, scenario: &Scenario) -> Option<GpuKvOptions> {
     } else {
         tau_given.unwrap_or(tau)
     };
-    kv.set_tau(&tau).expect("FREEKV_BENCH_TAU");
+    kv.set_tau(&tau).map_err(|e| format!("τ {tau:?}: {e}"))?;
     let mut o = GpuKvOptions::new(kv);
     o.recall = recall;
     o.max_prompt = Some(scenario.context);
-    Some(o)
+    Ok(Some(o))
 }
 
 #[allow(clippy::too_many_lines)]
@@ -127,22 +199,20 @@ fn main() {
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
         .collect();
-    let scenarios: Vec<Scenario> = env_or(
-        "FREEKV_BENCH_SCENARIOS",
-        "long-input:32768:512,long-generation:1024:2048",
-    )
-    .split(',')
-    .filter(|s| !s.trim().is_empty())
-    .map(|s| {
-        let p: Vec<&str> = s.trim().split(':').collect();
-        assert_eq!(p.len(), 3, "scenario {s:?}: want name:context:gen");
-        Scenario {
-            name: p[0].to_string(),
-            context: p[1].parse().expect("context"),
-            generate: p[2].parse().expect("gen"),
+    let scenarios = match parse_scenarios(&env_or("FREEKV_BENCH_SCENARIOS", DEFAULT_SCENARIOS)) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("FREEKV_BENCH_SCENARIOS: {e}");
+            std::process::exit(2);
         }
-    })
-    .collect();
+    };
+    // Every model once, in order: the `FREEKV_BENCH_MODEL` list, then the scenarios' own.
+    let mut run_models: Vec<String> = model_names.clone();
+    for m in scenarios.iter().filter_map(|s| s.model.as_ref()) {
+        if !run_models.contains(m) {
+            run_models.push(m.clone());
+        }
+    }
     let batches: Vec<usize> = env_or("FREEKV_BENCH_BATCHES", "1,4,16")
         .split(',')
         .filter_map(|s| s.trim().parse().ok())
@@ -160,7 +230,7 @@ fn main() {
         .and_then(|v| v.parse::<f64>().ok());
     let t_start = Instant::now();
     let json_path = std::env::var("FREEKV_BENCH_JSON").ok();
-    let labels: Vec<String> = model_names
+    let labels: Vec<String> = run_models
         .iter()
         .map(|m| format!("synthetic:{m}"))
         .collect();
@@ -182,14 +252,31 @@ fn main() {
         }
     };
     let mut rows = Vec::new();
-    for model_name in &model_names {
-        let model = CudaLlama::synthetic(Arc::clone(&gpu), model_name, 1).expect("synthetic model");
+    for model_name in &run_models {
+        let of_model: Vec<&Scenario> = scenarios
+            .iter()
+            .filter(|s| match &s.model {
+                Some(m) => m == model_name,
+                None => model_names.contains(model_name),
+            })
+            .collect();
+        if of_model.is_empty() {
+            continue;
+        }
+        let model = match CudaLlama::synthetic(Arc::clone(&gpu), model_name, 1) {
+            Ok(m) => m,
+            Err(e) => {
+                println!("{model_name}: failed: {e}");
+                rows.push(serde_json::json!({"model": model_name, "error": e.to_string()}));
+                continue;
+            }
+        };
         println!(
             "model: {} — {} — all figures synthetic (random weights)",
             model.source().label(),
             gpu.info().name,
         );
-        for sc in &scenarios {
+        for &sc in &of_model {
             for &bs in &batches {
                 for policy in &policies {
                     if let Some(m) = max_s
@@ -247,12 +334,14 @@ fn main() {
         "| model | scenario | batch | policy | ms/step | tok/s | × oracle | speedup vs arkvale | recall MiB/step | units/head/step | GPU GiB | host GiB | correction |"
     );
     println!("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    let find = |m: &str, sc: &str, bs: u64, p: &str| -> Option<f64> {
-        rows.iter()
-            .find(|r| {
-                r["model"] == m && r["scenario"] == sc && r["batch"] == bs && r["policy"] == p
-            })
-            .and_then(|r| r["ms_median"].as_f64())
+    let find = |m: &str, sc: &str, bs: u64, p: &str| -> Option<&serde_json::Value> {
+        rows.iter().find(|r| {
+            r["model"] == m
+                && r["scenario"] == sc
+                && r["batch"] == bs
+                && r["policy"] == p
+                && r["ms_median"].is_f64()
+        })
     };
     for r in &rows {
         let (Some(ms), Some(m), Some(sc), Some(bs), Some(p)) = (
@@ -264,8 +353,12 @@ fn main() {
         ) else {
             continue;
         };
-        let vs_oracle = find(m, sc, bs, "oracle").map_or("".into(), |o| format!("{:.2}", ms / o));
-        let vs_ark = find(m, sc, bs, "arkvale").map_or("".into(), |a| format!("{:.1}×", a / ms));
+        let vs_oracle = find(m, sc, bs, "oracle")
+            .and_then(|o| compared_ms(r, o))
+            .map_or("".into(), |(x, o)| format!("{:.2}", x / o));
+        let vs_ark = find(m, sc, bs, "arkvale")
+            .and_then(|a| compared_ms(r, a))
+            .map_or("".into(), |(x, a)| format!("{:.1}×", a / x));
         println!(
             "| {m} | {sc} | {bs} | {p} | {ms:.3} | {:.1} | {vs_oracle} | {vs_ark} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
             r["tokens_per_s"].as_f64().unwrap_or(0.0),
@@ -282,6 +375,10 @@ fn main() {
             },
         );
     }
+    println!(
+        "(× oracle and vs arkvale compare medians, or the last window of {} steps both measured when one stopped at its time cap)",
+        env_usize("FREEKV_BENCH_WINDOW_STEPS", 256)
+    );
     write_json(&rows);
 }
 
@@ -292,7 +389,7 @@ fn run_one(
     bs: usize,
     policy: &str,
 ) -> Result<serde_json::Value, String> {
-    let kvo = kv_options(policy, sc);
+    let kvo = kv_options(policy, sc)?;
     let page = kvo.as_ref().map_or(32, |k| k.kv.page_size);
     let opts = BatchOptions {
         max_seqs: bs,
@@ -372,6 +469,7 @@ fn run_one(
         }
     }
     let (free_end, _) = ctx.mem_get_info().map_err(|e| e.to_string())?;
+    let window_steps = env_usize("FREEKV_BENCH_WINDOW_STEPS", 256);
     let mean = times.iter().sum::<f64>() / times.len().max(1) as f64;
     let q = times.len() / 4;
     let quarters: Vec<f64> = (0..4)
@@ -393,6 +491,8 @@ fn run_one(
         "ms_p90": percentile(&times, 0.9),
         "ms_mean": mean,
         "ms_quarters": quarters,
+        "window_steps": window_steps,
+        "ms_windows": window_medians(&times, window_steps),
         "steps_measured": times.len(),
         "tokens_per_s": bs as f64 * 1e3 / mean,
         "graph": b.has_graph(),

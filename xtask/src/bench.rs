@@ -1838,7 +1838,8 @@ The GPU end-to-end matrix (backend × KV policy × batch × context) is generic:
 an end-to-end bench (`cuda_decode*`, `cuda_freekv*`, `*e2e*`) gets `FREEKV_BENCH_JSON=path` and may \
 write `{\"device\", \"model\", \"copy_bandwidth_gbs\", …, \"rows\": [...]}` there; each row gives `batch`, \
 `context`, `ms_per_step` (or `ms_median`) and any of `model`, `scenario`, `policy` (default `full`), \
-`budget`, `gen`, `ms_p90`, `ms_quarters`, `floor_ms`, `recall_gbs`, `correction_rate` (or \
+`budget`, `gen`, `ms_p90`, `ms_quarters`, `steps_measured` with `ms_windows` and `window_steps` \
+(ratios of rows with unequal step counts compare the last window both measured), `floor_ms`, `recall_gbs`, `correction_rate` (or \
 `stats.head_correction_rate`), `gpu_used_gib`, `host_kv_gib`, `note` (or `error`, `skipped`); any \
 other number or string becomes a column of its own. A bench that writes no side file gives its rows \
 through its criterion ids (`…/b4/ctx32768/freekv@2048`). Writing the side file after every row \
@@ -2223,7 +2224,7 @@ mod tests {
         let note = rows[1]["note"].as_str().unwrap();
         assert!(
             note.starts_with(
-                "--bench --warm-up-time 0.5 --measurement-time 1 max=72 quick=1 gpu=1"
+                "--bench --warm-up-time 0.5 --measurement-time 1 max=136 quick=1 gpu=1"
             ),
             "{note}"
         );

@@ -7,7 +7,8 @@
 //!
 //! Row fields read (all optional but `batch`, `context` and `ms_per_step`): `model`,
 //! `scenario`, `policy` (default `full`), `backend` (default `cuda`), `batch`, `context`,
-//! `budget`, `gen` (steps), `ms_per_step`, `ms_p90`, `ms_quarters`, `floor_ms`, `recall_gbs`,
+//! `budget`, `gen` (steps), `ms_per_step`, `ms_p90`, `ms_quarters`, `steps_measured`,
+//! `ms_windows` and `window_steps` (see [`speed_vs`]), `floor_ms`, `recall_gbs`,
 //! `correction_rate` (0..1), `gpu_mem_gb` / `gpu_used_gib`, `host_mem_gb` / `host_kv_gib`,
 //! `matmul_ms`, `note`; the names `cuda_freekv` uses are read too (`ms_median`, a top-level
 //! `model`, `stats.head_correction_rate`, `error`, `skipped`). Any other number, string or
@@ -294,13 +295,39 @@ pub fn baseline<'a>(rows: &'a [Value], r: &Value, base: &str) -> Option<&'a Valu
         .or_else(|| cands().next())
 }
 
-/// Speed of `r` against its `base` row: base ms ÷ row ms (> 1: faster).
+/// Speed of `r` against its `base` row: base ms ÷ row ms (> 1: faster). When the two measured a
+/// different number of steps (one stopped at its time cap, so their medians cover different
+/// stretches of a growing context) and both have `ms_windows` of the same `window_steps`, the
+/// last window both measured is compared: equal positions in the generation.
 pub fn speed_vs(rows: &[Value], r: &Value, base: &str) -> Option<f64> {
     if policy(r) == base {
         return None;
     }
+    let b = baseline(rows, r, base)?;
+    if let Some((bm, rm)) = equal_position_ms(b, r) {
+        return Some(bm / rm);
+    }
     let ms = f(r, "ms_per_step").filter(|m| *m > 0.0)?;
-    Some(f(baseline(rows, r, base)?, "ms_per_step")? / ms)
+    Some(f(b, "ms_per_step")? / ms)
+}
+
+/// The step times of `a` and `b` in the last window both measured, when their step counts
+/// differ and both report `ms_windows` of the same `window_steps`.
+fn equal_position_ms(a: &Value, b: &Value) -> Option<(f64, f64)> {
+    let steps = |r: &Value| u(r, "steps_measured");
+    if steps(a)? == steps(b)? || u(a, "window_steps")? != u(b, "window_steps")? {
+        return None;
+    }
+    let wins = |r: &Value| -> Option<Vec<f64>> {
+        r.get("ms_windows")?
+            .as_array()?
+            .iter()
+            .map(Value::as_f64)
+            .collect()
+    };
+    let (wa, wb) = (wins(a)?, wins(b)?);
+    let i = wa.len().min(wb.len()).checked_sub(1)?;
+    Some((wa[i], wb[i])).filter(|(x, y)| *x > 0.0 && *y > 0.0)
 }
 
 fn hf_ms(res: &Value, form: &str, r: &Value) -> Option<f64> {
@@ -329,6 +356,8 @@ const KNOWN: &[&str] = &[
     "policy",
     "ms_p90",
     "ms_quarters",
+    "ms_windows",
+    "window_steps",
     "gpu_used_gib",
     "host_kv_gib",
     // Aliases and details left to the JSON.
@@ -582,7 +611,8 @@ pub fn render(res: &Value) -> String {
         "\nms/step: median time of one decode step of the whole batch (criterion's median, MAD its \
          median absolute deviation; or the bench's own median over its generated steps, p90 and \
          per quarter of the generation beside it). `vs full` / `vs oracle` / `vs arkvale`: speed against that policy at the same \
-         model, batch and context (its ms ÷ this row's ms; > 1 is faster). HBM floor: the bytes a \
+         model, batch and context (its ms ÷ this row's ms; > 1 is faster; when one of the two stopped \
+         at its time cap, the last window of steps both measured, `ms_windows`). HBM floor: the bytes a \
          step must read (weights + KV attended) ÷ the device-copy bandwidth. Recall GB/s against \
          the host → device pinned bandwidth measured in this run. HF: Hugging Face transformers on \
          the same shapes (`--peer hf`), full attention.\n"
@@ -634,28 +664,50 @@ pub fn targets(res: &Value, rows: &[Value]) -> Vec<String> {
             variants.push(p);
         }
     }
-    for v in &variants {
-        let fo: Vec<(f64, String)> = rows
-            .iter()
-            .filter(|r| policy(r) == *v)
-            .filter_map(|r| Some((1.0 / speed_vs(rows, r, "oracle")?, cell(r))))
-            .collect();
-        if let Some((x, at)) = worst(fo, true) {
-            out.push(format!(
-                "{v} step time ≤ 1.10× oracle's: {} (worst {x:.2}× at {at})",
-                met(x <= 1.10)
-            ));
+    // One verdict per model when the matrix has several (plain random weights and a coherent
+    // `+persistent=S` model answer different questions).
+    let mut models: Vec<&str> = Vec::new();
+    for r in rows {
+        let m = model_short(st(r, "model"));
+        if !models.contains(&m) {
+            models.push(m);
         }
-        let fa: Vec<(f64, String)> = rows
-            .iter()
-            .filter(|r| policy(r) == *v && u(r, "batch") == Some(4))
-            .filter_map(|r| Some((speed_vs(rows, r, "arkvale")?, cell(r))))
-            .collect();
-        if let Some((x, at)) = worst(fa, true) {
-            out.push(format!(
-                "{v} ≥ 13.7× faster than arkvale at batch 4: {} (best {x:.2}× at {at})",
-                met(x >= 13.7)
-            ));
+    }
+    let tag = |m: &str| {
+        if models.len() > 1 {
+            format!(" [{m}]")
+        } else {
+            String::new()
+        }
+    };
+    for v in &variants {
+        for m in &models {
+            let of = |r: &&Value| policy(r) == *v && model_short(st(r, "model")) == *m;
+            let fo: Vec<(f64, String)> = rows
+                .iter()
+                .filter(of)
+                .filter_map(|r| Some((1.0 / speed_vs(rows, r, "oracle")?, cell(r))))
+                .collect();
+            if let Some((x, at)) = worst(fo, true) {
+                out.push(format!(
+                    "{v} step time ≤ 1.10× oracle's{}: {} (worst {x:.2}× at {at})",
+                    tag(m),
+                    met(x <= 1.10)
+                ));
+            }
+            let fa: Vec<(f64, String)> = rows
+                .iter()
+                .filter(of)
+                .filter(|r| u(r, "batch") == Some(4))
+                .filter_map(|r| Some((speed_vs(rows, r, "arkvale")?, cell(r))))
+                .collect();
+            if let Some((x, at)) = worst(fa, true) {
+                out.push(format!(
+                    "{v} ≥ 13.7× faster than arkvale at batch 4{}: {} (best {x:.2}× at {at})",
+                    tag(m),
+                    met(x >= 13.7)
+                ));
+            }
         }
     }
     let mut rec: Vec<(f64, String)> = rows
@@ -1097,6 +1149,55 @@ mod tests {
             md.contains("freekv-spec ≥ 13.7× faster than arkvale at batch 4: met (best 15.79× at")
         );
         assert_eq!(render(&json!({})), "");
+    }
+
+    /// A row stopped at its time cap is compared at equal positions (the last window both
+    /// measured), and a matrix with several models gets one verdict per model.
+    #[test]
+    fn capped_rows_compare_at_equal_positions_and_targets_are_per_model() {
+        let row = |m: &str, p: &str, steps: u64, ms: f64, wins: &[f64]| {
+            json!({"bench": "cuda_freekv", "model": m, "scenario": "long-generation",
+                   "policy": p, "batch": 4, "context": 1024, "ms_per_step": ms,
+                   "steps_measured": steps, "window_steps": 256, "ms_windows": wins})
+        };
+        let (a, b) = (
+            "synthetic:llama-3.1-8b",
+            "synthetic:llama-3.1-8b+persistent=0.92",
+        );
+        let rows = vec![
+            // arkvale stopped after 3 windows; its median covers the cheap dense start.
+            row(a, "arkvale", 768, 9.0, &[6.0, 10.0, 40.0]),
+            row(a, "oracle", 1024, 7.0, &[5.0, 6.0, 8.0, 9.0]),
+            row(a, "freekv", 1024, 8.0, &[5.5, 7.0, 10.0, 11.0]),
+            row(b, "oracle", 1024, 7.0, &[5.0, 6.0, 8.0, 9.0]),
+            row(b, "freekv", 1024, 7.5, &[5.0, 6.2, 8.4, 9.5]),
+        ];
+        // Against the capped arkvale: window 3 (40 / 10), not the medians (9 / 8).
+        let fk = &rows[2];
+        assert_eq!(speed_vs(&rows, fk, "arkvale"), Some(4.0));
+        // Same step counts: the medians.
+        assert_eq!(speed_vs(&rows, fk, "oracle"), Some(7.0 / 8.0));
+        // Windows of another size are not compared.
+        let mut other = rows.clone();
+        other[0]["window_steps"] = json!(128);
+        assert_eq!(speed_vs(&other, &other[2], "arkvale"), Some(9.0 / 8.0));
+        let t = targets(&json!({}), &rows).join("\n");
+        assert!(
+            t.contains("freekv step time ≤ 1.10× oracle's [llama-3.1-8b]: not met (worst 1.14×"),
+            "{t}"
+        );
+        assert!(
+            t.contains(
+                "freekv step time ≤ 1.10× oracle's [llama-3.1-8b+persistent=0.92]: met (worst 1.07×"
+            ),
+            "{t}"
+        );
+        assert!(
+            t.contains(
+                "freekv ≥ 13.7× faster than arkvale at batch 4 [llama-3.1-8b]: not met (best 4.00×"
+            ),
+            "{t}"
+        );
     }
 
     #[test]
