@@ -9,11 +9,7 @@
 # Run from the repository root on the device: bash docs/device/issue5-run.sh [deadline seconds]
 # One device call: GEMM/init/model tests, coherence calibration (4K), 32K sweep at batch 4 with
 # the calibrated share, racecheck of a freekv decode (native GEMM, every kernel), gemm bench.
-export FREEKV_REQUIRE_GPU=1 CUDA_HOME=/usr/local/cuda
-D=.device/t; L=$OUT/logs; mkdir -p $L; T0=$(date +%s)
-DL=${1:-575}; left() { echo $(( DL - ($(date +%s) - T0) )); }
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-t() { local n=$1 lim=$2; shift 2; local l=$(left); [ $l -lt 20 ] && { echo "$n skipped (time)"; return; }; [ $lim -gt $l ] && lim=$l; local s=$(date +%s); timeout $lim "$@" > $L/$n.log 2>&1; local rc=$?; echo "$n rc=$rc $(( $(date +%s)-s ))s $(grep -E '^test result' $L/$n.log | tail -1)"; }
+DL=${1:-575}; . "$(dirname "$0")/common.sh"
 t gemm_native 100 $D/gemm_native --test-threads 1 --nocapture
 t gemm_test 40 $D/gemm_test --test-threads 1
 t probe 40 $D/probe --test-threads 1
@@ -25,14 +21,7 @@ grep -E "FAILED|panicked" $L/*.log | head -8
 grep -E "rel|seed" $L/gemm_native.log | head -6; grep -iE "native" $L/cuda_decoder.log | head -4; grep -E "corrected" $L/persistent.log
 t racecheck 160 .device/sanitize/xtask sanitize --prebuilt .device/sanitize --out $L/san --tools racecheck --racecheck-kernels all --timeout-s 140 -n 8 --kv freekv --no-kernel-benches
 tail -12 $L/racecheck.log
-t cal 70 env FREEKV_BENCH_MODEL=llama-3.1-8b+persistent=0.8,llama-3.1-8b+persistent=0.9,llama-3.1-8b+persistent=0.95,llama-3.1-8b+persistent=0.98 FREEKV_BENCH_SCENARIOS=long-input:4096:40 FREEKV_BENCH_BATCHES=1 FREEKV_BENCH_POLICIES=freekv@0.8,freekv@0.9 FREEKV_BENCH_RUN_SECONDS=1 FREEKV_BENCH_JSON=$OUT/cal.json $D/cuda_freekv --bench
-grep "^|" $L/cal.log | cut -d'|' -f2,5,13,14
-S=$(python3 -c '
-import json,sys
-r=[x for x in json.load(open(sys.argv[1]))["rows"] if x.get("policy")=="freekv@0.8" and x.get("stats")]
-best=min(r,key=lambda x:abs(x["stats"]["head_correction_rate"]-0.12))
-print(best["model"])' $OUT/cal.json 2>/dev/null || echo llama-3.1-8b+persistent=0.95)
-echo "calibrated: $S"
+calibrate cal.json "0.8 0.9 0.95 0.98" freekv@0.8 0.12 llama-3.1-8b+persistent=0.95
 t sweep 170 env FREEKV_BENCH_MODEL=llama-3.1-8b,$S FREEKV_BENCH_SCENARIOS=long-input:32768:64 FREEKV_BENCH_BATCHES=4 FREEKV_BENCH_POLICIES=oracle,freekv,freekv-spec,arkvale FREEKV_BENCH_RUN_SECONDS=1.5 FREEKV_BENCH_JSON=$OUT/sweep32k.json $D/cuda_freekv --bench
 grep "^|" $L/sweep.log | cut -d'|' -f2,5,6,8,9,10,11,14
 t gemm_bench 60 $D/gemm_bench --bench --warm-up-time 0.2 --measurement-time 0.5

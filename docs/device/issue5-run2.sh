@@ -4,24 +4,12 @@
 # fine coherence calibration (S = 0.81 … 0.89) and the 32K sweep at batch 1 and 4 with it.
 # Needs .device/t (cuda_freekv_test, cuda_freekv bench) and .device/sanitize (cargo xtask sanitize --bundle).
 # Run from the repository root on the device: bash docs/device/issue5-run2.sh [deadline seconds]
-export FREEKV_REQUIRE_GPU=1 CUDA_HOME=/usr/local/cuda
-D=.device/t; L=$OUT/logs; mkdir -p $L; T0=$(date +%s)
-DL=${1:-560}; left() { echo $(( DL - ($(date +%s) - T0) )); }
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-t() { local n=$1 lim=$2; shift 2; local l=$(left); [ $l -lt 20 ] && { echo "$n skipped (time)"; return; }; [ $lim -gt $l ] && lim=$l; local s=$(date +%s); timeout $lim "$@" > $L/$n.log 2>&1; local rc=$?; echo "$n rc=$rc $(( $(date +%s)-s ))s $(grep -E '^test result' $L/$n.log | tail -1)"; }
+DL=${1:-560}; . "$(dirname "$0")/common.sh"
 t persistent 60 $D/cuda_freekv_test --test-threads 1 --nocapture persistent
 grep -E "corrected|panicked" $L/persistent.log
 t race_fk 130 .device/sanitize/xtask sanitize --prebuilt .device/sanitize --out $L/san_fk --tools racecheck --timeout-s 110 -n 8 --kv freekv --no-kernel-benches
 grep "sanitize:" $L/race_fk.log | tail -3
-M=""; for s in 0.81 0.82 0.83 0.84 0.85 0.86 0.87 0.88 0.89; do M="$M,llama-3.1-8b+persistent=$s"; done; M=${M#,}
-t cal 90 env FREEKV_BENCH_MODEL=$M FREEKV_BENCH_SCENARIOS=long-input:4096:40 FREEKV_BENCH_BATCHES=1 FREEKV_BENCH_POLICIES=freekv@0.8,freekv@0.9 FREEKV_BENCH_RUN_SECONDS=1 FREEKV_BENCH_JSON=$OUT/cal2.json $D/cuda_freekv --bench
-grep "^|" $L/cal.log | cut -d'|' -f2,5,6,11,14
-S=$(python3 -c '
-import json,sys
-r=[x for x in json.load(open(sys.argv[1]))["rows"] if x.get("policy")=="freekv@0.8" and x.get("stats")]
-best=min(r,key=lambda x:abs(x["stats"]["head_correction_rate"]-0.12))
-print(best["model"])' $OUT/cal2.json 2>/dev/null || echo llama-3.1-8b+persistent=0.85)
-echo "calibrated: $S"
+calibrate cal2.json "0.81 0.82 0.83 0.84 0.85 0.86 0.87 0.88 0.89" freekv@0.8 0.12 llama-3.1-8b+persistent=0.85
 t sweep 230 env FREEKV_BENCH_MODEL=llama-3.1-8b,$S FREEKV_BENCH_SCENARIOS=long-input:32768:64 FREEKV_BENCH_BATCHES=1,4 FREEKV_BENCH_POLICIES=oracle,freekv,freekv@0.9,freekv-spec,arkvale FREEKV_BENCH_RUN_SECONDS=1.2 FREEKV_BENCH_JSON=$OUT/sweep32k-b.json $D/cuda_freekv --bench
 grep "^|" $L/sweep.log | cut -d'|' -f2,4,5,6,8,9,10,11,12,13,14
 t race_all 200 .device/sanitize/xtask sanitize --prebuilt .device/sanitize --out $L/san_all --tools racecheck --racecheck-kernels all --timeout-s 180 --prompt-tokens 160 -n 4 --budget 96 --kv freekv --no-kernel-benches

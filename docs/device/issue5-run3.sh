@@ -4,20 +4,8 @@
 # (1K prompt, 4096 steps) at batch 4 and 1 with that model, then the warm-prefill split at 32K.
 # Needs .device/t/cuda_freekv (cargo bench --no-run -p freekv-model --bench cuda_freekv).
 # Run from the repository root on the device: bash docs/device/issue5-run3.sh [deadline seconds]
-export FREEKV_REQUIRE_GPU=1 CUDA_HOME=/usr/local/cuda
-D=.device/t; L=$OUT/logs; mkdir -p $L; T0=$(date +%s)
-DL=${1:-560}; left() { echo $(( DL - ($(date +%s) - T0) )); }
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-t() { local n=$1 lim=$2; shift 2; local l=$(left); [ $l -lt 20 ] && { echo "$n skipped (time)"; return; }; [ $lim -gt $l ] && lim=$l; local s=$(date +%s); timeout $lim "$@" > $L/$n.log 2>&1; local rc=$?; echo "$n rc=$rc $(( $(date +%s)-s ))s"; }
-M=""; for s in 0.9 0.905 0.91 0.915 0.92 0.925 0.93 0.935; do M="$M,llama-3.1-8b+persistent=$s"; done; M=${M#,}
-t cal 60 env FREEKV_BENCH_MODEL=$M FREEKV_BENCH_SCENARIOS=long-input:4096:40 FREEKV_BENCH_BATCHES=1 FREEKV_BENCH_POLICIES=freekv@0.9,freekv@0.8 FREEKV_BENCH_RUN_SECONDS=1 FREEKV_BENCH_JSON=$OUT/cal3.json $D/cuda_freekv --bench
-grep "^|" $L/cal.log | cut -d'|' -f2,5,6,11,14
-S=$(python3 -c '
-import json,sys
-r=[x for x in json.load(open(sys.argv[1]))["rows"] if x.get("policy")=="freekv@0.9" and x.get("stats")]
-best=min(r,key=lambda x:abs(x["stats"]["head_correction_rate"]-0.589))
-print(best["model"])' $OUT/cal3.json 2>/dev/null || echo llama-3.1-8b+persistent=0.91)
-echo "calibrated for tau 0.9: $S"
+DL=${1:-560}; . "$(dirname "$0")/common.sh"
+calibrate cal3.json "0.9 0.905 0.91 0.915 0.92 0.925 0.93 0.935" freekv@0.9 0.589 llama-3.1-8b+persistent=0.91
 t gen4 300 env FREEKV_BENCH_MODEL=$S FREEKV_BENCH_SCENARIOS=long-generation:1024:4096 FREEKV_BENCH_BATCHES=4 FREEKV_BENCH_POLICIES=full,oracle,freekv@0.9,freekv-spec,arkvale FREEKV_BENCH_RUN_SECONDS=110 FREEKV_BENCH_JSON=$OUT/gen4.json $D/cuda_freekv --bench
 grep "^|" $L/gen4.log | cut -d'|' -f2,4,5,6,7,8,9,10,12,13,14
 grep -E "ms/step median" $L/gen4.log | sed -E 's/.*bs ([0-9]+) ([^:]+): .* quarters (\[[^]]*\]).*GPU ([0-9.]+) GiB.*/bs\1 \2 \3 GPU \4/'
