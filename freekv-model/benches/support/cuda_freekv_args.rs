@@ -1,0 +1,84 @@
+//! The host-side arithmetic of the `cuda_freekv` bench (scenario list, percentiles, windows,
+//! equal-position comparisons), in a file of its own so that `tests/bench_args.rs` checks it
+//! on machines without a GPU.
+
+/// The `q`-quantile of `v` (nearest rank); NaN when `v` is empty.
+pub fn percentile(v: &[f64], q: f64) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    if s.is_empty() {
+        return f64::NAN;
+    }
+    s[((s.len() - 1) as f64 * q).round() as usize]
+}
+
+/// One scenario of the bench: `context` tokens of history, then `generate` decode steps.
+pub struct Scenario {
+    pub name: String,
+    pub context: usize,
+    pub generate: usize,
+    /// The model of this scenario alone (`name:context:gen:model`); `None`: every model of
+    /// `FREEKV_BENCH_MODEL`.
+    pub model: Option<String>,
+}
+
+/// The default scenarios: the paper's two on plain random weights (every head corrected: the
+/// pessimistic end) and on the coherent models calibrated to the published correction rates
+/// (S = 0.84: ~8 % of KV heads below τ = 0.8; S = 0.92: ~51 % below τ = 0.9; docs/bench/cuda-freekv.md).
+pub const DEFAULT_SCENARIOS: &str = "long-input:32768:512,long-generation:1024:2048,\
+long-input:32768:512:llama-3.1-8b+persistent=0.84,\
+long-generation:1024:2048:llama-3.1-8b+persistent=0.92";
+
+/// `name:context:gen[:model]`, comma-separated.
+pub fn parse_scenarios(list: &str) -> Result<Vec<Scenario>, String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            let p: Vec<&str> = s.split(':').collect();
+            if !(3..=4).contains(&p.len()) {
+                return Err(format!("scenario {s:?}: want name:context:gen[:model]"));
+            }
+            let num = |v: &str, what: &str| {
+                v.parse::<usize>()
+                    .map_err(|_| format!("scenario {s:?}: {what} {v:?} is not a number"))
+            };
+            Ok(Scenario {
+                name: p[0].to_string(),
+                context: num(p[1], "context")?,
+                generate: num(p[2], "gen")?,
+                model: p.get(3).map(|m| m.to_string()),
+            })
+        })
+        .collect()
+}
+
+/// The step times of `a` and `b` to compare: their medians when they measured as many steps,
+/// else the last whole window both measured (equal positions in the generation).
+pub fn compared_ms(a: &serde_json::Value, b: &serde_json::Value) -> Option<(f64, f64)> {
+    if a["steps_measured"] != b["steps_measured"] {
+        let wins = |r: &serde_json::Value| -> Vec<f64> {
+            r["ms_windows"]
+                .as_array()
+                .map(|w| w.iter().filter_map(|x| x.as_f64()).collect())
+                .unwrap_or_default()
+        };
+        let (wa, wb) = (wins(a), wins(b));
+        if let Some(i) = wa.len().min(wb.len()).checked_sub(1) {
+            return Some((wa[i], wb[i]));
+        }
+    }
+    Some((a["ms_median"].as_f64()?, b["ms_median"].as_f64()?))
+}
+
+/// Medians of consecutive whole windows of `w` steps (equal positions in the generation for
+/// every policy, also for one stopped at its time cap).
+pub fn window_medians(times: &[f64], w: usize) -> Vec<f64> {
+    if w == 0 {
+        return Vec::new();
+    }
+    times
+        .chunks_exact(w)
+        .map(|c| (percentile(c, 0.5) * 1000.0).round() / 1000.0)
+        .collect()
+}

@@ -1,0 +1,69 @@
+//! The host-side arithmetic of the `cuda_freekv` bench (`benches/support/cuda_freekv_args.rs`):
+//! scenario lists, windows and the equal-position comparison of rows stopped at a time cap.
+
+#[path = "../benches/support/cuda_freekv_args.rs"]
+mod args;
+
+use args::{DEFAULT_SCENARIOS, compared_ms, parse_scenarios, percentile, window_medians};
+use serde_json::json;
+
+#[test]
+fn scenarios_parse_with_and_without_a_model() {
+    let s = parse_scenarios(
+        " long-input:32768:512 , long-generation:1024:64:llama-3.1-8b+persistent=0.92,",
+    )
+    .unwrap();
+    assert_eq!(s.len(), 2);
+    assert_eq!(
+        (
+            s[0].name.as_str(),
+            s[0].context,
+            s[0].generate,
+            s[0].model.as_deref()
+        ),
+        ("long-input", 32768, 512, None)
+    );
+    assert_eq!(s[1].model.as_deref(), Some("llama-3.1-8b+persistent=0.92"));
+    // The defaults: both scenarios on plain weights and on the two calibrated models.
+    let d = parse_scenarios(DEFAULT_SCENARIOS).unwrap();
+    assert_eq!(d.len(), 4);
+    assert_eq!(d.iter().filter(|s| s.model.is_some()).count(), 2);
+}
+
+#[test]
+fn bad_scenarios_are_errors_naming_the_entry() {
+    for bad in [
+        "long-input:32768",
+        "long-input:x:512",
+        "a:1:2:m:extra",
+        "long-input:1:-3",
+    ] {
+        let e = parse_scenarios(bad).err().unwrap_or_default();
+        assert!(e.contains(bad), "{bad}: {e}");
+    }
+}
+
+#[test]
+fn windows_are_medians_of_whole_windows() {
+    let t: Vec<f64> = (0..10).map(f64::from).collect();
+    assert_eq!(window_medians(&t, 4), vec![2.0, 6.0]);
+    assert!(window_medians(&t, 11).is_empty());
+    assert!(window_medians(&t, 0).is_empty());
+    assert_eq!(percentile(&[3.0, 1.0, 2.0], 0.5), 2.0);
+    assert!(percentile(&[], 0.5).is_nan());
+}
+
+#[test]
+fn rows_stopped_early_compare_at_equal_positions() {
+    let row = |steps: u64, median: f64, wins: &[f64]| json!({"steps_measured": steps, "ms_median": median, "ms_windows": wins});
+    let freekv = row(1024, 8.0, &[5.0, 7.0, 10.0, 11.0]);
+    // arkvale stopped after 3 windows: window 3 against window 3.
+    let arkvale = row(768, 9.0, &[6.0, 10.0, 40.0]);
+    assert_eq!(compared_ms(&freekv, &arkvale), Some((10.0, 40.0)));
+    // As many steps: the medians.
+    let oracle = row(1024, 7.0, &[5.0, 6.0, 8.0, 9.0]);
+    assert_eq!(compared_ms(&freekv, &oracle), Some((8.0, 7.0)));
+    // No whole window in one of them: the medians.
+    let short = row(100, 30.0, &[]);
+    assert_eq!(compared_ms(&freekv, &short), Some((8.0, 30.0)));
+}
