@@ -34,8 +34,6 @@ pub(crate) struct Blas {
     mm: Matmul,
     /// `None` when disabled through [`GEMV_ENV`].
     gemv: Option<GemvKernels>,
-    /// Most token rows a plain product sends to the `gemv` kernels.
-    gemv_max_tokens: usize,
 }
 
 impl Blas {
@@ -59,21 +57,23 @@ impl Blas {
             tracing::debug!("{GEMV_ENV}=0: every product through the {backend} GEMM");
             None
         };
-        let gemv_max_tokens = match backend {
-            GemmBackend::Cublas => GEMV_PREFERRED_MAX_TOKENS,
-            GemmBackend::Native => GEMV_MAX_TOKENS,
-        };
         Ok(Self {
             mm: Matmul::new(stream, backend.into(), WORKSPACE_BYTES)?,
             gemv,
-            gemv_max_tokens,
         })
     }
 
     /// The GEMM backend of the products the `gemv` kernels do not take.
-    #[allow(dead_code)] // read by the tests
     pub(crate) fn backend(&self) -> GemmBackend {
         self.mm.backend()
+    }
+
+    /// Most token rows a plain product sends to the `gemv` kernels (see the module docs).
+    fn gemv_max_tokens(&self) -> usize {
+        match self.backend() {
+            GemmBackend::Cublas => GEMV_PREFERRED_MAX_TOKENS,
+            GemmBackend::Native => GEMV_MAX_TOKENS,
+        }
     }
 
     /// `y[t, o] = Σ_i x[t, i] · w[o, i]` for `tokens` rows (row-major; `w` is `[out, in]`), fp32
@@ -112,7 +112,7 @@ impl Blas {
 
     /// Whether the `gemv` kernels serve this product (decided on the host: shape and alignment).
     fn gemv_fits(&self, x: &impl DevicePtr<bf16>, w: &impl DevicePtr<bf16>, d: LinearDims) -> bool {
-        if d.tokens > self.gemv_max_tokens || !gemv_supported(d) {
+        if d.tokens > self.gemv_max_tokens() || !gemv_supported(d) {
             return false;
         }
         let s = self.mm.stream();
