@@ -46,7 +46,8 @@ __device__ __forceinline__ void decode_attn(const bf16* __restrict__ q, u64 q_st
                                             const i32* __restrict__ seq_lens, bf16* __restrict__ out,
                                             float* __restrict__ ws_acc, float* __restrict__ ws_ml, u32 q_heads,
                                             u32 kv_heads, u32 group, u32 page_size, u32 num_pages, u32 chunk,
-                                            u32 num_splits, float scale_log2) {
+                                            u32 num_splits, float scale_log2,
+                                            const i32* __restrict__ head_flags, u32 head_filter) {
     static_assert(G >= 1 && G <= 8, "one n8 mma tile holds at most 8 heads");
     static_assert(D == 64 || D == 128, "head dim 64 or 128");
     constexpr int CH = D / 8;         // 16-byte chunks per K/V row
@@ -70,6 +71,9 @@ __device__ __forceinline__ void decode_attn(const bf16* __restrict__ q, u64 q_st
     const u32 h0 = kvh * group + sub * G;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int gq = lane >> 2, tq = lane & 3;  // mma fragment row group / column pair
+    // Head filter (1: only KV heads whose flag is set, 2: only those whose flag is clear): the
+    // other blocks exit before touching anything, so two filtered launches split one attention.
+    if (head_filter != 0 && ((head_flags[(u64)b * kv_heads + kvh] != 0) != (head_filter == 1))) return;
 
     i32 len = seq_lens[b];
     const i32 cap = (i32)(table_stride * page_size);
@@ -294,10 +298,11 @@ __device__ __forceinline__ void decode_attn(const bf16* __restrict__ q, u64 q_st
     const bf16 *__restrict__ q, u64 q_stride, const bf16 *__restrict__ pages,                              \
         const i32 *__restrict__ page_table, u32 table_stride, const i32 *__restrict__ seq_lens,            \
         bf16 *__restrict__ out, float *__restrict__ ws_acc, float *__restrict__ ws_ml, u32 q_heads,        \
-        u32 kv_heads, u32 group, u32 page_size, u32 num_pages, u32 chunk, u32 num_splits, float scale_log2
+        u32 kv_heads, u32 group, u32 page_size, u32 num_pages, u32 chunk, u32 num_splits, float scale_log2, \
+        const i32 *__restrict__ head_flags, u32 head_filter
 #define DECODE_PASS                                                                                      \
     q, q_stride, pages, page_table, table_stride, seq_lens, out, ws_acc, ws_ml, q_heads, kv_heads, group, \
-        page_size, num_pages, chunk, num_splits, scale_log2
+        page_size, num_pages, chunk, num_splits, scale_log2, head_flags, head_filter
 #define DECODE_INST(D, G)                                                                        \
     extern "C" __global__ void __launch_bounds__(DEC_THREADS, (D) == 64 ? 4 : 2)                        \
         decode_attn_d##D##_g##G(DECODE_ARGS) {                                                           \
@@ -321,11 +326,16 @@ DECODE_INST(128, 6)
 DECODE_INST(128, 7)
 DECODE_INST(128, 8)
 
-// Merges the per-split partial results: grid = (q_heads, batch), blockDim >= 32.
+// Merges the per-split partial results: grid = (q_heads, batch), blockDim >= 32; the head filter
+// as in decode_attn (query head h belongs to KV head h / group).
 extern "C" __global__ void decode_reduce(bf16* __restrict__ out, const float* __restrict__ ws_acc,
                                          const float* __restrict__ ws_ml, u32 q_heads, u32 num_splits,
-                                         u32 head_dim) {
+                                         u32 head_dim, const i32* __restrict__ head_flags,
+                                         u32 head_filter, u32 kv_heads, u32 group) {
     const u32 h = blockIdx.x, b = blockIdx.y;
+    if (head_filter != 0 &&
+        ((head_flags[(u64)b * kv_heads + h / group] != 0) != (head_filter == 1)))
+        return;
     const u64 base = ((u64)b * q_heads + h) * num_splits;
     float mx = -FK_INF;
     for (u32 s = 0; s < num_splits; ++s) mx = fmaxf(mx, ws_ml[(base + s) * 2]);

@@ -5,9 +5,12 @@
 mod common;
 
 use common::*;
+use freekv_kernels::cudarc::driver::CudaSlice;
 use freekv_kernels::half::bf16;
 use freekv_kernels::testing::gpu;
-use freekv_kernels::{AttentionShape, DecodePlan, Gpu, KernelError, PrefillPlan, Strided};
+use freekv_kernels::{
+    AttentionShape, DecodePlan, Gpu, HeadFilter, HeadMask, KernelError, PrefillPlan, Strided,
+};
 use freekv_layout::PageGeometry;
 use rand::Rng;
 use rand::rngs::StdRng;
@@ -187,10 +190,20 @@ fn run_decode(g: &Gpu, r: &mut StdRng, c: &DecodeCase, plans: &[&str]) -> f64 {
         g.kernels()
             .decode_attention(s, &plan, &dq, &dpool, &dtab, &dlens, &mut out, &mut ws)
             .unwrap();
-        let got = f(&down(s, &out));
+        let got_bits = down(s, &out);
+        let got = f(&got_bits);
         let what = format!(
             "decode G={} Hkv={} d={} P={} plan={which} (splits {} chunk {} tile {})",
             c.group, c.kv_heads, c.d, c.page, plan.splits, plan.chunk, plan.group_tile
+        );
+        check_head_filter(
+            g,
+            r,
+            c,
+            &plan,
+            (&dq, &dpool, &dtab, &dlens),
+            &got_bits,
+            &what,
         );
         worst = worst.max(assert_close(&what, &got, &want, TOL));
         // A zero-length sequence yields zeros.
@@ -206,6 +219,129 @@ fn run_decode(g: &Gpu, r: &mut StdRng, c: &DecodeCase, plans: &[&str]) -> f64 {
         }
     }
     worst
+}
+
+/// The head-filtered launches on fresh random flags: `Flagged` alone writes exactly the flagged
+/// heads' rows of the unfiltered output and leaves the others untouched; `Unflagged` then
+/// `Flagged` (sharing one workspace) reproduce the unfiltered output bit for bit.
+fn check_head_filter(
+    g: &Gpu,
+    r: &mut StdRng,
+    c: &DecodeCase,
+    plan: &DecodePlan,
+    (dq, dpool, dtab, dlens): DecodeInputs<'_>,
+    want: &[bf16],
+    what: &str,
+) {
+    let s = g.stream();
+    let batch = c.lens.len();
+    let hq = c.group * c.kv_heads;
+    let flags: Vec<i32> = (0..batch * c.kv_heads)
+        .map(|_| i32::from(r.random_bool(0.5)) * r.random_range(1..4))
+        .collect();
+    let dflags = up(s, &flags);
+    let run = |filters: &[HeadFilter]| {
+        let mut out = poison_bf16(s, batch * hq * c.d);
+        let mut ws = poison_f32(s, plan.workspace_len().max(1));
+        for &filter in filters {
+            g.kernels()
+                .decode_attention_heads(
+                    s,
+                    plan,
+                    dq,
+                    dpool,
+                    dtab,
+                    dlens,
+                    &mut out,
+                    &mut ws,
+                    Some(HeadMask {
+                        flags: &dflags,
+                        filter,
+                    }),
+                )
+                .unwrap();
+        }
+        down(s, &out)
+    };
+    let only_flagged = run(&[HeadFilter::Flagged]);
+    for b in 0..batch {
+        for h in 0..hq {
+            let flagged = flags[b * c.kv_heads + h / c.group] != 0;
+            let at = (b * hq + h) * c.d..(b * hq + h + 1) * c.d;
+            for (i, (x, w)) in only_flagged[at.clone()].iter().zip(&want[at]).enumerate() {
+                let expect = if flagged { w.to_bits() } else { NAN_BF16 };
+                assert_eq!(
+                    x.to_bits(),
+                    expect,
+                    "{what}: flagged-only launch, seq {b} head {h} dim {i} (flagged {flagged})"
+                );
+            }
+        }
+    }
+    let both = run(&[HeadFilter::Unflagged, HeadFilter::Flagged]);
+    assert!(
+        both.iter()
+            .zip(want)
+            .all(|(x, w)| x.to_bits() == w.to_bits()),
+        "{what}: unflagged + flagged launches differ from the unfiltered one"
+    );
+    let all = run(&[HeadFilter::All]);
+    assert!(
+        all.iter()
+            .zip(want)
+            .all(|(x, w)| x.to_bits() == w.to_bits()),
+        "{what}: HeadFilter::All differs from the unfiltered launch"
+    );
+}
+
+type DecodeInputs<'a> = (
+    &'a CudaSlice<bf16>,
+    &'a CudaSlice<bf16>,
+    &'a CudaSlice<i32>,
+    &'a CudaSlice<i32>,
+);
+
+#[test]
+fn decode_head_filter_rejects_short_flags() {
+    let Some(g) = gpu() else { return };
+    let s = g.stream();
+    let geom = PageGeometry::new(16, 2, 64).unwrap();
+    let shape = AttentionShape {
+        q_heads: 4,
+        geom,
+        table_stride: 2,
+        q_rows: Strided::contiguous(4 * 64),
+        scale: None,
+    };
+    let plan = g.kernels().plan_decode(shape, 3, 32).unwrap();
+    let q = up(s, &vec![bf16::ZERO; 3 * 4 * 64]);
+    let pool = up(s, &vec![bf16::ZERO; 4 * geom.page_elems()]);
+    let table = up(s, &[0i32, 1, 2, 3, 0, 1]);
+    let lens = up(s, &[32i32, 5, 0]);
+    let flags = up(s, &[1i32; 5]);
+    let mut out = poison_bf16(s, 3 * 4 * 64);
+    let mut ws = poison_f32(s, plan.workspace_len().max(1));
+    let e = g
+        .kernels()
+        .decode_attention_heads(
+            s,
+            &plan,
+            &q,
+            &pool,
+            &table,
+            &lens,
+            &mut out,
+            &mut ws,
+            Some(HeadMask {
+                flags: &flags,
+                filter: HeadFilter::Flagged,
+            }),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(e, KernelError::InvalidArgument { .. }) && e.to_string().contains("head flags"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -36,8 +36,11 @@
 //! 0.8 for long input and 0.9 for long generation, the paper's), `FREEKV_BENCH_MAX_SECONDS`
 //! (skip what would start after this budget), `FREEKV_BENCH_JSON` (write the results there).
 //! A policy `freekv@T` is `freekv` with τ = T (a sweep maps the correction rate to the step
-//! time). A scenario whose name starts with `prefill` runs the real prefill of `context`
-//! random token ids per sequence (timed; sparse policies stream it to the host layer by layer)
+//! time); modifiers `~serial` (the corrective path not overlapping the unflagged heads'
+//! attention), `~cbN` (blocks of the corrective gather) and `~gbN` (blocks of the speculative
+//! gather) give the ablations, e.g. `freekv@0.9~serial~cb8` is the session-5 path.
+//! A scenario whose name starts with `prefill` runs the real prefill of `context` random token
+//! ids per sequence (timed; sparse policies stream it to the host layer by layer)
 //! instead of filling the context with random KV.
 //! Prints "skipped: no CUDA device" and exits 0 without a GPU.
 
@@ -61,14 +64,17 @@ fn env_usize(name: &str, default: usize) -> usize {
 
 #[path = "support/cuda_freekv_args.rs"]
 mod args;
-use args::{DEFAULT_SCENARIOS, Scenario, compared_ms, parse_scenarios, percentile, window_medians};
+use args::{
+    DEFAULT_SCENARIOS, Scenario, compared_ms, parse_policy, parse_scenarios, percentile,
+    window_medians,
+};
 
 fn kv_options(policy: &str, scenario: &Scenario) -> Result<Option<GpuKvOptions>, String> {
-    // `freekv@T`: freekv with τ = T (a sweep of T maps the correction rate to the step time).
-    let (policy, tau_given) = match policy.split_once('@') {
-        Some((p, t)) => (p, Some(t.to_string())),
-        None => (policy, None),
-    };
+    // `freekv@T`: freekv with τ = T (a sweep of T maps the correction rate to the step time);
+    // `~serial`, `~cbN`, `~gbN`: the ablations of the corrective path (see `parse_policy`).
+    let spec = parse_policy(policy)?;
+    let policy = spec.base.as_str();
+    let tau_given = spec.tau.clone();
     let (kind, recall) = match policy {
         "full" => return Ok(None),
         "oracle" => (KvKind::Quest, GpuRecall::Gather),
@@ -110,6 +116,13 @@ fn kv_options(policy: &str, scenario: &Scenario) -> Result<Option<GpuKvOptions>,
     let mut o = GpuKvOptions::new(kv);
     o.recall = recall;
     o.max_prompt = Some(scenario.context);
+    o.overlap_correction = !spec.serial;
+    if let Some(n) = spec.correction_blocks {
+        o.correction_gather_blocks = n;
+    }
+    if let Some(n) = spec.gather_blocks {
+        o.gather_blocks = n;
+    }
     Ok(Some(o))
 }
 

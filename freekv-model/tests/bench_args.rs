@@ -67,3 +67,28 @@ fn rows_stopped_early_compare_at_equal_positions() {
     let short = row(100, 30.0, &[]);
     assert_eq!(compared_ms(&freekv, &short), Some((8.0, 30.0)));
 }
+
+#[test]
+fn policies_parse_with_tau_and_modifiers() {
+    let p = args::parse_policy("freekv@0.9~serial~cb16~gb4").unwrap();
+    assert_eq!(p.base, "freekv");
+    assert_eq!(p.tau.as_deref(), Some("0.9"));
+    assert!(p.serial);
+    assert_eq!((p.correction_blocks, p.gather_blocks), (Some(16), Some(4)));
+    let p = args::parse_policy(" oracle ").unwrap();
+    assert_eq!(
+        (p.base.as_str(), p.tau, p.serial, p.correction_blocks),
+        ("oracle", None, false, None)
+    );
+    for bad in [
+        "freekv~cb0",
+        "freekv~cb",
+        "freekv~fast",
+        "~serial",
+        "@0.9",
+        "freekv~gbx",
+    ] {
+        let e = args::parse_policy(bad).unwrap_err();
+        assert!(e.contains("policy"), "{bad}: {e}");
+    }
+}

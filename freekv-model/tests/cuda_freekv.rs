@@ -272,6 +272,28 @@ fn tiny_model_sparse_policies_on_the_gpu() {
             st.to_json()
         );
         assert!(st.heads_checked > 0);
+        // The corrective path overlapping the unflagged heads' attention (the default) gives
+        // the same logits, bit for bit, as the serial path, in graphs and eagerly, whatever
+        // the corrective gather's block count; and it is exercised (some heads flagged, some not).
+        assert!(
+            st.heads_flagged > 0 && st.heads_flagged < st.heads_checked,
+            "{summary}: τ=0.8 should flag some heads but not all: {st:?}"
+        );
+        for (serial, blocks, graphs) in [(true, 8, true), (true, 1, false), (false, 3, false)] {
+            let mut o = GpuKvOptions::new(c.clone());
+            o.overlap_correction = !serial;
+            o.correction_gather_blocks = blocks;
+            let (l2, _, mut b4) =
+                run_gpu(&model, Some(o), &prompts, page, steps, Some(&fed), graphs);
+            for (step, (x, y)) in l2.iter().zip(&l).enumerate() {
+                assert!(
+                    x == y,
+                    "{summary}: serial={serial} blocks={blocks} graphs={graphs} differs at step {step} (rel L2 {:.2e})",
+                    rel_l2(x, y)
+                );
+            }
+            check_selections_exact(&model, &mut b4, &c);
+        }
         let worst = l
             .iter()
             .zip(&l_free)

@@ -9,6 +9,7 @@ use crate::kernels::{
     ATTENTION_HEAD_DIMS, Kernels, MAX_DECODE_GROUP_TILE, Strided, check_align, check_len,
     decode_smem_bytes, grid_dim, mul, prefill_smem_bytes, u32_arg,
 };
+use crate::ops::select::HeadFilter;
 
 const DECODE_TILE: usize = 64;
 const DECODE_THREADS: u32 = 128;
@@ -21,6 +22,25 @@ const REDUCE_COST_TOKENS: usize = 64;
 const PREFILL_ROWS: usize = 64;
 const PREFILL_THREADS: u32 = 128;
 const LOG2_E: f32 = std::f32::consts::LOG2_E;
+
+/// Which KV heads a filtered decode attention computes: the pairs `(seq, h)` whose
+/// `flags[seq · kv_heads + h]` passes `filter` (see [`Kernels::decode_attention_heads`]).
+#[derive(Clone, Copy)]
+pub struct HeadMask<'a> {
+    /// i32 `[batch][kv_heads]`, non-zero = flagged (the correction flags of a sparse layer).
+    pub flags: &'a dyn DevicePtr<i32>,
+    /// Which heads run.
+    pub filter: HeadFilter,
+}
+
+impl std::fmt::Debug for HeadMask<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HeadMask")
+            .field("flags_len", &self.flags.len())
+            .field("filter", &self.filter)
+            .finish()
+    }
+}
 
 /// Shape of a paged attention call shared by decode and prefill.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -225,6 +245,31 @@ impl Kernels {
         out: &mut impl DevicePtrMut<bf16>,
         workspace: &mut impl DevicePtrMut<f32>,
     ) -> Result<(), KernelError> {
+        self.decode_attention_heads(
+            stream, plan, q, pages, page_table, seq_lens, out, workspace, None,
+        )
+    }
+
+    /// [`Kernels::decode_attention`] restricted to the KV heads that `heads` selects: with
+    /// `Some(mask)`, the (sequence, KV head) pairs the mask's filter rejects are not computed and
+    /// their output rows are left as they are (`mask.flags` is i32 `[batch][kv_heads]`, non-zero =
+    /// flagged). Two launches with [`HeadFilter::Unflagged`] and [`HeadFilter::Flagged`] write
+    /// exactly what one unfiltered launch writes (they share the workspace, so they must be
+    /// ordered on one stream); this lets the unflagged heads attend while the flagged heads' pages
+    /// are still being recalled.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode_attention_heads(
+        &self,
+        stream: &CudaStream,
+        plan: &DecodePlan,
+        q: &impl DevicePtr<bf16>,
+        pages: &impl DevicePtr<bf16>,
+        page_table: &impl DevicePtr<i32>,
+        seq_lens: &impl DevicePtr<i32>,
+        out: &mut impl DevicePtrMut<bf16>,
+        workspace: &mut impl DevicePtrMut<f32>,
+        heads: Option<HeadMask<'_>>,
+    ) -> Result<(), KernelError> {
         const K: &str = "decode_attention";
         let _s = tracing::debug_span!("decode_attention").entered();
         let shape = &plan.shape;
@@ -291,6 +336,25 @@ impl Kernels {
         let (lp, _gl) = seq_lens.device_ptr(stream);
         let (op, _go) = out.device_ptr_mut(stream);
         let (wp, _gw) = workspace.device_ptr_mut(stream);
+        let mut _gh = None;
+        let (hfp, hfilter): (u64, u32) = match heads {
+            None
+            | Some(HeadMask {
+                filter: HeadFilter::All,
+                ..
+            }) => (0, 0),
+            Some(m) => {
+                check_len(
+                    K,
+                    "head flags",
+                    m.flags.len(),
+                    mul(K, "head flags", plan.batch, g.kv_heads)?,
+                )?;
+                let (p, guard) = m.flags.device_ptr(stream);
+                _gh = Some(guard);
+                (p, m.filter.code() as u32)
+            }
+        };
         let acc_len = (plan.batch * shape.q_heads * plan.splits * g.head_dim) as u64;
         let ws_acc = wp;
         let ws_ml = if ws_need > 0 { wp + 4 * acc_len } else { wp };
@@ -317,9 +381,10 @@ impl Kernels {
             .arg(&num_pages_u)
             .arg(&chunk)
             .arg(&splits);
-        b.arg(&scale_log2);
-        // SAFETY: argument types match the kernel; sizes and alignment checked above; device-side
-        // page ids and lengths are bounds-checked by the kernel.
+        b.arg(&scale_log2).arg(&hfp).arg(&hfilter);
+        // SAFETY: argument types match the kernel; sizes and alignment checked above (the head
+        // flags, when given, hold batch · kv_heads entries; null with filter 0 is never read);
+        // device-side page ids and lengths are bounds-checked by the kernel.
         unsafe { b.launch(cfg) }.map_err(KernelError::driver(K))?;
         if plan.splits > 1 {
             let hd = g.head_dim as u32;
@@ -334,7 +399,11 @@ impl Kernels {
                 .arg(&ws_ml)
                 .arg(&q_heads)
                 .arg(&splits)
-                .arg(&hd);
+                .arg(&hd)
+                .arg(&hfp)
+                .arg(&hfilter)
+                .arg(&kv_heads)
+                .arg(&group_u);
             // SAFETY: as above; the workspace was sized by workspace_len.
             unsafe { r.launch(rcfg) }.map_err(KernelError::driver("decode_reduce"))?;
         }

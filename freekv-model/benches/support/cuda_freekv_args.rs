@@ -82,3 +82,61 @@ pub fn window_medians(times: &[f64], w: usize) -> Vec<f64> {
         .map(|c| (percentile(c, 0.5) * 1000.0).round() / 1000.0)
         .collect()
 }
+
+/// A bench policy: `base[@T][~mod…]`, e.g. `freekv@0.9~serial~cb16`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicySpec {
+    /// `full`, `oracle`, `arkvale`, `freekv`, `freekv-spec` or `freekv-streamed`.
+    pub base: String,
+    /// τ given with `@T` (as written; parsed by the KV config).
+    pub tau: Option<String>,
+    /// `~serial`: the corrective path before the attention of every head, not overlapping the
+    /// unflagged heads' attention.
+    pub serial: bool,
+    /// `~cbN`: blocks of the corrective gather.
+    pub correction_blocks: Option<usize>,
+    /// `~gbN`: blocks of the speculative gather.
+    pub gather_blocks: Option<usize>,
+}
+
+/// Parses a [`PolicySpec`]; an unknown or malformed modifier is an error.
+pub fn parse_policy(text: &str) -> Result<PolicySpec, String> {
+    let mut parts = text.trim().split('~');
+    let head = parts.next().unwrap_or_default();
+    let (base, tau) = match head.split_once('@') {
+        Some((p, t)) => (p, Some(t.to_string())),
+        None => (head, None),
+    };
+    if base.is_empty() {
+        return Err(format!("policy {text:?}: no policy name"));
+    }
+    let mut spec = PolicySpec {
+        base: base.to_string(),
+        tau,
+        serial: false,
+        correction_blocks: None,
+        gather_blocks: None,
+    };
+    let blocks = |m: &str, v: &str| -> Result<usize, String> {
+        match v.parse::<usize>() {
+            Ok(n) if n >= 1 => Ok(n),
+            _ => Err(format!(
+                "policy {text:?}: modifier ~{m} needs a block count ≥ 1"
+            )),
+        }
+    };
+    for m in parts {
+        if m == "serial" {
+            spec.serial = true;
+        } else if let Some(v) = m.strip_prefix("cb") {
+            spec.correction_blocks = Some(blocks(m, v)?);
+        } else if let Some(v) = m.strip_prefix("gb") {
+            spec.gather_blocks = Some(blocks(m, v)?);
+        } else {
+            return Err(format!(
+                "policy {text:?}: unknown modifier ~{m} (serial, cbN, gbN)"
+            ));
+        }
+    }
+    Ok(spec)
+}

@@ -11,7 +11,7 @@ use freekv_kernels::half::bf16;
 use freekv_kernels::ops::gemv::QkvRows;
 use freekv_kernels::ops::init::InitKernels;
 use freekv_kernels::{
-    AttentionShape, DecodePlan, Gpu, HeadFilter, KernelError, KvSource, LinearDims,
+    AttentionShape, DecodePlan, Gpu, HeadFilter, HeadMask, KernelError, KvSource, LinearDims,
     PageTableLayout, PrefillPlan, RopeConfig, RopeLayout, RopeStyle, SamplingInputs, Strided,
 };
 use freekv_layout::PageGeometry;
@@ -1037,8 +1037,27 @@ impl CudaLlama {
             &mut layer.flags,
             None,
         )?;
+        // With the gather recall, the corrective path runs on its own stream while the
+        // unflagged heads attend (their slots are not written by it), and the flagged heads
+        // attend once their pages are in.
+        let overlap = kind == KvKind::FreeKv
+            && trigger.is_some()
+            && st.opts.overlap_correction
+            && st.per_page.is_none()
+            && st.streamed.is_none();
+        let cs = if overlap {
+            st.flags_ready
+                .record(s)
+                .map_err(drv("recording the correction flags"))?;
+            st.correction_stream
+                .wait(&st.flags_ready)
+                .map_err(drv("ordering the corrective path"))?;
+            &st.correction_stream
+        } else {
+            s
+        };
         k.freekv_select(
-            s,
+            cs,
             &st.shape,
             policy,
             summary,
@@ -1069,22 +1088,52 @@ impl CudaLlama {
                     streamed.recall_blocking(s, &st.pool, si, &lists, &mut layer.slots)?;
                 }
                 (None, None) => {
-                    st.gather
-                        .recall(k, s, &st.shape, &st.pool, si, &lists, &mut layer.slots)?;
+                    st.gather.recall_with_blocks(
+                        k,
+                        cs,
+                        &st.shape,
+                        &st.pool,
+                        si,
+                        &lists,
+                        &mut layer.slots,
+                        st.opts.correction_gather_blocks,
+                    )?;
                 }
             }
         }
-        // 4. Attention over the resident slots, the current page last.
-        k.decode_attention(
-            s,
-            &st.plan,
-            qkv,
-            &layer.slots,
-            &att_table,
-            &att_len,
-            att,
-            workspace,
-        )?;
+        // 4. Attention over the resident slots, the current page last (unflagged heads first
+        //    when the corrective path overlaps).
+        let attend = |filter: Option<HeadFilter>,
+                      att: &mut CudaSlice<bf16>,
+                      workspace: &mut CudaSlice<f32>|
+         -> Result<(), ModelError> {
+            k.decode_attention_heads(
+                s,
+                &st.plan,
+                qkv,
+                &layer.slots,
+                &att_table,
+                &att_len,
+                att,
+                workspace,
+                filter.map(|filter| HeadMask {
+                    flags: &layer.flags,
+                    filter,
+                }),
+            )?;
+            Ok(())
+        };
+        if overlap {
+            attend(Some(HeadFilter::Unflagged), att, workspace)?;
+            st.correction_done
+                .record(&st.correction_stream)
+                .map_err(drv("recording the corrective recall"))?;
+            s.wait(&st.correction_done)
+                .map_err(drv("waiting for the corrective recall"))?;
+            attend(Some(HeadFilter::Flagged), att, workspace)?;
+        } else {
+            attend(None, att, workspace)?;
+        }
         // 5. freekv: the speculative selection with q_t and its recall, off the critical path,
         //    ordered after this attention by an event.
         if kind == KvKind::FreeKv {

@@ -99,8 +99,17 @@ pub struct GpuKvOptions {
     pub kv: KvConfig,
     /// How `freekv` recalls.
     pub recall: GpuRecall,
-    /// Thread blocks of the gather kernel (the link saturates with ~8 SMs).
+    /// Thread blocks of the speculative gather kernel (the link saturates with ~8 SMs).
     pub gather_blocks: usize,
+    /// Thread blocks of the corrective gather (the flagged heads' recall, on the critical path;
+    /// more blocks than the speculative gather so that it takes most of the link while the
+    /// other layer's speculative recall shares it, and fewer round trips when it is small).
+    pub correction_gather_blocks: usize,
+    /// `freekv` with the gather recall: the unflagged heads attend on the compute stream while
+    /// the flagged heads' corrective selection and recall run on a second stream; the flagged
+    /// heads attend after both (the same results, bit for bit). Off: the corrective path, then
+    /// the attention of every head.
+    pub overlap_correction: bool,
     /// Longest prompt one sequence is prefilled with (sizes the prefill scratch; default: the
     /// batch's `max_seq_len`).
     pub max_prompt: Option<usize>,
@@ -113,6 +122,9 @@ pub struct GpuKvOptions {
 /// Default thread blocks of the gather kernel.
 pub const DEFAULT_GATHER_BLOCKS: usize = freekv_recall::cuda::DEFAULT_GATHER_BLOCKS;
 
+/// Default thread blocks of the corrective gather.
+pub const DEFAULT_CORRECTION_GATHER_BLOCKS: usize = 32;
+
 impl GpuKvOptions {
     /// `kv` with the GPU defaults (gather recall, [`DEFAULT_GATHER_BLOCKS`] blocks, statistics
     /// on).
@@ -121,6 +133,8 @@ impl GpuKvOptions {
             kv,
             recall: GpuRecall::Gather,
             gather_blocks: DEFAULT_GATHER_BLOCKS,
+            correction_gather_blocks: DEFAULT_CORRECTION_GATHER_BLOCKS,
+            overlap_correction: true,
             max_prompt: None,
             host_max_bytes: None,
             collect_stats: true,
@@ -255,6 +269,15 @@ pub(crate) struct SparseState {
     pub(crate) plan: DecodePlan,
     pub(crate) scratch: [CudaSlice<f32>; 2],
     pub(crate) recall_stream: Arc<CudaStream>,
+    /// The stream of the corrective selection and recall when they overlap the unflagged
+    /// heads' attention ([`GpuKvOptions::overlap_correction`]).
+    pub(crate) correction_stream: Arc<CudaStream>,
+    /// Recorded on the compute stream when a layer's correction flags are written (the
+    /// correction stream waits), and on the correction stream when the corrective recall is
+    /// done (the flagged heads' attention waits). Reused by every layer: each wait is enqueued
+    /// right after its record.
+    pub(crate) flags_ready: CudaEvent,
+    pub(crate) correction_done: CudaEvent,
     pub(crate) attn_done: Vec<CudaEvent>,
     pub(crate) recall_done: Vec<CudaEvent>,
     pub(crate) started: Vec<bool>,
@@ -474,6 +497,9 @@ impl SparseState {
                     .map_err(oom("allocating selection scratch".into()))?,
             ],
             recall_stream: s.fork().map_err(drv("creating the recall stream"))?,
+            correction_stream: s.fork().map_err(drv("creating the correction stream"))?,
+            flags_ready: ctx.new_event(None).map_err(drv("creating an event"))?,
+            correction_done: ctx.new_event(None).map_err(drv("creating an event"))?,
             attn_done,
             recall_done,
             started: vec![false; bs],
