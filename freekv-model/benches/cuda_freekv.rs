@@ -269,9 +269,9 @@ fn main() {
     // Ratios against oracle and arkvale, per (scenario, batch).
     println!();
     println!(
-        "| model | scenario | batch | policy | ms/step | tok/s | × oracle | speedup vs arkvale | recall MiB/step | units/head/step | GPU GiB | host GiB | correction |"
+        "| model | scenario | batch | policy | ms/step | tok/s | × oracle | speedup vs arkvale | recall MiB/step | corrective MiB/step | units/head/step | GPU GiB | host GiB | correction |"
     );
-    println!("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let find = |m: &str, sc: &str, bs: u64, p: &str| -> Option<&serde_json::Value> {
         rows.iter().find(|r| {
             r["model"] == m
@@ -298,9 +298,10 @@ fn main() {
             .and_then(|a| compared_ms(r, a))
             .map_or("".into(), |(x, a)| format!("{:.1}×", a / x));
         println!(
-            "| {m} | {sc} | {bs} | {p} | {ms:.3} | {:.1} | {vs_oracle} | {vs_ark} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
+            "| {m} | {sc} | {bs} | {p} | {ms:.3} | {:.1} | {vs_oracle} | {vs_ark} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
             r["tokens_per_s"].as_f64().unwrap_or(0.0),
             r["recall_mib_per_step"].as_f64().unwrap_or(0.0),
+            r["corrective_mib_per_step"].as_f64().unwrap_or(0.0),
             r["recall_units_per_head_step"].as_f64().unwrap_or(0.0),
             r["gpu_used_gib"].as_f64().unwrap_or(0.0),
             r["host_kv_gib"].as_f64().unwrap_or(0.0),
@@ -418,6 +419,9 @@ fn run_one(
         .collect();
     let stats = b.kv_stats().map(|s| s.to_json());
     let recall = model.kv_recall_totals(&mut b).map_err(|e| e.to_string())?;
+    let corrective = model
+        .kv_corrective_totals(&mut b)
+        .map_err(|e| e.to_string())?;
     let steps = (times.len() + warm) as f64;
     Ok(serde_json::json!({
         "scenario": sc.name,
@@ -448,6 +452,8 @@ fn run_one(
         "stats": stats,
         "recall_units": recall.map(|r| r.0),
         "recall_mib_per_step": recall.map(|r| r.1 as f64 / steps / (1u64 << 20) as f64),
+        // Of that, what the corrective recalls moved on the critical path.
+        "corrective_mib_per_step": corrective.map(|r| r.1 as f64 / steps / (1u64 << 20) as f64),
         // Units (one page of one KV head) recalled per KV head, layer and step: how much of a
         // selection changes per step.
         "recall_units_per_head_step": recall.map(|r| {

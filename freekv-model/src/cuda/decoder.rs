@@ -900,6 +900,20 @@ impl CudaLlama {
         Ok(Some((c.units, c.bytes)))
     }
 
+    /// What the corrective recalls alone moved so far (the flagged heads' pages recalled on the
+    /// critical path; a part of [`CudaLlama::kv_recall_totals`]): (units, bytes) — `None` for
+    /// `full`. Joins every pending recall and synchronises.
+    pub fn kv_corrective_totals(
+        &self,
+        b: &mut CudaBatch,
+    ) -> Result<Option<(u64, u64)>, ModelError> {
+        let Some(st) = b.sparse.as_mut() else {
+            return Ok(None);
+        };
+        let c = st.corrective_counters(self.gpu.stream())?;
+        Ok(Some((c.units, c.bytes)))
+    }
+
     /// Diagnostics for speed work: the mean time in milliseconds of the matrix products of one
     /// decode step of `b` alone (every layer's four products and the output head, the same
     /// shapes as [`CudaLlama::decode_step`]), over `reps` repetitions timed with CUDA events.
@@ -1088,7 +1102,7 @@ impl CudaLlama {
                     streamed.recall_blocking(s, &st.pool, si, &lists, &mut layer.slots)?;
                 }
                 (None, None) => {
-                    st.gather.recall_with_blocks(
+                    st.corr_gather.recall(
                         k,
                         cs,
                         &st.shape,
@@ -1096,7 +1110,6 @@ impl CudaLlama {
                         si,
                         &lists,
                         &mut layer.slots,
-                        st.opts.correction_gather_blocks,
                     )?;
                 }
             }

@@ -238,6 +238,9 @@ pub(crate) struct SparseState {
     pub(crate) layers: Vec<SparseLayer>,
     pub(crate) pool: HostKvPool,
     pub(crate) gather: GatherRecall,
+    /// The corrective gather (flagged heads, on the critical path): its own block count
+    /// ([`GpuKvOptions::correction_gather_blocks`]) and counters.
+    pub(crate) corr_gather: GatherRecall,
     /// Pages of one sequence's prompt a prefill scratch holds.
     pub(crate) prefill_pages: usize,
     /// The prefill scratch pools (NHD, `prefill_pages` pages each): sparse layer `si` writes
@@ -442,6 +445,7 @@ impl SparseState {
             .collect::<Result<Vec<_>, _>>()?;
         let prefill_ready = ctx.new_event(None).map_err(drv("creating an event"))?;
         let gather = GatherRecall::new(opts.gather_blocks).with_counters(s)?;
+        let corr_gather = GatherRecall::new(opts.correction_gather_blocks).with_counters(s)?;
         let streamed = if kv.kind == KvKind::FreeKv && opts.recall == GpuRecall::Streamed {
             Some(StreamedRecall::new(gpu, &shape)?)
         } else {
@@ -459,6 +463,7 @@ impl SparseState {
             layers,
             pool,
             gather,
+            corr_gather,
             prefill_pages,
             prefill_kv,
             prefill_ready,
@@ -548,6 +553,20 @@ impl SparseState {
             .ok_or_else(|| ModelError::Config(format!("no prefill scratch event for layer {si}")))
     }
 
+    /// Counters of the corrective gathers alone (the flagged heads' recalls on the critical
+    /// path; zero with the streamed or per-page recall, which are not split); synchronises `s`
+    /// and the other streams.
+    pub(crate) fn corrective_counters(
+        &mut self,
+        s: &Arc<CudaStream>,
+    ) -> Result<freekv_recall::cuda::CudaRecallCounters, ModelError> {
+        self.join_recalls(s)?;
+        Ok(self
+            .corr_gather
+            .counters(s, &self.shape)?
+            .unwrap_or_default())
+    }
+
     /// Recall counters of every executor so far (units, bytes); synchronises `s` and the recall
     /// stream.
     pub(crate) fn recall_counters(
@@ -556,6 +575,9 @@ impl SparseState {
     ) -> Result<freekv_recall::cuda::CudaRecallCounters, ModelError> {
         self.join_recalls(s)?;
         let mut c = self.gather.counters(s, &self.shape)?.unwrap_or_default();
+        if let Some(corr) = self.corr_gather.counters(s, &self.shape)? {
+            c.accumulate(&corr);
+        }
         if let Some(st) = &self.streamed {
             c.accumulate(&st.totals());
         }
