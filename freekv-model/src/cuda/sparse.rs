@@ -29,8 +29,11 @@
 //!   copy per (page, head) into the slots, the host waiting, then attention.
 //! * `freekv`: (wait for the speculative recall of the previous step) → correction: per KV
 //!   head the mean cosine of `q_t` and `q_{t−1}` on the device; the flagged heads select with
-//!   `q_t` and are recalled on the compute stream (kernels launched unconditionally, exiting at
-//!   once when nothing is flagged: no host read-back) → attention → on the recall stream, after
+//!   `q_t` and are recalled on the correction stream (kernels launched unconditionally, exiting
+//!   at once when nothing is flagged: no host read-back) while the unflagged heads attend on the
+//!   compute stream → the flagged heads attend once their pages are in (with
+//!   [`GpuKvOptions::overlap_correction`] off, or with the streamed recall: the corrective path
+//!   on the compute stream, then one attention) → on the recall stream, after
 //!   an event recorded behind the attention: select every head with `q_t` and recall the
 //!   differences (zero-copy gather kernel, or the double-buffered streamed copy), to be waited
 //!   for before this layer's next attention.
