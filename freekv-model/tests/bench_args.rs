@@ -70,7 +70,8 @@ fn rows_stopped_early_compare_at_equal_positions() {
 
 #[test]
 fn policies_parse_with_tau_and_modifiers() {
-    let p = args::parse_policy("freekv@0.9~serial~cb16~gb4").unwrap();
+    let p = args::parse_policy("freekv@0.9~serial~cb16~gb4~fs2").unwrap();
+    assert_eq!(p.flagged_split, Some(2));
     assert_eq!(p.base, "freekv");
     assert_eq!(p.tau.as_deref(), Some("0.9"));
     assert!(p.serial);

@@ -279,16 +279,23 @@ fn tiny_model_sparse_policies_on_the_gpu() {
             st.heads_flagged > 0 && st.heads_flagged < st.heads_checked,
             "{summary}: τ=0.8 should flag some heads but not all: {st:?}"
         );
-        for (serial, blocks, graphs) in [(true, 8, true), (true, 1, false), (false, 3, false)] {
+        for (serial, blocks, graphs, split) in [
+            (true, 8, true, 1),
+            (true, 1, false, 1),
+            (false, 3, false, 1),
+            (false, 32, true, 2),
+            (false, 8, false, 4),
+        ] {
             let mut o = GpuKvOptions::new(c.clone());
             o.overlap_correction = !serial;
             o.correction_gather_blocks = blocks;
+            o.flagged_split_factor = split;
             let (l2, _, mut b4) =
                 run_gpu(&model, Some(o), &prompts, page, steps, Some(&fed), graphs);
             for (step, (x, y)) in l2.iter().zip(&l).enumerate() {
                 assert!(
                     x == y,
-                    "{summary}: serial={serial} blocks={blocks} graphs={graphs} differs at step {step} (rel L2 {:.2e})",
+                    "{summary}: serial={serial} blocks={blocks} graphs={graphs} split×{split} differs at step {step} (rel L2 {:.2e})",
                     rel_l2(x, y)
                 );
             }

@@ -1116,13 +1116,14 @@ impl CudaLlama {
         }
         // 4. Attention over the resident slots, the current page last (unflagged heads first
         //    when the corrective path overlaps).
-        let attend = |filter: Option<HeadFilter>,
+        let attend = |plan: &DecodePlan,
+                      filter: Option<HeadFilter>,
                       att: &mut CudaSlice<bf16>,
                       workspace: &mut CudaSlice<f32>|
          -> Result<(), ModelError> {
             k.decode_attention_heads(
                 s,
-                &st.plan,
+                plan,
                 qkv,
                 &layer.slots,
                 &att_table,
@@ -1137,15 +1138,17 @@ impl CudaLlama {
             Ok(())
         };
         if overlap {
-            attend(Some(HeadFilter::Unflagged), att, workspace)?;
+            attend(&st.plan, Some(HeadFilter::Unflagged), att, workspace)?;
             st.correction_done
                 .record(&st.correction_stream)
                 .map_err(drv("recording the corrective recall"))?;
             s.wait(&st.correction_done)
                 .map_err(drv("waiting for the corrective recall"))?;
-            attend(Some(HeadFilter::Flagged), att, workspace)?;
+            // The unflagged heads' reduce is done (same stream) before this launch reuses the
+            // workspace with its own split count.
+            attend(&st.plan_flagged, Some(HeadFilter::Flagged), att, workspace)?;
         } else {
-            attend(None, att, workspace)?;
+            attend(&st.plan, None, att, workspace)?;
         }
         // 5. freekv: the speculative selection with q_t and its recall, off the critical path,
         //    ordered after this attention by an event.
@@ -1812,7 +1815,9 @@ impl CudaBatch {
             workspace: s
                 .alloc_zeros::<f32>(
                     plan.workspace_len()
-                        .max(sparse.as_ref().map_or(0, |st| st.plan.workspace_len()))
+                        .max(sparse.as_ref().map_or(0, |st| {
+                            st.plan.workspace_len().max(st.plan_flagged.workspace_len())
+                        }))
                         .max(1),
                 )
                 .map_err(oom("allocating the attention workspace".into()))?,
