@@ -6,11 +6,12 @@
 # and five policies) with S = 0.92 (τ 0.9), then long input (32K prompt, 256 generated) with
 # S = 0.84 (τ 0.8), at batch 1, 4 and 16, policies full / oracle / arkvale / freekv /
 # freekv-spec, each capped at 22 s of steps.
-# Needs .device/bench (and .device/t/cuda_freekv_test, optional). Run from the repository root: bash docs/device/issue5-s6-run3.sh
+# Needs .device/bench (and .device/t/{select,cuda_freekv_test}, optional). Run from the repository root: bash docs/device/issue5-s6-run3.sh
 export CUDA_HOME=/usr/local/cuda FREEKV_REQUIRE_GPU=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 # The GPU FreeKV tests first (seconds): the overlapped path and the finer flagged split against
 # the serial path, bit for bit, and the selections against the CPU selector.
+[ -x .device/t/select ] && { timeout 60 .device/t/select --test-threads=2 > "$OUT/select_test.log" 2>&1; echo "select_test rc=$? $(grep -E '^test result' "$OUT/select_test.log")"; }
 [ -x .device/t/cuda_freekv_test ] && { timeout 60 .device/t/cuda_freekv_test --test-threads=1 > "$OUT/freekv_test.log" 2>&1; echo "freekv_test rc=$? $(grep -E '^test result' "$OUT/freekv_test.log")"; }
 export FREEKV_BENCH_SCENARIOS=long-generation:1024:2048:llama-3.1-8b+persistent=0.92,long-input:32768:256:llama-3.1-8b+persistent=0.84
 export FREEKV_BENCH_MODEL=llama-3.1-8b+persistent=0.92 FREEKV_BENCH_BATCHES=1,4,16

@@ -840,6 +840,31 @@ fn correction_matches_cpu_reference() {
                 )
                 .unwrap();
                 let (gf, gc, gp) = (down(s, &d_flags), down(s, &d_cos), down(s, &d_prev));
+                // Without the cosine output (the decode path), the same flags and q_prev; with
+                // every head flagged the kernel skips the cosine.
+                {
+                    let mut d_prev2 = up(s, &prev);
+                    let mut d_flags2 = poison_i32(s, rows);
+                    kern.freekv_correction(
+                        s,
+                        &shape,
+                        &d_q,
+                        q_rows,
+                        &mut d_prev2,
+                        &up(s, &info),
+                        trigger,
+                        aggregate,
+                        &mut d_flags2,
+                        None,
+                    )
+                    .unwrap();
+                    assert_eq!(down(s, &d_flags2), gf, "{trigger:?}: flags without cosines");
+                    let p2 = down(s, &d_prev2);
+                    assert!(
+                        p2.iter().zip(&gp).all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{trigger:?}: q_prev without cosines"
+                    );
+                }
                 let policy = match trigger {
                     Some(t) => CorrectionPolicy::from_tau(t, aggregate).unwrap(),
                     None => CorrectionPolicy::always(aggregate),
