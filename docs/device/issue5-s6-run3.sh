@@ -17,8 +17,8 @@ if grep -qE "FAILED|panicked" "$OUT"/*_test.log 2>/dev/null; then grep -E "FAILE
 export FREEKV_BENCH_SCENARIOS=long-generation:1024:2048:llama-3.1-8b+persistent=0.92,long-input:32768:256:llama-3.1-8b+persistent=0.84
 export FREEKV_BENCH_MODEL=llama-3.1-8b+persistent=0.92 FREEKV_BENCH_BATCHES=1,4,16
 export FREEKV_BENCH_POLICIES=full,oracle,arkvale,freekv,freekv-spec FREEKV_BENCH_RUN_SECONDS=22
-export FREEKV_BENCH_MAX_SECONDS=${MAXS:-500}
-./.device/bench/xtask bench --prebuilt .device/bench --gpu-only --no-criterion --out "$OUT/bench" --max-minutes 9.5 > "$OUT/xtask.log" 2>&1
+export FREEKV_BENCH_MAX_SECONDS=${MAXS:-470}
+./.device/bench/xtask bench --prebuilt .device/bench --gpu-only --no-criterion --out "$OUT/bench" --max-minutes 8.9 > "$OUT/xtask.log" 2>&1
 echo "xtask rc=$?"
 grep -E "\| (full|oracle|arkvale|freekv|freekv-spec) \|" "$OUT/xtask.log" | cut -d'|' -f3,4,5,6,8,9,10,11,12,13,14,15,16 | head -40
 grep -iE "skipped|stopped|error|failed" "$OUT/xtask.log" | head -10
