@@ -319,7 +319,7 @@ fn main() {
         );
     }
     println!(
-        "(× oracle and vs arkvale compare medians, or the last window of {} steps both measured when one stopped at its time cap)",
+        "(× oracle and vs arkvale compare the last window of {} steps both measured: equal positions, the longest context both reached; medians when there is no common window)",
         env_usize("FREEKV_BENCH_WINDOW_STEPS", 256)
     );
     write_json(&rows);

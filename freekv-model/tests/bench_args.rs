@@ -55,17 +55,21 @@ fn windows_are_medians_of_whole_windows() {
 
 #[test]
 fn rows_stopped_early_compare_at_equal_positions() {
-    let row = |steps: u64, median: f64, wins: &[f64]| json!({"steps_measured": steps, "ms_median": median, "ms_windows": wins});
+    let row = |steps: u64, median: f64, wins: &[f64]| json!({"steps_measured": steps, "ms_median": median, "ms_windows": wins, "window_steps": 256});
     let freekv = row(1024, 8.0, &[5.0, 7.0, 10.0, 11.0]);
     // arkvale stopped after 3 windows: window 3 against window 3.
     let arkvale = row(768, 9.0, &[6.0, 10.0, 40.0]);
     assert_eq!(compared_ms(&freekv, &arkvale), Some((10.0, 40.0)));
-    // As many steps: the medians.
+    // As many steps: the last window too (the end of the generation, not the medians 8 / 7).
     let oracle = row(1024, 7.0, &[5.0, 6.0, 8.0, 9.0]);
-    assert_eq!(compared_ms(&freekv, &oracle), Some((8.0, 7.0)));
+    assert_eq!(compared_ms(&freekv, &oracle), Some((11.0, 9.0)));
     // No whole window in one of them: the medians.
     let short = row(100, 30.0, &[]);
     assert_eq!(compared_ms(&freekv, &short), Some((8.0, 30.0)));
+    // Windows of another size: the medians.
+    let mut other = oracle.clone();
+    other["window_steps"] = json!(128);
+    assert_eq!(compared_ms(&freekv, &other), Some((8.0, 7.0)));
 }
 
 #[test]

@@ -53,10 +53,11 @@ pub fn parse_scenarios(list: &str) -> Result<Vec<Scenario>, String> {
         .collect()
 }
 
-/// The step times of `a` and `b` to compare: their medians when they measured as many steps,
-/// else the last whole window both measured (equal positions in the generation).
+/// The step times of `a` and `b` to compare: the last whole window both measured (equal
+/// positions, the longest context both reached: in a long generation the sparse end, not a
+/// median that mixes in the dense start), else, with no common window, their medians.
 pub fn compared_ms(a: &serde_json::Value, b: &serde_json::Value) -> Option<(f64, f64)> {
-    if a["steps_measured"] != b["steps_measured"] {
+    if a["window_steps"] == b["window_steps"] {
         let wins = |r: &serde_json::Value| -> Vec<f64> {
             r["ms_windows"]
                 .as_array()
