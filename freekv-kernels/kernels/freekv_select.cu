@@ -28,9 +28,6 @@
 #define FKS_SOFTMAX_TILE 4096
 #define FKS_SELECT_THREADS 512
 #define FKS_CORR_THREADS 128
-// Score keys a thread of the selection kernel keeps in registers (candidates up to this many
-// times the block size are read once).
-#define FKS_KEY_REGS 4
 
 // ---------------------------------------------------------------------------------------------
 // Bit-exact scalar helpers (mirrors of freekv-select's CPU code).
@@ -384,20 +381,11 @@ extern "C" __global__ void __launch_bounds__(FKS_SELECT_THREADS) freekv_select_r
             }
             __syncthreads();
         }
-        // The tail (fewer than 8 per head): its exponentials computed by the whole block into
-        // the tile (free after the loop's last barrier), then summed in order by one thread per
-        // head, so no thread waits on a chain of global loads.
-        const int tail = n - body;
-        for (int x = tid; x < group * 8; x += blockDim.x) {
-            const int j = x >> 3, i = x & 7;
-            if (i < tail)
-                tile[x] = fks_exp(__fsub_rn(sc[(size_t)j * max_pages + body + i], head_max[j]));
-        }
-        __syncthreads();
         if (chain) parts[cj * 9 + cl] = acc;
         for (int j = tid; j < group; j += blockDim.x) {
+            const float* s = sc + (size_t)j * max_pages;
             float t = 0.0f;
-            for (int i = 0; i < tail; ++i) t = __fadd_rn(t, tile[j * 8 + i]);
+            for (int i = body; i < n; ++i) t = __fadd_rn(t, fks_exp(__fsub_rn(s[i], head_max[j])));
             parts[j * 9 + 8] = t;
         }
         __syncthreads();
@@ -425,36 +413,17 @@ extern "C" __global__ void __launch_bounds__(FKS_SELECT_THREADS) freekv_select_r
     __syncthreads();
 
     // Top-k: threshold key T and the number r of keys equal to T to take (lowest pages first).
-    // Up to FKS_KEY_REGS · blockDim candidates, each thread keeps the keys of its candidates
-    // i = tid + r · blockDim in registers (one read of the scores instead of one per pass).
     const int kk = min(top_k, n);
     const bool take_all = kk == n;
-    const int bd = (int)blockDim.x;
-    const bool in_regs = n <= FKS_KEY_REGS * bd;
-    u32 kreg[FKS_KEY_REGS];
-#pragma unroll
-    for (int r = 0; r < FKS_KEY_REGS; ++r) {
-        const int i = tid + r * bd;
-        kreg[r] = (in_regs && i < n) ? fks_score_key(sc[i]) : 0u;
-    }
     u32 prefix = 0u, pmask = 0u;
     int rem = kk;
     if (!take_all) {
         for (int shift = 24; shift >= 0; shift -= 8) {
             for (int t = tid; t < 256; t += blockDim.x) hist[t] = 0;
             __syncthreads();
-            if (in_regs) {
-#pragma unroll
-                for (int r = 0; r < FKS_KEY_REGS; ++r) {
-                    const u32 key = kreg[r];
-                    if (tid + r * bd < n && (key & pmask) == prefix)
-                        atomicAdd(&hist[(key >> shift) & 255u], 1);
-                }
-            } else {
-                for (int i = tid; i < n; i += blockDim.x) {
-                    const u32 key = fks_score_key(sc[i]);
-                    if ((key & pmask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1);
-                }
+            for (int i = tid; i < n; i += blockDim.x) {
+                const u32 key = fks_score_key(sc[i]);
+                if ((key & pmask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1);
             }
             __syncthreads();
             // Thread t < 256 owns digit 255 - t: an inclusive scan over t counts the keys whose
@@ -478,15 +447,10 @@ extern "C" __global__ void __launch_bounds__(FKS_SELECT_THREADS) freekv_select_r
     // page. One packed scan per tile: equal-to-T count in the high half, greater in the low half.
     {
         int run_eq = 0, run_sel = 0;
-        for (int base = 0, r = 0; base < n; base += blockDim.x, ++r) {
+        for (int base = 0; base < n; base += blockDim.x) {
             const int i = base + tid;
             const bool valid = i < n;
-            // kreg[r] by a switch (a dynamic index would put the array in local memory).
-            u32 rk = 0u;
-#pragma unroll
-            for (int q = 0; q < FKS_KEY_REGS; ++q)
-                if (q == r) rk = kreg[q];
-            const u32 key = valid ? (in_regs ? rk : fks_score_key(sc[i])) : 0u;
+            const u32 key = valid ? fks_score_key(sc[i]) : 0u;
             const bool gt = valid && (take_all || key > thr);
             const bool eq = valid && !take_all && key == thr;
             int tot;
