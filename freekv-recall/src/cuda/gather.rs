@@ -56,32 +56,6 @@ impl GatherRecall {
         lists: &RecallLists<'_>,
         slots: SlotsMut<'_>,
     ) -> Result<(), RecallError> {
-        self.recall_with_blocks(
-            kernels,
-            stream,
-            shape,
-            pool,
-            layer,
-            lists,
-            slots,
-            self.max_blocks,
-        )
-    }
-
-    /// [`GatherRecall::recall`] with a block budget of its own for this launch (clamped to at
-    /// least 1), e.g. more blocks for a recall on the critical path; the same counters.
-    #[allow(clippy::too_many_arguments)]
-    pub fn recall_with_blocks(
-        &self,
-        kernels: &Kernels,
-        stream: &Arc<CudaStream>,
-        shape: &FreeKvShape,
-        pool: &HostKvPool,
-        layer: usize,
-        lists: &RecallLists<'_>,
-        slots: SlotsMut<'_>,
-        max_blocks: usize,
-    ) -> Result<(), RecallError> {
         pool.check_shape(shape)?;
         let table = pool.device_table(layer)?;
         kernels.freekv_gather(
@@ -93,7 +67,7 @@ impl GatherRecall {
             lists.flags,
             lists.filter,
             slots,
-            max_blocks.max(1),
+            self.max_blocks,
             self.counters.as_ref(),
         )?;
         Ok(())
