@@ -158,6 +158,22 @@ impl GpuKvOptions {
         }
     }
 
+    /// Rejects options no batch can run with (checked before anything is allocated).
+    pub fn validate(&self) -> Result<(), ModelError> {
+        if self.flagged_split_factor == 0 {
+            return Err(ModelError::Config(
+                "flagged_split_factor must be at least 1".into(),
+            ));
+        }
+        if self.gather_blocks == 0 || self.correction_gather_blocks == 0 {
+            return Err(ModelError::Config(format!(
+                "gather blocks must be at least 1 (speculative {}, corrective {})",
+                self.gather_blocks, self.correction_gather_blocks
+            )));
+        }
+        Ok(())
+    }
+
     /// Whether the decode step can be captured as a CUDA graph (everything but the host-driven
     /// recalls).
     pub fn graph_capturable(&self) -> bool {
@@ -333,6 +349,7 @@ impl SparseState {
         dims: &SparseDims,
         plan_shape: freekv_kernels::AttentionShape,
     ) -> Result<Self, ModelError> {
+        opts.validate()?;
         let kernels = gpu.kernels();
         let s = gpu.stream();
         let kv = &opts.kv;
@@ -445,12 +462,7 @@ impl SparseState {
         let meta_len = StepPlan::offsets(bs, nb)[6];
         let plan = kernels.plan_decode(plan_shape, bs, nb * p)?;
         let plan_flagged = match opts.flagged_split_factor {
-            0 => {
-                return Err(ModelError::Config(
-                    "flagged_split_factor must be at least 1".into(),
-                ));
-            }
-            1 => plan,
+            0 | 1 => plan,
             f => plan.with_chunk(plan.chunk / f),
         };
         let scratch_len = shape.select_scratch_len().max(1);
@@ -686,6 +698,33 @@ impl SparseState {
         Strided {
             offset: 0,
             stride: qkv_width,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_reject_zero_counts() {
+        let o = GpuKvOptions::new(KvConfig {
+            kind: KvKind::FreeKv,
+            ..KvConfig::default()
+        });
+        assert!(o.validate().is_ok());
+        assert!(o.overlap_correction && o.flagged_split_factor == 1);
+        type Mutation = (&'static str, fn(&mut GpuKvOptions));
+        let bad: [Mutation; 3] = [
+            ("flagged_split_factor", |o| o.flagged_split_factor = 0),
+            ("gather blocks", |o| o.gather_blocks = 0),
+            ("gather blocks", |o| o.correction_gather_blocks = 0),
+        ];
+        for (word, m) in bad {
+            let mut x = o.clone();
+            m(&mut x);
+            let e = x.validate().unwrap_err().to_string();
+            assert!(e.contains(word), "{e}");
         }
     }
 }
