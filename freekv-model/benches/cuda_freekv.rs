@@ -37,9 +37,8 @@
 //! (skip what would start after this budget), `FREEKV_BENCH_JSON` (write the results there).
 //! A policy `freekv@T` is `freekv` with τ = T (a sweep maps the correction rate to the step
 //! time); modifiers `~serial` (the corrective path not overlapping the unflagged heads'
-//! attention), `~cbN` (blocks of the corrective gather), `~gbN` (blocks of the speculative
-//! gather) and `~fsN` (the flagged heads' attention split N times finer) give the ablations,
-//! e.g. `freekv@0.9~serial~cb8` is the session-5 path.
+//! attention), `~cbN` (blocks of the corrective gather) and `~gbN` (blocks of the speculative
+//! gather) give the ablations, e.g. `freekv@0.9~serial~cb8` is the session-5 path.
 //! A scenario whose name starts with `prefill` runs the real prefill of `context` random token
 //! ids per sequence (timed; sparse policies stream it to the host layer by layer)
 //! instead of filling the context with random KV.
@@ -123,9 +122,6 @@ fn kv_options(policy: &str, scenario: &Scenario) -> Result<Option<GpuKvOptions>,
     }
     if let Some(n) = spec.gather_blocks {
         o.gather_blocks = n;
-    }
-    if let Some(n) = spec.flagged_split {
-        o.flagged_split_factor = n;
     }
     Ok(Some(o))
 }

@@ -74,8 +74,7 @@ fn rows_stopped_early_compare_at_equal_positions() {
 
 #[test]
 fn policies_parse_with_tau_and_modifiers() {
-    let p = args::parse_policy("freekv@0.9~serial~cb16~gb4~fs2").unwrap();
-    assert_eq!(p.flagged_split, Some(2));
+    let p = args::parse_policy("freekv@0.9~serial~cb16~gb4").unwrap();
     assert_eq!(p.base, "freekv");
     assert_eq!(p.tau.as_deref(), Some("0.9"));
     assert!(p.serial);
@@ -92,6 +91,7 @@ fn policies_parse_with_tau_and_modifiers() {
         "~serial",
         "@0.9",
         "freekv~gbx",
+        "freekv~fs2",
     ] {
         let e = args::parse_policy(bad).unwrap_err();
         assert!(e.contains("policy"), "{bad}: {e}");

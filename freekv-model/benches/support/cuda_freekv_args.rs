@@ -84,7 +84,7 @@ pub fn window_medians(times: &[f64], w: usize) -> Vec<f64> {
         .collect()
 }
 
-/// A bench policy: `base[@T][~mod…]`, e.g. `freekv@0.9~serial~cb16` or `freekv~fs2`.
+/// A bench policy: `base[@T][~mod…]`, e.g. `freekv@0.9~serial~cb16`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PolicySpec {
     /// `full`, `oracle`, `arkvale`, `freekv`, `freekv-spec` or `freekv-streamed`.
@@ -98,8 +98,6 @@ pub struct PolicySpec {
     pub correction_blocks: Option<usize>,
     /// `~gbN`: blocks of the speculative gather.
     pub gather_blocks: Option<usize>,
-    /// `~fsN`: the flagged heads' attention split N times finer.
-    pub flagged_split: Option<usize>,
 }
 
 /// Parses a [`PolicySpec`]; an unknown or malformed modifier is an error.
@@ -119,7 +117,6 @@ pub fn parse_policy(text: &str) -> Result<PolicySpec, String> {
         serial: false,
         correction_blocks: None,
         gather_blocks: None,
-        flagged_split: None,
     };
     let blocks = |m: &str, v: &str| -> Result<usize, String> {
         match v.parse::<usize>() {
@@ -134,11 +131,9 @@ pub fn parse_policy(text: &str) -> Result<PolicySpec, String> {
             spec.correction_blocks = Some(blocks(m, v)?);
         } else if let Some(v) = m.strip_prefix("gb") {
             spec.gather_blocks = Some(blocks(m, v)?);
-        } else if let Some(v) = m.strip_prefix("fs") {
-            spec.flagged_split = Some(blocks(m, v)?);
         } else {
             return Err(format!(
-                "policy {text:?}: unknown modifier ~{m} (serial, cbN, gbN, fsN)"
+                "policy {text:?}: unknown modifier ~{m} (serial, cbN, gbN)"
             ));
         }
     }

@@ -1116,14 +1116,13 @@ impl CudaLlama {
         }
         // 4. Attention over the resident slots, the current page last (unflagged heads first
         //    when the corrective path overlaps).
-        let attend = |plan: &DecodePlan,
-                      filter: Option<HeadFilter>,
+        let attend = |filter: Option<HeadFilter>,
                       att: &mut CudaSlice<bf16>,
                       workspace: &mut CudaSlice<f32>|
          -> Result<(), ModelError> {
             k.decode_attention_heads(
                 s,
-                plan,
+                &st.plan,
                 qkv,
                 &layer.slots,
                 &att_table,
@@ -1138,17 +1137,15 @@ impl CudaLlama {
             Ok(())
         };
         if overlap {
-            attend(&st.plan, Some(HeadFilter::Unflagged), att, workspace)?;
+            attend(Some(HeadFilter::Unflagged), att, workspace)?;
             st.correction_done
                 .record(&st.correction_stream)
                 .map_err(drv("recording the corrective recall"))?;
             s.wait(&st.correction_done)
                 .map_err(drv("waiting for the corrective recall"))?;
-            // The unflagged heads' reduce is done (same stream) before this launch reuses the
-            // workspace with its own split count.
-            attend(&st.plan_flagged, Some(HeadFilter::Flagged), att, workspace)?;
+            attend(Some(HeadFilter::Flagged), att, workspace)?;
         } else {
-            attend(&st.plan, None, att, workspace)?;
+            attend(None, att, workspace)?;
         }
         // 5. freekv: the speculative selection with q_t and its recall, off the critical path,
         //    ordered after this attention by an event.
@@ -1815,9 +1812,7 @@ impl CudaBatch {
             workspace: s
                 .alloc_zeros::<f32>(
                     plan.workspace_len()
-                        .max(sparse.as_ref().map_or(0, |st| {
-                            st.plan.workspace_len().max(st.plan_flagged.workspace_len())
-                        }))
+                        .max(sparse.as_ref().map_or(0, |st| st.plan.workspace_len()))
                         .max(1),
                 )
                 .map_err(oom("allocating the attention workspace".into()))?,

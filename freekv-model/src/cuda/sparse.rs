@@ -113,11 +113,6 @@ pub struct GpuKvOptions {
     /// heads attend after both (the same results, bit for bit). Off: the corrective path, then
     /// the attention of every head.
     pub overlap_correction: bool,
-    /// With [`GpuKvOptions::overlap_correction`]: the flagged heads' attention (after their
-    /// recall, on the critical path, with about half the blocks of a whole attention) splits
-    /// the KV into this many times more parts than the attention of every head (1: the same
-    /// split; the chunk stays a multiple of 64 tokens).
-    pub flagged_split_factor: usize,
     /// Longest prompt one sequence is prefilled with (sizes the prefill scratch; default: the
     /// batch's `max_seq_len`).
     pub max_prompt: Option<usize>,
@@ -143,7 +138,6 @@ impl GpuKvOptions {
             gather_blocks: DEFAULT_GATHER_BLOCKS,
             correction_gather_blocks: DEFAULT_CORRECTION_GATHER_BLOCKS,
             overlap_correction: true,
-            flagged_split_factor: 1,
             max_prompt: None,
             host_max_bytes: None,
             collect_stats: true,
@@ -160,11 +154,6 @@ impl GpuKvOptions {
 
     /// Rejects options no batch can run with (checked before anything is allocated).
     pub fn validate(&self) -> Result<(), ModelError> {
-        if self.flagged_split_factor == 0 {
-            return Err(ModelError::Config(
-                "flagged_split_factor must be at least 1".into(),
-            ));
-        }
         if self.gather_blocks == 0 || self.correction_gather_blocks == 0 {
             return Err(ModelError::Config(format!(
                 "gather blocks must be at least 1 (speculative {}, corrective {})",
@@ -295,9 +284,6 @@ pub(crate) struct SparseState {
     pub(crate) per_page: Option<PerPageRecall>,
     /// Split-K plan of the attention over `nb` slots.
     pub(crate) plan: DecodePlan,
-    /// The plan of the flagged heads' attention when it runs apart
-    /// ([`GpuKvOptions::flagged_split_factor`]).
-    pub(crate) plan_flagged: DecodePlan,
     pub(crate) scratch: [CudaSlice<f32>; 2],
     pub(crate) recall_stream: Arc<CudaStream>,
     /// The stream of the corrective selection and recall when they overlap the unflagged
@@ -461,10 +447,6 @@ impl SparseState {
         let slot_table: Vec<i32> = (0..(bs * nb) as i32).collect();
         let meta_len = StepPlan::offsets(bs, nb)[6];
         let plan = kernels.plan_decode(plan_shape, bs, nb * p)?;
-        let plan_flagged = match opts.flagged_split_factor {
-            0 | 1 => plan,
-            f => plan.with_chunk(plan.chunk / f),
-        };
         let scratch_len = shape.select_scratch_len().max(1);
         let ctx = s.context();
         let mut attn_done = Vec::with_capacity(n_sparse);
@@ -528,7 +510,6 @@ impl SparseState {
             tickets: (0..n_sparse).map(|_| None).collect(),
             per_page,
             plan,
-            plan_flagged,
             scratch: [
                 s.alloc_zeros::<f32>(scratch_len)
                     .map_err(oom("allocating selection scratch".into()))?,
@@ -707,16 +688,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn options_reject_zero_counts() {
+    fn options_reject_zero_block_counts() {
         let o = GpuKvOptions::new(KvConfig {
             kind: KvKind::FreeKv,
             ..KvConfig::default()
         });
         assert!(o.validate().is_ok());
-        assert!(o.overlap_correction && o.flagged_split_factor == 1);
+        assert!(o.overlap_correction);
         type Mutation = (&'static str, fn(&mut GpuKvOptions));
-        let bad: [Mutation; 3] = [
-            ("flagged_split_factor", |o| o.flagged_split_factor = 0),
+        let bad: [Mutation; 2] = [
             ("gather blocks", |o| o.gather_blocks = 0),
             ("gather blocks", |o| o.correction_gather_blocks = 0),
         ];
