@@ -150,13 +150,11 @@ extern "C" __global__ void __launch_bounds__(FKS_CORR_THREADS) freekv_correction
         // Every head is flagged and nobody reads the cosine: skip it.
         if (threadIdx.x == 0) flags[row] = 1;
     } else if (mode == 2) {
-        // freekv_select::cosine: three sums in index order, a = q_prev, b = q. Unrolled so the
-        // shared-memory loads run ahead of the (strictly ordered) sums.
+        // freekv_select::cosine: three sums in index order, a = q_prev, b = q.
         for (int j = threadIdx.x; j < group; j += blockDim.x) {
             const float* a = ps + j * head_dim;
             const bf16* c = qs + j * head_dim;
             float dot = 0.0f, na = 0.0f, nb = 0.0f;
-#pragma unroll 16
             for (int i = 0; i < head_dim; ++i) {
                 const float x = a[i];
                 const float y = bf2f(c[i]);
