@@ -85,6 +85,7 @@ fn bench_select(c: &mut Criterion, g: &Gpu) {
                                 &mut rl,
                                 Some(&mut sel),
                                 &mut scratch,
+                                None,
                             )
                             .unwrap()
                         })

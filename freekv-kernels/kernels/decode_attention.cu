@@ -47,7 +47,8 @@ __device__ __forceinline__ void decode_attn(const bf16* __restrict__ q, u64 q_st
                                             float* __restrict__ ws_acc, float* __restrict__ ws_ml, u32 q_heads,
                                             u32 kv_heads, u32 group, u32 page_size, u32 num_pages, u32 chunk,
                                             u32 num_splits, float scale_log2,
-                                            const i32* __restrict__ head_flags, u32 head_filter) {
+                                            const i32* __restrict__ head_flags, u32 head_filter,
+                                            const i32* __restrict__ page_mask) {
     static_assert(G >= 1 && G <= 8, "one n8 mma tile holds at most 8 heads");
     static_assert(D == 64 || D == 128, "head dim 64 or 128");
     constexpr int CH = D / 8;         // 16-byte chunks per K/V row
@@ -115,7 +116,10 @@ __device__ __forceinline__ void decode_attn(const bf16* __restrict__ q, u64 q_st
             bool ok = false;
             if (pos < end) {
                 const i32 pg = table[pi];
-                if (pg >= 0 && (u32)pg < num_pages) {
+                // page_mask (optional, [num_pages][kv_heads]): non-zero = this KV head skips
+                // the page (a cached page outside its selection), exactly as an invalid page.
+                if (pg >= 0 && (u32)pg < num_pages &&
+                    (page_mask == nullptr || page_mask[(u64)pg * kv_heads + kvh] == 0)) {
                     ok = true;
                     const bf16* kp = pages + (u64)pg * page_elems + (u64)po * row + (u64)kvh * D + part * 8;
                     cp_async16(dk + slot, kp);
@@ -299,10 +303,10 @@ __device__ __forceinline__ void decode_attn(const bf16* __restrict__ q, u64 q_st
         const i32 *__restrict__ page_table, u32 table_stride, const i32 *__restrict__ seq_lens,            \
         bf16 *__restrict__ out, float *__restrict__ ws_acc, float *__restrict__ ws_ml, u32 q_heads,        \
         u32 kv_heads, u32 group, u32 page_size, u32 num_pages, u32 chunk, u32 num_splits, float scale_log2, \
-        const i32 *__restrict__ head_flags, u32 head_filter
+        const i32 *__restrict__ head_flags, u32 head_filter, const i32 *__restrict__ page_mask
 #define DECODE_PASS                                                                                      \
     q, q_stride, pages, page_table, table_stride, seq_lens, out, ws_acc, ws_ml, q_heads, kv_heads, group, \
-        page_size, num_pages, chunk, num_splits, scale_log2, head_flags, head_filter
+        page_size, num_pages, chunk, num_splits, scale_log2, head_flags, head_filter, page_mask
 #define DECODE_INST(D, G)                                                                        \
     extern "C" __global__ void __launch_bounds__(DEC_THREADS, (D) == 64 ? 4 : 2)                        \
         decode_attn_d##D##_g##G(DECODE_ARGS) {                                                           \

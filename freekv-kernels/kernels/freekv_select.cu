@@ -295,19 +295,92 @@ FKS_SCORE_KERNEL(256)
 // Selection: one block per (seq, KV head): softmax + group combine (softmax policies), exact
 // top-k by radix select on the score keys with ties to the lower page, then the slot diff.
 //
-// Dynamic shared memory (ints): sel[k], free_slots[k], res[k], hist[256], tmp[32],
-// then floats: head_max[G], parts[G * 9], head_sum[G], tile[FKS_SOFTMAX_TILE].
+// Middle slots: `cache` = k + spare per row. Middle index i < k is slot ns + i; the spare slots
+// i >= k come after the window ring, slot ns + k + nw + (i - k). A selection makes the `want`
+// best pages resident (k <= want <= cache: the speculative selection fills the spare slots with
+// the next-ranked pages); the k best are the ones attended. Slots that hold a page not wanted
+// are free, but keep their page (still cached) until a missing page overwrites them.
+//
+// Dynamic shared memory (ints): sel[cache], free_slots[cache], res[cache], att[k], hist[256],
+// tmp[32], then floats: head_max[G], parts[G * 9], head_sum[G], tile[FKS_SOFTMAX_TILE].
+
+// Exact top-`kk` of the n keys of sc (ties to the lower index) compacted ascending into out:
+// out[j] = ns + i. Every thread must call it.
+__device__ void fks_topk_compact(const float* __restrict__ sc, int n, int kk, int ns,
+                                 int* __restrict__ out, int* hist, int* tmp, int* bcast) {
+    const int tid = threadIdx.x;
+    const bool take_all = kk >= n;
+    u32 prefix = 0u, pmask = 0u;
+    int rem = kk;
+    if (!take_all) {
+        for (int shift = 24; shift >= 0; shift -= 8) {
+            for (int t = tid; t < 256; t += blockDim.x) hist[t] = 0;
+            __syncthreads();
+            for (int i = tid; i < n; i += blockDim.x) {
+                const u32 key = fks_score_key(sc[i]);
+                if ((key & pmask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1);
+            }
+            __syncthreads();
+            // Thread t < 256 owns digit 255 - t: an inclusive scan over t counts the keys whose
+            // digit is >= 255 - t.
+            const int cnt = (tid < 256) ? hist[255 - tid] : 0;
+            int tot;
+            const int excl = fks_block_exscan(cnt, tmp, tot);
+            if (tid < 256 && excl < rem && rem <= excl + cnt) {
+                bcast[0] = 255 - tid;
+                bcast[1] = rem - excl;
+            }
+            __syncthreads();
+            prefix |= (u32)bcast[0] << shift;
+            pmask |= 255u << shift;
+            rem = bcast[1];
+            __syncthreads();
+        }
+    }
+    const u32 thr = prefix;
+    // Ordered compaction: selected = key > T, plus the first `rem` keys equal to T, ascending
+    // page. One packed scan per tile: equal-to-T count in the high half, greater in the low half.
+    int run_eq = 0, run_sel = 0;
+    for (int base = 0; base < n; base += blockDim.x) {
+        const int i = base + tid;
+        const bool valid = i < n;
+        const u32 key = valid ? fks_score_key(sc[i]) : 0u;
+        const bool gt = valid && (take_all || key > thr);
+        const bool eq = valid && !take_all && key == thr;
+        int tot;
+        const int excl = fks_block_exscan((eq ? 0x10000 : 0) + (gt ? 1 : 0), tmp, tot);
+        const int gt_excl = excl & 0xffff, eq_excl = excl >> 16;
+        const int gt_tot = tot & 0xffff, eq_tot = tot >> 16;
+        const int quota = max(0, rem - run_eq);
+        const bool take = gt || (eq && eq_excl < quota);
+        if (take) out[run_sel + gt_excl + min(eq_excl, quota)] = ns + i;
+        run_eq += eq_tot;
+        run_sel += gt_tot + min(eq_tot, quota);
+    }
+}
+
+// Binary search of page p in the ascending list a[0..len).
+__device__ __forceinline__ int fks_find(const int* a, int len, int p) {
+    int lo = 0, hi = len;
+    while (lo < hi) {
+        const int m = (lo + hi) >> 1;
+        if (a[m] < p) lo = m + 1; else hi = m;
+    }
+    return (lo < len && a[lo] == p) ? lo : -1;
+}
 
 extern "C" __global__ void __launch_bounds__(FKS_SELECT_THREADS) freekv_select_rows(
     const int* __restrict__ seq_info, const int* __restrict__ flags, int filter, int policy,
     float* scratch, int* __restrict__ mid_page, int* __restrict__ page_mid,
     int* __restrict__ recall_count, int* __restrict__ recall_list, int* __restrict__ selected,
-    int kv_heads, int group, int max_pages, int ns, int top_k, int nw) {
+    int kv_heads, int group, int max_pages, int ns, int top_k, int nw, int cache, int want,
+    int slots, int* __restrict__ page_mask) {
     extern __shared__ int smem[];
     int* sel = smem;
-    int* free_slots = sel + top_k;
-    int* res = free_slots + top_k;
-    int* hist = res + top_k;
+    int* free_slots = sel + cache;
+    int* res = free_slots + cache;
+    int* att = res + cache;
+    int* hist = att + top_k;
     int* tmp = hist + 256;
     float* head_max = reinterpret_cast<float*>(tmp + 32);
     float* parts = head_max + group;
@@ -323,11 +396,11 @@ extern "C" __global__ void __launch_bounds__(FKS_SELECT_THREADS) freekv_select_r
         if (tid == 0) recall_count[row] = 0;
         return;
     }
-    int* mid = mid_page + (size_t)row * top_k;
+    int* mid = mid_page + (size_t)row * cache;
     int* pm = page_mid + (size_t)row * max_pages;
     if (mode == 1) {
         // First sparse step: evict the whole middle (and forget any stale page -> slot entry).
-        for (int i = tid; i < top_k; i += blockDim.x) mid[i] = -1;
+        for (int i = tid; i < cache; i += blockDim.x) mid[i] = -1;
         for (int p = tid; p < max_pages; p += blockDim.x) pm[p] = -1;
     }
     const int n = max(0, n_pages - nw - ns);
@@ -410,85 +483,31 @@ extern "C" __global__ void __launch_bounds__(FKS_SELECT_THREADS) freekv_select_r
     }
     __syncthreads();
 
-    // Top-k: threshold key T and the number r of keys equal to T to take (lowest pages first).
+    // The `want` best pages (resident after this selection) and, within them, the k attended.
+    const int kw = min(want, n);
     const int kk = min(top_k, n);
-    const bool take_all = kk == n;
-    u32 prefix = 0u, pmask = 0u;
-    int rem = kk;
-    if (!take_all) {
-        for (int shift = 24; shift >= 0; shift -= 8) {
-            for (int t = tid; t < 256; t += blockDim.x) hist[t] = 0;
-            __syncthreads();
-            for (int i = tid; i < n; i += blockDim.x) {
-                const u32 key = fks_score_key(sc[i]);
-                if ((key & pmask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1);
-            }
-            __syncthreads();
-            // Thread t < 256 owns digit 255 - t: an inclusive scan over t counts the keys whose
-            // digit is >= 255 - t.
-            const int cnt = (tid < 256) ? hist[255 - tid] : 0;
-            int tot;
-            const int excl = fks_block_exscan(cnt, tmp, tot);
-            if (tid < 256 && excl < rem && rem <= excl + cnt) {
-                bcast[0] = 255 - tid;
-                bcast[1] = rem - excl;
-            }
-            __syncthreads();
-            prefix |= (u32)bcast[0] << shift;
-            pmask |= 255u << shift;
-            rem = bcast[1];
-            __syncthreads();
-        }
+    fks_topk_compact(sc, n, kw, ns, sel, hist, tmp, bcast);
+    __syncthreads();
+    if (kw > kk) {
+        fks_topk_compact(sc, n, kk, ns, att, hist, tmp, bcast);
+    } else {
+        for (int j = tid; j < kk; j += blockDim.x) att[j] = sel[j];
     }
-    const u32 thr = prefix;
-    // Ordered compaction: selected = key > T, plus the first `rem` keys equal to T, ascending
-    // page. One packed scan per tile: equal-to-T count in the high half, greater in the low half.
-    {
-        int run_eq = 0, run_sel = 0;
-        for (int base = 0; base < n; base += blockDim.x) {
-            const int i = base + tid;
-            const bool valid = i < n;
-            const u32 key = valid ? fks_score_key(sc[i]) : 0u;
-            const bool gt = valid && (take_all || key > thr);
-            const bool eq = valid && !take_all && key == thr;
-            int tot;
-            const int excl = fks_block_exscan((eq ? 0x10000 : 0) + (gt ? 1 : 0), tmp, tot);
-            const int gt_excl = excl & 0xffff, eq_excl = excl >> 16;
-            const int gt_tot = tot & 0xffff, eq_tot = tot >> 16;
-            const int quota = max(0, rem - run_eq);
-            const bool take = gt || (eq && eq_excl < quota);
-            if (take) sel[run_sel + gt_excl + min(eq_excl, quota)] = ns + i;
-            run_eq += eq_tot;
-            run_sel += gt_tot + min(eq_tot, quota);
-        }
-    }
-    for (int j = tid; j < kk; j += blockDim.x) res[j] = -1;
+    for (int j = tid; j < kw; j += blockDim.x) res[j] = -1;
     __syncthreads();
 
-    // Slot diff (SlotTable::diff): middle slots ascending that are empty or hold an unselected
-    // page are free (their pages evicted); missing selected pages ascending take them in order.
+    // Slot diff (SlotTable::diff, with lazy eviction): middle slots ascending that are empty or
+    // hold a page not wanted are free; missing wanted pages ascending take them in order, and
+    // only the pages they overwrite are evicted (with cache == k every free slot is taken when
+    // the middle is full, as in SlotTable::diff).
     int nfree = 0;
-    for (int base = 0; base < top_k; base += blockDim.x) {
+    for (int base = 0; base < cache; base += blockDim.x) {
         const int i = base + tid;
-        const bool valid = i < top_k;
+        const bool valid = i < cache;
         const int p = valid ? mid[i] : -1;
-        bool in_sel = false;
-        if (p >= 0) {
-            int lo = 0, hi = kk;
-            while (lo < hi) {
-                const int m = (lo + hi) >> 1;
-                if (sel[m] < p) lo = m + 1; else hi = m;
-            }
-            if (lo < kk && sel[lo] == p) {
-                in_sel = true;
-                res[lo] = i;
-            }
-        }
-        const bool is_free = valid && !in_sel;
-        if (valid && p >= 0 && !in_sel) {
-            mid[i] = -1;
-            if (p < max_pages) pm[p] = -1;
-        }
+        const int lo = (p >= 0) ? fks_find(sel, kw, p) : -1;
+        if (lo >= 0) res[lo] = i;
+        const bool is_free = valid && lo < 0;
         int tot;
         const int excl = fks_block_exscan(is_free ? 1 : 0, tmp, tot);
         if (is_free) free_slots[nfree + excl] = i;
@@ -496,10 +515,10 @@ extern "C" __global__ void __launch_bounds__(FKS_SELECT_THREADS) freekv_select_r
     }
     __syncthreads();
     int nrec = 0;
-    int* rl = recall_list + (size_t)row * top_k * 2;
-    for (int base = 0; base < kk; base += blockDim.x) {
+    int* rl = recall_list + (size_t)row * cache * 2;
+    for (int base = 0; base < kw; base += blockDim.x) {
         const int j = base + tid;
-        const bool valid = j < kk;
+        const bool valid = j < kw;
         const int p = valid ? sel[j] : -1;
         const int r = valid ? res[j] : -1;
         if (valid && r >= 0) pm[p] = r;
@@ -509,16 +528,29 @@ extern "C" __global__ void __launch_bounds__(FKS_SELECT_THREADS) freekv_select_r
         const int m = nrec + excl;
         if (miss && m < nfree) {
             const int i = free_slots[m];
+            const int old = mid[i];
+            if (old >= 0 && old < max_pages) pm[old] = -1;
             mid[i] = p;
             pm[p] = i;
             rl[2 * m] = p;
-            rl[2 * m + 1] = ns + i;
+            rl[2 * m + 1] = (i < top_k) ? ns + i : ns + nw + i;
         }
         nrec += tot;
     }
     if (tid == 0) recall_count[row] = min(nrec, nfree);
     if (selected) {
         int* so = selected + (size_t)row * top_k;
-        for (int j = tid; j < top_k; j += blockDim.x) so[j] = (j < kk) ? sel[j] : -1;
+        for (int j = tid; j < top_k; j += blockDim.x) so[j] = (j < kk) ? att[j] : -1;
+    }
+    if (page_mask) {
+        // Which middle slots this head skips (1): those not holding one of the k best pages.
+        __syncthreads();
+        const int h = row - b * kv_heads;
+        for (int i = tid; i < cache; i += blockDim.x) {
+            const int p = mid[i];
+            const int slot = (i < top_k) ? ns + i : ns + nw + i;
+            page_mask[((size_t)b * slots + slot) * kv_heads + h] =
+                (p >= 0 && fks_find(att, kk, p) >= 0) ? 0 : 1;
+        }
     }
 }

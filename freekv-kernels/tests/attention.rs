@@ -205,6 +205,7 @@ fn run_decode(g: &Gpu, r: &mut StdRng, c: &DecodeCase, plans: &[&str]) -> f64 {
             &got_bits,
             &what,
         );
+        check_page_mask(g, r, c, &plan, (&dq, &dpool, &dtab, &dlens), &what);
         worst = worst.max(assert_close(&what, &got, &want, TOL));
         // A zero-length sequence yields zeros.
         for (b, &l) in c.lens.iter().enumerate() {
@@ -257,6 +258,7 @@ fn check_head_filter(
                     Some(HeadMask {
                         flags: &dflags,
                         filter,
+                        pages: None,
                     }),
                 )
                 .unwrap();
@@ -291,6 +293,83 @@ fn check_head_filter(
             .zip(want)
             .all(|(x, w)| x.to_bits() == w.to_bits()),
         "{what}: HeadFilter::All differs from the unfiltered launch"
+    );
+}
+
+/// The per-head page mask on a fresh random mask: KV head h's output equals, bit for bit, an
+/// unmasked launch whose page table drops the pages h skips (the mask takes the invalid-page
+/// path); head-filtered launches with the mask reproduce the masked launch.
+fn check_page_mask(
+    g: &Gpu,
+    r: &mut StdRng,
+    c: &DecodeCase,
+    plan: &DecodePlan,
+    (dq, dpool, dtab, dlens): DecodeInputs<'_>,
+    what: &str,
+) {
+    let s = g.stream();
+    let batch = c.lens.len();
+    let hq = c.group * c.kv_heads;
+    let num_pages = dpool.len() / (2 * c.page * c.kv_heads * c.d);
+    let mask: Vec<i32> = (0..num_pages * c.kv_heads)
+        .map(|_| i32::from(r.random_bool(0.3)) * r.random_range(1..3))
+        .collect();
+    let dmask = up(s, &mask);
+    let flags: Vec<i32> = (0..batch * c.kv_heads)
+        .map(|_| i32::from(r.random_bool(0.5)))
+        .collect();
+    let dflags = up(s, &flags);
+    let run = |table: &CudaSlice<i32>, heads: &[Option<HeadMask<'_>>]| {
+        let mut out = poison_bf16(s, batch * hq * c.d);
+        let mut ws = poison_f32(s, plan.workspace_len().max(1));
+        for h in heads {
+            g.kernels()
+                .decode_attention_heads(s, plan, dq, dpool, table, dlens, &mut out, &mut ws, *h)
+                .unwrap();
+        }
+        down(s, &out)
+    };
+    let mk = |filter| {
+        Some(HeadMask {
+            flags: &dflags,
+            filter,
+            pages: Some(&dmask),
+        })
+    };
+    let masked = run(dtab, &[mk(HeadFilter::All)]);
+    let table = down(s, dtab);
+    for kvh in 0..c.kv_heads {
+        let dropped: Vec<i32> = table
+            .iter()
+            .map(|&p| {
+                if p >= 0 && (p as usize) < num_pages && mask[p as usize * c.kv_heads + kvh] != 0 {
+                    -1
+                } else {
+                    p
+                }
+            })
+            .collect();
+        let want = run(&up(s, &dropped), &[None]);
+        for b in 0..batch {
+            for h in kvh * c.group..(kvh + 1) * c.group {
+                let at = (b * hq + h) * c.d..(b * hq + h + 1) * c.d;
+                assert!(
+                    masked[at.clone()]
+                        .iter()
+                        .zip(&want[at])
+                        .all(|(x, w)| x.to_bits() == w.to_bits()),
+                    "{what}: page mask, seq {b} query head {h}: differs from dropping its pages"
+                );
+            }
+        }
+    }
+    let split = run(dtab, &[mk(HeadFilter::Unflagged), mk(HeadFilter::Flagged)]);
+    assert!(
+        split
+            .iter()
+            .zip(&masked)
+            .all(|(x, w)| x.to_bits() == w.to_bits()),
+        "{what}: masked unflagged + flagged launches differ from the masked launch"
     );
 }
 
@@ -335,11 +414,37 @@ fn decode_head_filter_rejects_short_flags() {
             Some(HeadMask {
                 flags: &flags,
                 filter: HeadFilter::Flagged,
+                pages: None,
             }),
         )
         .unwrap_err();
     assert!(
         matches!(e, KernelError::InvalidArgument { .. }) && e.to_string().contains("head flags"),
+        "{e}"
+    );
+    // A page mask shorter than num_pages · kv_heads (4 · 2).
+    let flags = up(s, &[1i32; 6]);
+    let short = up(s, &[0i32; 7]);
+    let e = g
+        .kernels()
+        .decode_attention_heads(
+            s,
+            &plan,
+            &q,
+            &pool,
+            &table,
+            &lens,
+            &mut out,
+            &mut ws,
+            Some(HeadMask {
+                flags: &flags,
+                filter: HeadFilter::All,
+                pages: Some(&short),
+            }),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(e, KernelError::InvalidArgument { .. }) && e.to_string().contains("page mask"),
         "{e}"
     );
 }

@@ -55,6 +55,7 @@ fn shape(
         top_k,
         window_pages: 2,
         max_pages,
+        spare_pages: 0,
     }
 }
 

@@ -11,7 +11,9 @@ use freekv_kernels::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCapt
 use freekv_kernels::cudarc::driver::{CudaSlice, DevicePtrMut};
 use freekv_kernels::half::bf16;
 use freekv_kernels::testing::gpu;
-use freekv_kernels::{FreeKvShape, Gpu, HeadFilter, KernelError, SEQ_INFO_WIDTH, Strided};
+use freekv_kernels::{
+    FreeKvShape, Gpu, HeadFilter, KernelError, SEQ_INFO_WIDTH, SelectCache, Strided,
+};
 use freekv_layout::{Budget, SlotTable};
 use freekv_select::{
     CorrectionAggregate, CorrectionPolicy, GroupPolicy, HeadSummaries, Selector, SelectorConfig,
@@ -57,6 +59,7 @@ impl Case {
             top_k: self.k,
             window_pages: self.nw,
             max_pages: self.mp,
+            spare_pages: 0,
         }
     }
 }
@@ -299,6 +302,7 @@ fn run_scenario(gpu: &Gpu, c: &Case, policy: GroupPolicy, kind: SummaryKind, st:
             &mut d_rl,
             sel_arg,
             &mut d_scratch,
+            None,
         )
         .unwrap();
         st.launches += 1;
@@ -570,6 +574,180 @@ fn select_matches_cpu_reference_over_steps() {
     );
 }
 
+/// The contract's slot diff with spare slots (lazy eviction) on one row: `mid` has `k + x`
+/// entries; `wanted` ascending; free slots are those empty or holding an unwanted page, the
+/// missing wanted pages take them in order and evict only what they overwrite. Returns the
+/// recall list `(page, slot)`.
+fn emulate_row_cached(
+    shape: &FreeKvShape,
+    mode: i32,
+    wanted: &[usize],
+    mid: &mut [i32],
+    pm: &mut [i32],
+) -> Vec<(i32, i32)> {
+    if mode == 1 {
+        mid.fill(-1);
+        pm.fill(-1);
+    }
+    let is_wanted = |p: i32| p >= 0 && wanted.binary_search(&(p as usize)).is_ok();
+    let free: Vec<usize> = (0..mid.len()).filter(|&i| !is_wanted(mid[i])).collect();
+    let mut free = free.into_iter();
+    let mut rec = Vec::new();
+    for &p in wanted {
+        if mid.contains(&(p as i32)) {
+            pm[p] = mid.iter().position(|&x| x == p as i32).unwrap() as i32;
+            continue;
+        }
+        let i = free.next().expect("a free middle slot for every missing page");
+        if mid[i] >= 0 {
+            pm[mid[i] as usize] = -1;
+        }
+        mid[i] = p as i32;
+        pm[p] = i as i32;
+        rec.push((p as i32, shape.middle_slot(i) as i32));
+    }
+    rec
+}
+
+/// Spare slots: the speculative selection (filter All) makes the top-(k + x) resident, the
+/// corrective one (flagged rows) the top-k while keeping cached pages; `selected` is always the
+/// CPU top-k, the slot state follows the lazy diff exactly, and the page mask marks exactly the
+/// middle slots outside the top-k (sink and window entries never written).
+#[test]
+fn select_with_spare_slots_matches_cpu_ranking() {
+    let Some(gpu) = gpu() else { return };
+    let s = gpu.stream();
+    let kern = gpu.kernels();
+    for (ci, spare) in [(0usize, 5usize), (1, 2), (3, 16), (5, 7)] {
+        let c = CASES[ci];
+        let shape = c.shape().with_spare_pages(spare);
+        let (d, g, k, mp) = (c.d, c.g, c.k, c.mp);
+        let cap = shape.cache_pages();
+        let (hq, rows, nb) = (c.hkv * g, c.bs * c.hkv, shape.slots());
+        let mut r = rng(c.seed + 100);
+        let sums = gen_summaries(&mut r, rows, mp, d, c.ties);
+        let d_sums = up(s, &sums);
+        let mut mid_exp = vec![-1i32; rows * cap];
+        let mut pm_exp = vec![-1i32; rows * mp];
+        let mut mask_exp = vec![7i32; c.bs * nb * c.hkv];
+        let (mut d_mid, mut d_pm, mut d_mask) = (up(s, &mid_exp), up(s, &pm_exp), up(s, &mask_exp));
+        let mut d_scratch = poison_f32(s, shape.select_scratch_len());
+        let nb0 = nb - spare;
+        // Every sequence sparse from the start with room to grow.
+        let mut n_pages: Vec<usize> = (0..c.bs)
+            .map(|_| r.random_range(nb0 + 1..=(mp - 4 * c.steps).max(nb0 + 1)))
+            .collect();
+        let cfg = |top_k| SelectorConfig {
+            top_k,
+            sink_pages: c.ns,
+            window_pages: c.nw,
+            policy: GroupPolicy::MeanSoftmax,
+            summary: SummaryKind::MinMax,
+        };
+        let (sel_k, sel_w) = (Selector::new(cfg(k)).unwrap(), Selector::new(cfg(cap)).unwrap());
+        let mut recalls = 0;
+        for step in 0..2 * c.steps + 2 {
+            let spec = step % 2 == 0;
+            let (want, filter) = if spec {
+                (cap, HeadFilter::All)
+            } else {
+                (k, [HeadFilter::Flagged, HeadFilter::Unflagged][step / 2 % 2])
+            };
+            if step > 0 && spec {
+                for n in &mut n_pages {
+                    *n = (*n + r.random_range(0..=2)).min(mp);
+                }
+            }
+            let mode = if step == 0 { 1 } else { 2 };
+            let flags: Vec<i32> = (0..rows).map(|_| r.random_range(0..=1)).collect();
+            let q = gen_queries(&mut r, c.bs * hq * d, c.ties);
+            let mut info = vec![0i32; c.bs * SEQ_INFO_WIDTH];
+            for b in 0..c.bs {
+                info[b * SEQ_INFO_WIDTH..(b + 1) * SEQ_INFO_WIDTH]
+                    .copy_from_slice(&[n_pages[b] as i32, mode, -1, 0]);
+            }
+            let mut d_rc = poison_i32(s, rows);
+            let mut d_rl = poison_i32(s, rows * cap * 2);
+            let mut d_sel = poison_i32(s, rows * k);
+            kern.freekv_select(
+                s,
+                &shape,
+                GroupPolicy::MeanSoftmax,
+                SummaryKind::MinMax,
+                &up(s, &q),
+                &d_sums,
+                &up(s, &info),
+                &up(s, &flags),
+                filter,
+                &mut d_mid,
+                &mut d_pm,
+                &mut d_rc,
+                &mut d_rl,
+                Some(&mut d_sel),
+                &mut d_scratch,
+                Some(SelectCache {
+                    want,
+                    page_mask: &mut d_mask,
+                }),
+            )
+            .unwrap();
+            let (got_rc, got_rl, got_sel) = (down(s, &d_rc), down(s, &d_rl), down(s, &d_sel));
+            for b in 0..c.bs {
+                for h in 0..c.hkv {
+                    let row = b * c.hkv + h;
+                    let ctx = format!("{} spare {spare} step {step} seq {b} head {h}", c.name);
+                    if !passes(filter, flags[row]) {
+                        assert_eq!(got_rc[row], 0, "{ctx}: skipped row recalled");
+                        continue;
+                    }
+                    let qh = &q[(b * hq + h * g) * d..(b * hq + (h + 1) * g) * d];
+                    let mut u = Vec::with_capacity(mp * d);
+                    let mut l = Vec::with_capacity(mp * d);
+                    for p in 0..mp {
+                        let base = (row * mp + p) * 2 * d;
+                        u.extend_from_slice(&sums[base..base + d]);
+                        l.extend_from_slice(&sums[base + d..base + 2 * d]);
+                    }
+                    let hs = HeadSummaries::new(SummaryKind::MinMax, d, &u, &l).unwrap();
+                    let top = sel_k.select(qh, hs, n_pages[b]).unwrap();
+                    let hs = HeadSummaries::new(SummaryKind::MinMax, d, &u, &l).unwrap();
+                    let wanted = if spec {
+                        sel_w.select(qh, hs, n_pages[b]).unwrap().pages().to_vec()
+                    } else {
+                        top.pages().to_vec()
+                    };
+                    assert!(top.pages().iter().all(|p| wanted.contains(p)), "{ctx}: S ⊄ W");
+                    let mut want_sel: Vec<i32> = top.pages().iter().map(|&p| p as i32).collect();
+                    want_sel.resize(k, -1);
+                    assert_eq!(&got_sel[row * k..(row + 1) * k], &want_sel[..], "{ctx}: selected");
+                    let rec = emulate_row_cached(
+                        &shape,
+                        mode,
+                        &wanted,
+                        &mut mid_exp[row * cap..(row + 1) * cap],
+                        &mut pm_exp[row * mp..(row + 1) * mp],
+                    );
+                    assert_eq!(got_rc[row] as usize, rec.len(), "{ctx}: recall_count");
+                    let rl = &got_rl[row * cap * 2..(row + 1) * cap * 2];
+                    for (m, &(p, sl)) in rec.iter().enumerate() {
+                        assert_eq!((rl[2 * m], rl[2 * m + 1]), (p, sl), "{ctx}: recall {m}");
+                    }
+                    recalls += rec.len();
+                    for i in 0..cap {
+                        let p = mid_exp[row * cap + i];
+                        let skip = !(p >= 0 && top.pages().contains(&(p as usize)));
+                        mask_exp[(b * nb + shape.middle_slot(i)) * c.hkv + h] = i32::from(skip);
+                    }
+                }
+            }
+            assert_eq!(down(s, &d_mid), mid_exp, "{} spare {spare} step {step}: mid_page", c.name);
+            assert_eq!(down(s, &d_pm), pm_exp, "{} spare {spare} step {step}: page_mid", c.name);
+            assert_eq!(down(s, &d_mask), mask_exp, "{} spare {spare} step {step}: mask", c.name);
+        }
+        assert!(recalls > 0, "{}: nothing recalled", c.name);
+    }
+}
+
 #[test]
 fn select_skips_rows_with_invalid_sequence_info() {
     let Some(gpu) = gpu() else { return };
@@ -616,6 +794,7 @@ fn select_skips_rows_with_invalid_sequence_info() {
             &mut rl,
             Some(&mut sel),
             &mut scratch,
+            None,
         )
         .unwrap();
     assert_eq!(down(s, &rc), vec![0; rows]);
@@ -663,6 +842,7 @@ fn select_and_correction_reject_bad_buffers() {
             &mut short_rl,
             None,
             &mut scratch,
+            None,
         )
         .unwrap_err();
     assert!(
@@ -696,6 +876,7 @@ fn select_and_correction_reject_bad_buffers() {
             &mut short_rl,
             None,
             &mut scratch,
+            None,
         )
         .unwrap_err();
     assert!(e.to_string().contains("head_dim 96"), "{e}");
@@ -791,6 +972,7 @@ fn correction_matches_cpu_reference() {
             top_k: 4,
             window_pages: 2,
             max_pages: 64,
+            spare_pages: 0,
         };
         let hq = hkv * g;
         let rows = bs * hkv;
@@ -1021,6 +1203,7 @@ fn graph_replay_matches_eager() {
                 &mut rl1,
                 None,
                 &mut scratch,
+                None,
             )
             .unwrap();
             kern.freekv_select(
@@ -1039,6 +1222,7 @@ fn graph_replay_matches_eager() {
                 &mut rl2,
                 Some(&mut sel),
                 &mut scratch,
+                None,
             )
             .unwrap();
         };

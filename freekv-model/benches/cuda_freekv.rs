@@ -120,6 +120,9 @@ fn kv_options(policy: &str, scenario: &Scenario) -> Result<Option<GpuKvOptions>,
     if let Some(n) = spec.correction_blocks {
         o.correction_gather_blocks = n;
     }
+    if let Some(n) = spec.spare_pages {
+        o.spare_pages = n;
+    }
     if let Some(n) = spec.gather_blocks {
         o.gather_blocks = n;
     }

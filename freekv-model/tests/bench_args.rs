@@ -74,11 +74,13 @@ fn rows_stopped_early_compare_at_equal_positions() {
 
 #[test]
 fn policies_parse_with_tau_and_modifiers() {
-    let p = args::parse_policy("freekv@0.9~serial~cb16~gb4").unwrap();
+    let p = args::parse_policy("freekv@0.9~serial~cb16~gb4~sp12").unwrap();
     assert_eq!(p.base, "freekv");
     assert_eq!(p.tau.as_deref(), Some("0.9"));
     assert!(p.serial);
     assert_eq!((p.correction_blocks, p.gather_blocks), (Some(16), Some(4)));
+    assert_eq!(p.spare_pages, Some(12));
+    assert_eq!(args::parse_policy("freekv~sp0").unwrap().spare_pages, Some(0));
     let p = args::parse_policy(" oracle ").unwrap();
     assert_eq!(
         (p.base.as_str(), p.tau, p.serial, p.correction_blocks),
@@ -92,6 +94,8 @@ fn policies_parse_with_tau_and_modifiers() {
         "@0.9",
         "freekv~gbx",
         "freekv~fs2",
+        "freekv~sp",
+        "freekv~sp-1",
     ] {
         let e = args::parse_policy(bad).unwrap_err();
         assert!(e.contains("policy"), "{bad}: {e}");

@@ -84,6 +84,7 @@ fn check_selections_exact(model: &CudaLlama, b: &mut CudaBatch, kvc: &KvConfig) 
         };
         let sh = snap.shape;
         let (hkv, g, d, mp, k) = (sh.kv_heads, sh.group, sh.head_dim, sh.max_pages, sh.top_k);
+        let (cap, nb) = (sh.cache_pages(), sh.slots());
         for seq in 0..sh.seqs {
             let n_pages = snap.seq_info[4 * seq] as usize;
             let mode = snap.seq_info[4 * seq + 1];
@@ -114,11 +115,19 @@ fn check_selections_exact(model: &CudaLlama, b: &mut CudaBatch, kvc: &KvConfig) 
                     want.pages(),
                     "layer {layer} seq {seq} KV head {h}: GPU selection differs from the CPU selector"
                 );
-                // The middle holds exactly the selection (after the speculative recall).
-                let mut mid: Vec<usize> = snap.mid_page[r..r + k]
-                    .iter()
-                    .filter(|&&p| p >= 0)
-                    .map(|&p| p as usize)
+                // The attended middle holds exactly the selection (after the speculative
+                // recall): every middle slot without spare slots, the slots the page mask does
+                // not skip with them.
+                let rc = (seq * hkv + h) * cap;
+                let mut mid: Vec<usize> = (0..cap)
+                    .filter(|&i| {
+                        snap.page_mask.as_ref().is_none_or(|m| {
+                            m[(seq * nb + sh.middle_slot(i)) * hkv + h] == 0
+                        })
+                    })
+                    .map(|i| snap.mid_page[rc + i])
+                    .filter(|&p| p >= 0)
+                    .map(|p| p as usize)
                     .collect();
                 mid.sort_unstable();
                 assert_eq!(
@@ -294,6 +303,44 @@ fn tiny_model_sparse_policies_on_the_gpu() {
                 );
             }
             check_selections_exact(&model, &mut b4, &c);
+        }
+        // Spare slots (a cache of the pages ranked after the top-k): the same selections, the
+        // same attended tokens (logits within fp32 summation-order noise of the run without),
+        // and fewer pages recalled on the critical path.
+        let units = |b: &mut CudaBatch| model.kv_corrective_totals(b).unwrap().unwrap().0;
+        let base_units = units(&mut b3);
+        for (spare, serial, graphs, recall) in [
+            (4usize, false, true, GpuRecall::Gather),
+            (7, true, false, GpuRecall::Gather),
+            (2, false, false, GpuRecall::Gather),
+            (3, false, false, GpuRecall::Streamed),
+        ] {
+            let mut o = GpuKvOptions::new(c.clone());
+            o.spare_pages = spare;
+            o.overlap_correction = !serial;
+            o.recall = recall;
+            let (l2, _, mut b5) =
+                run_gpu(&model, Some(o), &prompts, page, steps, Some(&fed), graphs);
+            check_selections_exact(&model, &mut b5, &c);
+            let worst = l2
+                .iter()
+                .zip(&l)
+                .map(|(x, y)| rel_l2(x, y))
+                .fold(0.0, f64::max);
+            let spare_units = units(&mut b5);
+            println!(
+                "{summary}: spare {spare} ({}): corrective units {spare_units} (without: {base_units}), logits rel L2 {worst:.2e}",
+                recall.name()
+            );
+            assert!(
+                worst < 1e-2,
+                "{summary}: spare {spare} logits differ from the run without: {worst}"
+            );
+            // (The streamed recall's corrective copies are not counted by the gather.)
+            assert!(
+                recall != GpuRecall::Gather || spare_units < base_units,
+                "{summary}: spare {spare} recalled {spare_units} corrective units, without {base_units}"
+            );
         }
         let worst = l
             .iter()

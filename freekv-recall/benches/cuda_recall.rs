@@ -64,6 +64,7 @@ fn setup(g: &Gpu, seqs: usize, per_row: usize, rng: &mut StdRng) -> Setup {
         top_k: per_row,
         window_pages: 2,
         max_pages: pages,
+        spare_pages: 0,
     };
     let page_elems = 2 * P * HKV * D;
     let mut pool = HostKvPool::new(

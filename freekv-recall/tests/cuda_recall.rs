@@ -63,6 +63,7 @@ fn shape(
         top_k,
         window_pages: 2,
         max_pages: 16,
+        spare_pages: 0,
     }
 }
 

@@ -24,13 +24,19 @@ const PREFILL_THREADS: u32 = 128;
 const LOG2_E: f32 = std::f32::consts::LOG2_E;
 
 /// Which KV heads a filtered decode attention computes: the pairs `(seq, h)` whose
-/// `flags[seq · kv_heads + h]` passes `filter` (see [`Kernels::decode_attention_heads`]).
+/// `flags[seq · kv_heads + h]` passes `filter`, and optionally which pages each KV head attends
+/// (see [`Kernels::decode_attention_heads`]).
 #[derive(Clone, Copy)]
 pub struct HeadMask<'a> {
     /// i32 `[batch][kv_heads]`, non-zero = flagged (the correction flags of a sparse layer).
     pub flags: &'a dyn DevicePtr<i32>,
     /// Which heads run.
     pub filter: HeadFilter,
+    /// Optional i32 `[num_pages][kv_heads]` over the physical pages of `pages`: non-zero = the KV
+    /// head skips that page (its tokens are masked exactly as those of an invalid page-table
+    /// entry); all zeros attends everything.
+    /// FreeKV's spare slots hold pages a head has cached but not selected.
+    pub pages: Option<&'a dyn DevicePtr<i32>>,
 }
 
 impl std::fmt::Debug for HeadMask<'_> {
@@ -38,6 +44,7 @@ impl std::fmt::Debug for HeadMask<'_> {
         f.debug_struct("HeadMask")
             .field("flags_len", &self.flags.len())
             .field("filter", &self.filter)
+            .field("pages_len", &self.pages.map(|p| p.len()))
             .finish()
     }
 }
@@ -256,7 +263,8 @@ impl Kernels {
     /// flagged). Two launches with [`HeadFilter::Unflagged`] and [`HeadFilter::Flagged`] write
     /// exactly what one unfiltered launch writes (they share the workspace, so they must be
     /// ordered on one stream); this lets the unflagged heads attend while the flagged heads' pages
-    /// are still being recalled.
+    /// are still being recalled. `mask.pages`, when given, masks per KV head the physical pages
+    /// it does not attend (with [`HeadFilter::All`] it applies to every head).
     #[allow(clippy::too_many_arguments)]
     pub fn decode_attention_heads(
         &self,
@@ -355,6 +363,21 @@ impl Kernels {
                 (p, m.filter.code() as u32)
             }
         };
+        let mut _gm = None;
+        let pmp: u64 = match heads.and_then(|m| m.pages) {
+            None => 0,
+            Some(pm) => {
+                check_len(
+                    K,
+                    "page mask",
+                    pm.len(),
+                    mul(K, "page mask", num_pages, g.kv_heads)?,
+                )?;
+                let (p, guard) = pm.device_ptr(stream);
+                _gm = Some(guard);
+                p
+            }
+        };
         let acc_len = (plan.batch * shape.q_heads * plan.splits * g.head_dim) as u64;
         let ws_acc = wp;
         let ws_ml = if ws_need > 0 { wp + 4 * acc_len } else { wp };
@@ -381,9 +404,10 @@ impl Kernels {
             .arg(&num_pages_u)
             .arg(&chunk)
             .arg(&splits);
-        b.arg(&scale_log2).arg(&hfp).arg(&hfilter);
+        b.arg(&scale_log2).arg(&hfp).arg(&hfilter).arg(&pmp);
         // SAFETY: argument types match the kernel; sizes and alignment checked above (the head
-        // flags, when given, hold batch · kv_heads entries; null with filter 0 is never read);
+        // flags, when given, hold batch · kv_heads entries; null with filter 0 is never read;
+        // the page mask, when given, num_pages · kv_heads entries, null is never read);
         // device-side page ids and lengths are bounds-checked by the kernel.
         unsafe { b.launch(cfg) }.map_err(KernelError::driver(K))?;
         if plan.splits > 1 {

@@ -242,7 +242,7 @@ impl Kernels {
             shape.seqs,
             shape.kv_heads,
             shape.max_pages,
-            shape.top_k,
+            shape.cache_pages(),
             shape.slots(),
         );
         let rows = mul(K, "rows", bs, hkv)?;

@@ -40,6 +40,11 @@ pub struct FreeKvShape {
     pub window_pages: usize,
     /// Largest number of logical pages of one sequence (`MP`).
     pub max_pages: usize,
+    /// Spare middle slots per (sequence, KV head) (`x`, may be 0): a cache of pages beyond the
+    /// top-k. The speculative selection fills them with the next-ranked pages, so a corrected
+    /// head finds most of its new top-k already resident; they are never attended. They sit
+    /// after the window ring: slots `ns + k + nw .. ns + k + nw + x`.
+    pub spare_pages: usize,
 }
 
 /// Largest supported head dimension.
@@ -65,15 +70,39 @@ impl FreeKvShape {
             top_k: budget.retrieved_pages(),
             window_pages: budget.window_pages(),
             max_pages,
+            spare_pages: 0,
         }
     }
 
-    /// Resident slots per (sequence, layer): `nb = ns + k + nw` (saturating; [`Self::validate`]
-    /// rejects overflow).
+    /// The same shape with `spare` spare middle slots (see [`Self::spare_pages`]).
+    pub fn with_spare_pages(mut self, spare: usize) -> Self {
+        self.spare_pages = spare;
+        self
+    }
+
+    /// Middle slots per (sequence, KV head): `k + x` (saturating). The stride of `mid_page`
+    /// and of the recall lists.
+    pub fn cache_pages(&self) -> usize {
+        self.top_k.saturating_add(self.spare_pages)
+    }
+
+    /// Resident slots per (sequence, layer): `nb = ns + k + nw + x` (saturating;
+    /// [`Self::validate`] rejects overflow).
     pub fn slots(&self) -> usize {
         self.sink_pages
             .saturating_add(self.top_k)
             .saturating_add(self.window_pages)
+            .saturating_add(self.spare_pages)
+    }
+
+    /// The slot of middle index `i` (`0 .. k + x`): `ns + i` for the top-k part, after the
+    /// window ring for the spare part.
+    pub fn middle_slot(&self, i: usize) -> usize {
+        if i < self.top_k {
+            self.sink_pages + i
+        } else {
+            self.sink_pages + self.window_pages + i
+        }
     }
 
     /// Query heads `Hq = Hkv * G` (saturating).
@@ -119,19 +148,21 @@ impl FreeKvShape {
             ));
         }
         let lim = i32::MAX as usize;
+        let nb = self
+            .sink_pages
+            .checked_add(self.top_k)
+            .and_then(|x| x.checked_add(self.window_pages))
+            .and_then(|x| x.checked_add(self.spare_pages));
         let checks = [
-            (
-                "slots (ns + k + nw)",
-                self.sink_pages
-                    .checked_add(self.top_k)
-                    .and_then(|x| x.checked_add(self.window_pages)),
-            ),
+            ("slots (ns + k + nw + spare)", nb),
             (
                 "physical pages (seqs * slots)",
-                self.sink_pages
-                    .checked_add(self.top_k)
-                    .and_then(|x| x.checked_add(self.window_pages))
-                    .and_then(|nb| nb.checked_mul(self.seqs)),
+                nb.and_then(|nb| nb.checked_mul(self.seqs)),
+            ),
+            (
+                "page mask entries (seqs * slots * kv_heads)",
+                nb.and_then(|nb| nb.checked_mul(self.seqs))
+                    .and_then(|x| x.checked_mul(self.kv_heads)),
             ),
             (
                 "page table entries (seqs * kv_heads * max_pages)",
@@ -227,9 +258,11 @@ impl FreeKvShape {
 
     /// Dynamic shared memory of the per-row selection kernel, in bytes.
     fn select_smem_bytes(&self) -> usize {
-        // ints: sel[k] free[k] res[k] hist[256] tmp[32]; floats: max[G] parts[9G] sum[G] tile
-        self.top_k
+        // ints: sel[C] free[C] res[C] att[k] hist[256] tmp[32]; floats: max[G] parts[9G]
+        // sum[G] tile
+        self.cache_pages()
             .saturating_mul(3)
+            .saturating_add(self.top_k)
             .saturating_add(256 + 32 + SOFTMAX_TILE)
             .saturating_add(self.group.saturating_mul(11))
             .saturating_mul(4)
@@ -386,6 +419,8 @@ struct SelectLens {
     recall_list: usize,
     selected: Option<usize>,
     scratch: usize,
+    /// `want` and the page mask's length, with [`SelectCache`].
+    cache: Option<(usize, usize)>,
 }
 
 /// Validated launch parameters of the two selection kernels.
@@ -404,6 +439,31 @@ struct SelectPlan {
     sink_pages: i32,
     top_k: i32,
     window_pages: i32,
+    cache: i32,
+    want: i32,
+    slots: i32,
+}
+
+/// What a selection does with [`FreeKvShape::spare_pages`] (see [`Kernels::freekv_select`]).
+pub struct SelectCache<'a> {
+    /// Pages the selection makes resident, `top_k ..= top_k + spare_pages`: the speculative
+    /// selection fills the spare slots with the pages ranked after the top-k; a corrective one
+    /// wants only the top-k (and leaves cached pages in place where it can).
+    pub want: usize,
+    /// i32 `[bs · slots][Hkv]`, the decode attention's page mask
+    /// ([`crate::HeadMask::pages`]): written for the middle slots of every processed row, 0
+    /// where the slot holds one of the row's top-k pages, 1 (skip) otherwise. Entries of the
+    /// sink and window slots are never written (the caller keeps them at 0).
+    pub page_mask: &'a mut dyn DevicePtrMut<i32>,
+}
+
+impl std::fmt::Debug for SelectCache<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SelectCache")
+            .field("want", &self.want)
+            .field("page_mask_len", &self.page_mask.len())
+            .finish()
+    }
 }
 
 /// Candidate pages per scoring block: enough blocks for about [`SCORE_BLOCKS_PER_SM`] per SM
@@ -448,7 +508,7 @@ fn plan_select(
         ));
     }
     let rows = shape.rows();
-    let (k, mp) = (shape.top_k, shape.max_pages);
+    let (k, mp, c) = (shape.top_k, shape.max_pages, shape.cache_pages());
     let q_len = mul(K, "q_prev", shape.seqs, shape.q_heads() * shape.head_dim)?;
     check_len(K, "q_prev", lens.q_prev, q_len)?;
     let sum_len =
@@ -461,19 +521,34 @@ fn plan_select(
         mul(K, "seq_info", shape.seqs, SEQ_INFO_WIDTH)?,
     )?;
     check_len(K, "flags", lens.flags, rows)?;
-    check_len(K, "mid_page", lens.mid_page, mul(K, "mid_page", rows, k)?)?;
+    check_len(K, "mid_page", lens.mid_page, mul(K, "mid_page", rows, c)?)?;
     check_len(K, "page_mid", lens.page_mid, mul(K, "page_mid", rows, mp)?)?;
     check_len(K, "recall_count", lens.recall_count, rows)?;
     check_len(
         K,
         "recall_list",
         lens.recall_list,
-        mul(K, "recall_list", rows, 2 * k)?,
+        mul(K, "recall_list", rows, 2 * c)?,
     )?;
     if let Some(s) = lens.selected {
         check_len(K, "selected", s, mul(K, "selected", rows, k)?)?;
     }
     check_len(K, "scratch", lens.scratch, shape.select_scratch_len())?;
+    let want = match lens.cache {
+        None => k,
+        Some((want, mask_len)) => {
+            if want < k || want > c {
+                return Err(KernelError::arg(
+                    K,
+                    format!("want {want} must be within top_k {k} ..= top_k + spare_pages {c}"),
+                ));
+            }
+            let need = mul(K, "page mask", shape.seqs, shape.slots())
+                .and_then(|x| mul(K, "page mask", x, shape.kv_heads))?;
+            check_len(K, "page_mask", mask_len, need)?;
+            want
+        }
+    };
     let ppb = score_pages_per_block(rows, mp, sm_count);
     Ok(SelectPlan {
         dim_index,
@@ -493,6 +568,9 @@ fn plan_select(
         sink_pages: i32_arg(K, "sink_pages", shape.sink_pages)?,
         top_k: i32_arg(K, "top_k", k)?,
         window_pages: i32_arg(K, "window_pages", shape.window_pages)?,
+        cache: i32_arg(K, "top_k + spare_pages", c)?,
+        want: i32_arg(K, "want", want)?,
+        slots: i32_arg(K, "slots", shape.slots())?,
     })
 }
 
@@ -576,14 +654,15 @@ impl Kernels {
     ///
     /// Buffers (see the GPU FreeKV contract): `q_prev` f32 `[bs][Hq][d]` (the query to select
     /// with), `summaries` f32 `[bs][Hkv][MP][2][d]`, `seq_info` i32 `[bs][4]`, `flags` i32
-    /// `[bs][Hkv]`, `mid_page` i32 `[bs][Hkv][k]`, `page_mid` i32 `[bs][Hkv][MP]`,
-    /// `recall_count` i32 `[bs][Hkv]`, `recall_list` i32 `[bs][Hkv][k][2]`, `selected`
+    /// `[bs][Hkv]`, `mid_page` i32 `[bs][Hkv][C]`, `page_mid` i32 `[bs][Hkv][MP]`,
+    /// `recall_count` i32 `[bs][Hkv]`, `recall_list` i32 `[bs][Hkv][C][2]`, `selected`
     /// (optional) i32 `[bs][Hkv][k]`, `scratch` f32 of
-    /// [`FreeKvShape::select_scratch_len`] elements. `summary` is the kind the summaries were
-    /// built with (the kernels score whatever (U, L) they are given; it is recorded in the
-    /// tracing span). Head dims: [`FREEKV_SELECT_HEAD_DIMS`]; `G` ≤ [`FREEKV_MAX_GROUP`].
-    /// After the launch, `scratch[row · G · MP + i]` (`row = seq · Hkv + h`) holds the fp32 group
-    /// score of candidate page `ns + i` of every processed row, bit-identical with
+    /// [`FreeKvShape::select_scratch_len`] elements, where `C` = [`FreeKvShape::cache_pages`]
+    /// (`k` without spare slots). `summary` is the kind the summaries were built with (the
+    /// kernels score whatever (U, L) they are given; it is recorded in the tracing span). Head
+    /// dims: [`FREEKV_SELECT_HEAD_DIMS`]; `G` ≤ [`FREEKV_MAX_GROUP`]. After the launch,
+    /// `scratch[row · G · MP + i]` (`row = seq · Hkv + h`) holds the fp32 group score of
+    /// candidate page `ns + i` of every processed row, bit-identical with
     /// `freekv_select::Selection::scores`.
     ///
     /// Per (seq, KV head) row:
@@ -593,13 +672,17 @@ impl Kernels {
     /// * mode 1: the row's `mid_page` and `page_mid` are first reset to −1 (the whole middle is
     ///   evicted, no prior state is needed), then as mode 2;
     /// * mode 2: the candidates `ns .. N − nw` are scored and combined exactly as
-    ///   `freekv_select::Selector::select` (bit-identical group scores), the `min(k, n)` best by
-    ///   `rank_key` (ties → lower page) form the selection S; middle slots `i = 0..k` ascending
-    ///   that are empty or hold a page not in S are freed (`page_mid[victim] = −1`,
-    ///   `mid_page[i] = −1`); the pages of S ascending that are not resident take the free slots
-    ///   in order (`mid_page[i] = page`, `page_mid[page] = i`, `(page, ns + i)` appended to
-    ///   `recall_list`), exactly as `freekv_layout::SlotTable::diff`; `selected` receives S
-    ///   ascending, padded with −1.
+    ///   `freekv_select::Selector::select` (bit-identical group scores); by `rank_key` (ties →
+    ///   lower page) the `min(k, n)` best form the selection S and the `min(w, n)` best the
+    ///   wanted set W ⊇ S (`w` = `cache.want`, `k` without `cache`); middle slots `i = 0..C`
+    ///   ascending that are empty or hold a page not in W are free; the pages of W ascending
+    ///   that are not resident take the free slots in order (the page they overwrite is
+    ///   evicted: `page_mid[victim] = −1`; then `mid_page[i] = page`, `page_mid[page] = i`,
+    ///   `(page, slot(i))` appended to `recall_list`, `slot(i)` =
+    ///   [`FreeKvShape::middle_slot`]). Free slots no page takes keep their page. Without spare
+    ///   slots and with a full middle this is exactly `freekv_layout::SlotTable::diff`.
+    ///   `selected` receives S ascending, padded with −1; `cache.page_mask` (if given) 0 for
+    ///   the middle slots that hold a page of S, 1 for the others.
     #[allow(clippy::too_many_arguments)]
     pub fn freekv_select(
         &self,
@@ -618,6 +701,7 @@ impl Kernels {
         recall_list: &mut impl DevicePtrMut<i32>,
         selected: Option<&mut dyn DevicePtrMut<i32>>,
         scratch: &mut impl DevicePtrMut<f32>,
+        cache: Option<SelectCache<'_>>,
     ) -> Result<(), KernelError> {
         let _s = tracing::debug_span!(
             "freekv_select",
@@ -637,6 +721,7 @@ impl Kernels {
             recall_list: recall_list.len(),
             selected: selected.as_ref().map(|s| s.len()),
             scratch: scratch.len(),
+            cache: cache.as_ref().map(|c| (c.want, c.page_mask.len())),
         };
         let plan = plan_select(shape, &lens, self.sm_count)?;
         let filt = filter.code();
@@ -656,6 +741,15 @@ impl Kernels {
             Some(s) => {
                 let (p, g) = s.device_ptr_mut(stream);
                 sel_guard = Some(g);
+                p
+            }
+            None => 0,
+        };
+        let mut mask_guard = None;
+        let maskp: u64 = match cache {
+            Some(c) => {
+                let (p, g) = c.page_mask.device_ptr_mut(stream);
+                mask_guard = Some(g);
                 p
             }
             None => 0,
@@ -691,10 +785,15 @@ impl Kernels {
         b.arg(&plan.sink_pages)
             .arg(&plan.top_k)
             .arg(&plan.window_pages);
+        b.arg(&plan.cache)
+            .arg(&plan.want)
+            .arg(&plan.slots)
+            .arg(&maskp);
         // SAFETY: argument types and order match freekv_select_rows; buffers size-checked by
-        // plan_select (a null `selected` is tested by the kernel).
+        // plan_select (a null `selected` or page mask is tested by the kernel).
         unsafe { b.launch(cfg) }.map_err(KernelError::driver("freekv_select_rows"))?;
         drop(sel_guard);
+        drop(mask_guard);
         Ok(())
     }
 }
@@ -717,6 +816,7 @@ mod tests {
             top_k: 8,
             window_pages: 3,
             max_pages: 100,
+            spare_pages: 0,
         }
     }
 
@@ -727,12 +827,13 @@ mod tests {
             summaries: rows * s.max_pages * 2 * s.head_dim,
             seq_info: s.seqs * SEQ_INFO_WIDTH,
             flags: rows,
-            mid_page: rows * s.top_k,
+            mid_page: rows * s.cache_pages(),
             page_mid: rows * s.max_pages,
             recall_count: rows,
-            recall_list: rows * s.top_k * 2,
+            recall_list: rows * s.cache_pages() * 2,
             selected: Some(rows * s.top_k),
             scratch: s.select_scratch_len(),
+            cache: None,
         }
     }
 
@@ -839,6 +940,30 @@ mod tests {
         c.kv_heads = 1;
         c.group = 1;
         assert!(msg(plan_select(&c, &select_lens(&c), 1).unwrap_err()).contains("chunks"));
+        // spare slots: lists and the middle grow to k + spare, the page mask is checked, and
+        // `want` must lie within top_k ..= k + spare
+        let sp = shape().with_spare_pages(5);
+        assert_eq!((sp.cache_pages(), sp.slots()), (13, 18));
+        assert_eq!(
+            (0..13).map(|i| sp.middle_slot(i)).collect::<Vec<_>>(),
+            [2, 3, 4, 5, 6, 7, 8, 9, 13, 14, 15, 16, 17]
+        );
+        assert!(plan_select(&sp, &select_lens(&shape()), 132).is_err());
+        let mask = sp.seqs * sp.slots() * sp.kv_heads;
+        let lens = SelectLens {
+            cache: Some((13, mask)),
+            ..select_lens(&sp)
+        };
+        let p = plan_select(&sp, &lens, 132).unwrap();
+        assert_eq!((p.top_k, p.cache, p.want, p.slots), (8, 13, 13, 18));
+        for (cache, what) in [
+            (Some((13, mask - 1)), "page_mask"),
+            (Some((7, mask)), "want 7"),
+            (Some((14, mask)), "want 14"),
+        ] {
+            let m = msg(plan_select(&sp, &SelectLens { cache, ..lens }, 132).unwrap_err());
+            assert!(m.contains(what), "{m}");
+        }
         // pages per scoring block: ~8 blocks per SM, multiples of 32 in 32..=512
         assert_eq!(score_pages_per_block(8, 4096, 132), 32);
         assert_eq!(score_pages_per_block(128, 4096, 132), 512);

@@ -84,7 +84,7 @@ pub fn window_medians(times: &[f64], w: usize) -> Vec<f64> {
         .collect()
 }
 
-/// A bench policy: `base[@T][~mod…]`, e.g. `freekv@0.9~serial~cb16`.
+/// A bench policy: `base[@T][~mod…]`, e.g. `freekv@0.9~serial~cb16~sp16`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PolicySpec {
     /// `full`, `oracle`, `arkvale`, `freekv`, `freekv-spec` or `freekv-streamed`.
@@ -98,6 +98,8 @@ pub struct PolicySpec {
     pub correction_blocks: Option<usize>,
     /// `~gbN`: blocks of the speculative gather.
     pub gather_blocks: Option<usize>,
+    /// `~spN`: spare middle slots of `freekv` (`~sp0`: none).
+    pub spare_pages: Option<usize>,
 }
 
 /// Parses a [`PolicySpec`]; an unknown or malformed modifier is an error.
@@ -117,6 +119,7 @@ pub fn parse_policy(text: &str) -> Result<PolicySpec, String> {
         serial: false,
         correction_blocks: None,
         gather_blocks: None,
+        spare_pages: None,
     };
     let blocks = |m: &str, v: &str| -> Result<usize, String> {
         match v.parse::<usize>() {
@@ -131,9 +134,13 @@ pub fn parse_policy(text: &str) -> Result<PolicySpec, String> {
             spec.correction_blocks = Some(blocks(m, v)?);
         } else if let Some(v) = m.strip_prefix("gb") {
             spec.gather_blocks = Some(blocks(m, v)?);
+        } else if let Some(v) = m.strip_prefix("sp") {
+            spec.spare_pages = Some(v.parse::<usize>().map_err(|_| {
+                format!("policy {text:?}: modifier ~{m} needs a page count ≥ 0")
+            })?);
         } else {
             return Err(format!(
-                "policy {text:?}: unknown modifier ~{m} (serial, cbN, gbN)"
+                "policy {text:?}: unknown modifier ~{m} (serial, cbN, gbN, spN)"
             ));
         }
     }

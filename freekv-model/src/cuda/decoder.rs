@@ -6,13 +6,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use freekv_kernels::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use freekv_kernels::cudarc::driver::{CudaGraph, CudaSlice, CudaView, DriverError};
+use freekv_kernels::cudarc::driver::{CudaGraph, CudaSlice, CudaView, DevicePtr, DriverError};
 use freekv_kernels::half::bf16;
 use freekv_kernels::ops::gemv::QkvRows;
 use freekv_kernels::ops::init::InitKernels;
 use freekv_kernels::{
     AttentionShape, DecodePlan, Gpu, HeadFilter, HeadMask, KernelError, KvSource, LinearDims,
-    PageTableLayout, PrefillPlan, RopeConfig, RopeLayout, RopeStyle, SamplingInputs, Strided,
+    PageTableLayout, PrefillPlan, RopeConfig, RopeLayout, RopeStyle, SamplingInputs, SelectCache,
+    Strided,
 };
 use freekv_layout::PageGeometry;
 
@@ -101,10 +102,13 @@ pub struct SparseSnapshot {
     pub summaries: Vec<f32>,
     /// The last selection with `q_t`, `[bs][Hkv][k]` ascending, padded with −1.
     pub selected: Vec<i32>,
-    /// The middle slots' pages `[bs][Hkv][k]` (−1 empty).
+    /// The middle slots' pages `[bs][Hkv][C]` (−1 empty; `C` = `shape.cache_pages()`, the
+    /// spare slots after the first `k`).
     pub mid_page: Vec<i32>,
     /// The last correction flags `[bs][Hkv]`.
     pub flags: Vec<i32>,
+    /// With spare slots: the attention's page skip mask `[bs · nb][Hkv]` (1 = skipped).
+    pub page_mask: Option<Vec<i32>>,
 }
 
 /// How the last decode step ran.
@@ -441,9 +445,7 @@ impl CudaLlama {
             s.wait(e).map_err(drv("waiting for the prefill offloads"))?;
         }
         result?;
-        if let Some(started) = st.started.get_mut(seq) {
-            *started = false;
-        }
+        st.restart(seq);
         b.lens[seq] += n_tok;
         drop(lists);
         Ok(())
@@ -619,8 +621,15 @@ impl CudaLlama {
                     st.pool.ensure_pages(s, i, len / p + 1)?;
                 }
             }
+            st.clear_stale_masks(s)?;
             let active = vec![true; bs];
-            let plan = plan_step(&st.budget, &b.lens, &active, &mut st.started)?;
+            let plan = plan_step(
+                &st.budget,
+                st.shape.spare_pages,
+                &b.lens,
+                &active,
+                &mut st.started,
+            )?;
             // Captured steps join their recalls at the end, so one buffer suffices; eager
             // freekv steps leave recalls running into the next step: alternate two buffers.
             st.cur = if b.opts.use_graph && graph_ok {
@@ -836,7 +845,9 @@ impl CudaLlama {
                     Self::offload_sparse_layer(k, s, st, si, si % 2, li, &b.geom)?;
                 }
             }
-            st.started.iter_mut().for_each(|x| *x = false);
+            for seq in 0..st.started.len() {
+                st.restart(seq);
+            }
         }
         self.gpu.synchronize()?;
         Ok(())
@@ -884,6 +895,7 @@ impl CudaLlama {
             selected: read_i(&l.selected)?,
             mid_page: read_i(&l.mid_page)?,
             flags: read_i(&l.flags)?,
+            page_mask: l.page_mask.as_ref().map(read_i).transpose()?,
             shape: st.shape,
         };
         s.synchronize().map_err(drv("stream synchronize"))?;
@@ -973,6 +985,7 @@ impl CudaLlama {
         let s = self.gpu.stream();
         let bs = st.shape.seqs;
         let nb = st.shape.slots();
+        let (top_k, cache_pages) = (st.shape.top_k, st.shape.cache_pages());
         let kind = st.opts.kv.kind;
         let summary = st.opts.kv.summary;
         let policy = st.opts.kv.group_policy;
@@ -1086,6 +1099,10 @@ impl CudaLlama {
             &mut layer.recall_list,
             Some(&mut layer.selected),
             &mut st.scratch[0],
+            layer.page_mask.as_mut().map(|m| SelectCache {
+                want: top_k,
+                page_mask: m,
+            }),
         )?;
         {
             let lists = RecallLists {
@@ -1129,10 +1146,14 @@ impl CudaLlama {
                 &att_len,
                 att,
                 workspace,
-                filter.map(|filter| HeadMask {
-                    flags: &layer.flags,
-                    filter,
-                }),
+                match (filter, &layer.page_mask) {
+                    (None, None) => None,
+                    (f, m) => Some(HeadMask {
+                        flags: &layer.flags,
+                        filter: f.unwrap_or(HeadFilter::All),
+                        pages: m.as_ref().map(|m| m as &dyn DevicePtr<i32>),
+                    }),
+                },
             )?;
             Ok(())
         };
@@ -1177,6 +1198,10 @@ impl CudaLlama {
                 &mut layer.recall_list,
                 Some(&mut layer.selected),
                 &mut st.scratch[1],
+                layer.page_mask.as_mut().map(|m| SelectCache {
+                    want: cache_pages,
+                    page_mask: m,
+                }),
             )?;
             let lists = RecallLists {
                 count: &layer.recall_count,
@@ -1556,7 +1581,7 @@ impl SparsePrefillLists {
     ) -> Result<Self, ModelError> {
         let budget = st.budget;
         let p = budget.page_size();
-        let nb = budget.total_pages();
+        let nb = st.shape.slots();
         let n_pages = n_tok.div_ceil(p);
         let full = n_tok / p;
         let src = |pg: usize| src_page.map_or(pg, |f| f(pg));
@@ -1719,7 +1744,7 @@ impl CudaBatch {
         };
         let sparse = match kv {
             Some(kvo) => {
-                let nb = kvo.kv.budget_pages()?.total_pages();
+                let nb = kvo.kv.budget_pages()?.total_pages() + kvo.effective_spare_pages();
                 Some(SparseState::new(
                     &m.gpu,
                     kvo,
@@ -1854,9 +1879,7 @@ impl CudaBatch {
                     st.opts.policy_name()
                 )));
             }
-            if let Some(s) = st.started.get_mut(seq) {
-                *s = false;
-            }
+            st.restart(seq);
         }
         *cur = (*cur).min(len);
         Ok(())

@@ -113,6 +113,14 @@ pub struct GpuKvOptions {
     /// heads attend after both (the same results, bit for bit). Off: the corrective path, then
     /// the attention of every head.
     pub overlap_correction: bool,
+    /// `freekv`: spare middle slots per (sequence, KV head) beyond the `k` retrieved pages. The
+    /// speculative selection makes the top-`(k + spare)` pages by `q_{t−1}` resident, and the
+    /// attention reads only the top-`k` (a per-head page mask skips the rest), so a corrected
+    /// head finds most of its new top-k already on the device and fewer bytes cross PCIe on the
+    /// critical path. The same pages are attended as without spare slots (the selections are
+    /// the CPU reference's); it costs `spare` pages of device memory per sequence and layer
+    /// and more speculative (off-critical-path) recall. Ignored by the other policies.
+    pub spare_pages: usize,
     /// Longest prompt one sequence is prefilled with (sizes the prefill scratch; default: the
     /// batch's `max_seq_len`).
     pub max_prompt: Option<usize>,
@@ -128,6 +136,9 @@ pub const DEFAULT_GATHER_BLOCKS: usize = freekv_recall::cuda::DEFAULT_GATHER_BLO
 /// Default thread blocks of the corrective gather.
 pub const DEFAULT_CORRECTION_GATHER_BLOCKS: usize = 32;
 
+/// Default spare middle slots of `freekv` ([`GpuKvOptions::spare_pages`]).
+pub const DEFAULT_SPARE_PAGES: usize = 0;
+
 impl GpuKvOptions {
     /// `kv` with the GPU defaults (gather recall, [`DEFAULT_GATHER_BLOCKS`] blocks, statistics
     /// on).
@@ -138,6 +149,7 @@ impl GpuKvOptions {
             gather_blocks: DEFAULT_GATHER_BLOCKS,
             correction_gather_blocks: DEFAULT_CORRECTION_GATHER_BLOCKS,
             overlap_correction: true,
+            spare_pages: DEFAULT_SPARE_PAGES,
             max_prompt: None,
             host_max_bytes: None,
             collect_stats: true,
@@ -149,6 +161,15 @@ impl GpuKvOptions {
         match self.kv.kind {
             KvKind::Quest => "oracle",
             k => k.name(),
+        }
+    }
+
+    /// Spare middle slots this policy uses (0 but for `freekv`).
+    pub fn effective_spare_pages(&self) -> usize {
+        if self.kv.kind == KvKind::FreeKv {
+            self.spare_pages
+        } else {
+            0
         }
     }
 
@@ -240,6 +261,9 @@ pub(crate) struct SparseLayer {
     pub(crate) selected: CudaSlice<i32>,
     pub(crate) q_prev: CudaSlice<f32>,
     pub(crate) flags: CudaSlice<i32>,
+    /// With spare slots: the attention's per-head page skip mask `[bs · nb][Hkv]` (1 = a cached
+    /// page outside the head's top-k), written by the selections.
+    pub(crate) page_mask: Option<CudaSlice<i32>>,
 }
 
 /// The sparse part of a CUDA batch.
@@ -298,6 +322,9 @@ pub(crate) struct SparseState {
     pub(crate) attn_done: Vec<CudaEvent>,
     pub(crate) recall_done: Vec<CudaEvent>,
     pub(crate) started: Vec<bool>,
+    /// Sequences restarted since their page-mask rows were last cleared (cleared before the
+    /// next decode step: a dense phase attends every slot).
+    pub(crate) mask_stale: Vec<bool>,
     /// Whether the batch replays captured steps (then every step joins its recalls).
     pub(crate) use_graph: bool,
     pub(crate) stats: GpuKvStats,
@@ -347,7 +374,6 @@ impl SparseState {
         kv.validate(dims.n_layers)?;
         let budget = kv.budget_pages()?;
         let p = budget.page_size();
-        let nb = budget.total_pages();
         let bs = dims.max_seqs;
         let max_pages = dims.max_seq_len.div_ceil(p).max(1);
         if dims.kv_heads == 0 || !dims.q_heads.is_multiple_of(dims.kv_heads) {
@@ -363,8 +389,10 @@ impl SparseState {
             dims.head_dim,
             &budget,
             max_pages,
-        );
+        )
+        .with_spare_pages(opts.effective_spare_pages());
         shape.validate("freekv batch")?;
+        let nb = shape.slots();
         let max_prompt = opts
             .max_prompt
             .unwrap_or(dims.max_seq_len)
@@ -380,7 +408,8 @@ impl SparseState {
         }
         let (hkv, d, hq) = (dims.kv_heads, dims.head_dim, dims.q_heads);
         let page_elems = 2 * p * hkv * d;
-        let k = budget.retrieved_pages();
+        let c = shape.cache_pages();
+        let spare = shape.spare_pages > 0;
         let mut layers = Vec::with_capacity(n_sparse);
         let neg = |n: usize| vec![-1i32; n];
         for l in 0..n_sparse {
@@ -393,7 +422,7 @@ impl SparseState {
                     .alloc_zeros::<f32>(bs * hkv * max_pages * 2 * d)
                     .map_err(oom(what("page summaries")))?,
                 mid_page: s
-                    .clone_htod(&neg(bs * hkv * k))
+                    .clone_htod(&neg(bs * hkv * c))
                     .map_err(oom(what("slot table")))?,
                 page_mid: s
                     .clone_htod(&neg(bs * hkv * max_pages))
@@ -402,10 +431,10 @@ impl SparseState {
                     .alloc_zeros::<i32>(bs * hkv)
                     .map_err(oom(what("recall counts")))?,
                 recall_list: s
-                    .alloc_zeros::<i32>(bs * hkv * k * 2)
+                    .alloc_zeros::<i32>(bs * hkv * c * 2)
                     .map_err(oom(what("recall list")))?,
                 selected: s
-                    .clone_htod(&neg(bs * hkv * k))
+                    .clone_htod(&neg(bs * hkv * shape.top_k))
                     .map_err(oom(what("selection")))?,
                 q_prev: s
                     .alloc_zeros::<f32>(bs * hq * d)
@@ -413,6 +442,14 @@ impl SparseState {
                 flags: s
                     .alloc_zeros::<i32>(bs * hkv)
                     .map_err(oom(what("correction flags")))?,
+                page_mask: if spare {
+                    Some(
+                        s.alloc_zeros::<i32>(bs * nb * hkv)
+                            .map_err(oom(what("page mask")))?,
+                    )
+                } else {
+                    None
+                },
             });
         }
         let backing = if kv.kind == KvKind::Quest {
@@ -523,12 +560,43 @@ impl SparseState {
             attn_done,
             recall_done,
             started: vec![false; bs],
+            mask_stale: vec![false; bs],
             use_graph: dims.use_graph,
             stats: GpuKvStats::default(),
             last_plan: None,
             last_plan_info: None,
             opts,
         })
+    }
+
+    /// Sequence `seq` starts over (a prefill, a truncation to 0): its next sparse step selects
+    /// from scratch, and its page-mask rows are cleared before the next decode step.
+    pub(crate) fn restart(&mut self, seq: usize) {
+        if let Some(x) = self.started.get_mut(seq) {
+            *x = false;
+        }
+        if let Some(x) = self.mask_stale.get_mut(seq) {
+            *x = true;
+        }
+    }
+
+    /// Clear the page-mask rows of the restarted sequences on `s` (every slot attended again,
+    /// as the dense phase needs). Called before a decode step, outside any capture.
+    pub(crate) fn clear_stale_masks(&mut self, s: &Arc<CudaStream>) -> Result<(), ModelError> {
+        let row = self.shape.slots() * self.shape.kv_heads;
+        for (seq, stale) in self.mask_stale.iter_mut().enumerate() {
+            if !*stale {
+                continue;
+            }
+            for l in &mut self.layers {
+                if let Some(m) = l.page_mask.as_mut() {
+                    let mut v = m.slice_mut(seq * row..(seq + 1) * row);
+                    s.memset_zeros(&mut v).map_err(drv("clearing a page mask"))?;
+                }
+            }
+            *stale = false;
+        }
+        Ok(())
     }
 
     /// Make `s` wait for every recall issued so far (before touching slots or tables from the
@@ -668,7 +736,8 @@ impl SparseState {
                             + l.recall_list.len()
                             + l.selected.len()
                             + l.q_prev.len()
-                            + l.flags.len())
+                            + l.flags.len()
+                            + l.page_mask.as_ref().map_or(0, |m| m.len()))
                 })
                 .sum::<usize>()
             + 4 * self.flags_all.len()

@@ -45,7 +45,8 @@ pub struct StepPlan {
     /// page that became full at this step, or (−1, 0, 0).
     pub fill: Vec<i32>,
     /// `[bs][nb]` physical slot pages in attention order (the current page last), padded with the
-    /// sequence's slot 0.
+    /// sequence's slot 0. `nb` counts the spare slots too (the attention's page mask skips the
+    /// pages a head does not attend).
     pub att_table: Vec<i32>,
 }
 
@@ -96,8 +97,10 @@ impl StepPlan {
 /// Plan one decode step: `lens[i]` tokens are held by sequence `i` before the step (its new token
 /// goes to position `lens[i]`); `active[i]` is false for rows that only carry padding;
 /// `started[i]` says whether the sequence already had its first sparse step (updated here).
+/// `spare` spare middle slots follow the budget's `nb` slots of every sequence.
 pub fn plan_step(
     b: &Budget,
+    spare: usize,
     lens: &[usize],
     active: &[bool],
     started: &mut [bool],
@@ -112,7 +115,7 @@ pub fn plan_step(
         )));
     }
     let p = b.page_size();
-    let nb = b.total_pages();
+    let nb = b.total_pages() + spare;
     let to_i32 = |v: usize, what: &str| {
         i32::try_from(v).map_err(|_| ModelError::Config(format!("step plan: {what} {v} too large")))
     };
@@ -203,51 +206,56 @@ mod tests {
     fn plan_walks_a_sequence_through_dense_and_sparse() {
         let b = Budget::new(2, 3, 4, 4).unwrap(); // nb = 9 pages of 4 tokens
         let nb = b.total_pages();
-        let mut started = vec![false, false];
-        let mut table = SlotTable::new(b);
-        let mut first_seen = false;
-        for pos in 0..200usize {
-            let plan = plan_step(&b, &[pos, 0], &[true, false], &mut started).unwrap();
-            table.append_tokens(1).unwrap();
-            let n = pos / 4 + 1;
-            let info = &plan.seq_info[0..4];
-            assert_eq!(info[0] as usize, n);
-            let home = table.current_slot().unwrap();
-            assert_eq!(plan.spos[0] as usize, home * 4 + pos % 4);
-            if n <= nb {
-                assert_eq!(info[1], MODE_SKIP);
-                assert_eq!(plan.att_len[0] as usize, pos + 1);
-                assert_eq!(
-                    &plan.att_table[0..n],
-                    &(0..n as i32).collect::<Vec<_>>()[..]
-                );
-            } else {
-                assert_eq!(info[1], if first_seen { MODE_SPARSE } else { MODE_FIRST });
-                first_seen = true;
-                assert_eq!(plan.seq_info_spec[1], MODE_SPARSE);
-                assert_eq!(*plan.att_table.get(nb - 1).unwrap() as usize, home);
-                let mut sorted: Vec<i32> = plan.att_table[0..nb].to_vec();
-                sorted.sort_unstable();
-                assert_eq!(sorted, (0..nb as i32).collect::<Vec<_>>());
-                assert_eq!(plan.att_len[0] as usize, (nb - 1) * 4 + pos % 4 + 1);
+        // Without and with spare slots (after the budget's slots): the dense phase and the
+        // home slots are the same; the sparse phase attends every physical slot.
+        for spare in [0usize, 3] {
+            let nbp = nb + spare;
+            let mut started = vec![false, false];
+            let mut table = SlotTable::new(b);
+            let mut first_seen = false;
+            for pos in 0..200usize {
+                let plan = plan_step(&b, spare, &[pos, 0], &[true, false], &mut started).unwrap();
+                table.append_tokens(1).unwrap();
+                let n = pos / 4 + 1;
+                let info = &plan.seq_info[0..4];
+                assert_eq!(info[0] as usize, n);
+                let home = table.current_slot().unwrap();
+                assert_eq!(plan.spos[0] as usize, home * 4 + pos % 4);
+                if n <= nb {
+                    assert_eq!(info[1], MODE_SKIP);
+                    assert_eq!(plan.att_len[0] as usize, pos + 1);
+                    assert_eq!(
+                        &plan.att_table[0..n],
+                        &(0..n as i32).collect::<Vec<_>>()[..]
+                    );
+                } else {
+                    assert_eq!(info[1], if first_seen { MODE_SPARSE } else { MODE_FIRST });
+                    first_seen = true;
+                    assert_eq!(plan.seq_info_spec[1], MODE_SPARSE);
+                    assert_eq!(*plan.att_table.get(nbp - 1).unwrap() as usize, home);
+                    let mut sorted: Vec<i32> = plan.att_table[0..nbp].to_vec();
+                    sorted.sort_unstable();
+                    assert_eq!(sorted, (0..nbp as i32).collect::<Vec<_>>());
+                    assert_eq!(plan.att_len[0] as usize, (nbp - 1) * 4 + pos % 4 + 1);
+                }
+                if pos % 4 == 3 {
+                    assert_eq!((info[2], info[3]), (home as i32, (pos / 4) as i32));
+                    assert_eq!(&plan.fill[0..3], &[0, home as i32, (pos / 4) as i32]);
+                } else {
+                    assert_eq!(info[2], -1);
+                    assert_eq!(plan.fill[0], -1);
+                }
+                // the inactive row never does anything
+                assert_eq!(&plan.seq_info[4..8], &[0, MODE_SKIP, -1, 0]);
+                assert_eq!(plan.fill[3], -1);
+                assert_eq!(plan.att_table[nbp], nbp as i32);
             }
-            if pos % 4 == 3 {
-                assert_eq!((info[2], info[3]), (home as i32, (pos / 4) as i32));
-                assert_eq!(&plan.fill[0..3], &[0, home as i32, (pos / 4) as i32]);
-            } else {
-                assert_eq!(info[2], -1);
-                assert_eq!(plan.fill[0], -1);
-            }
-            // the inactive row never does anything
-            assert_eq!(&plan.seq_info[4..8], &[0, MODE_SKIP, -1, 0]);
-            assert_eq!(plan.fill[3], -1);
-            assert_eq!(plan.att_table[nb], nb as i32);
+            assert!(first_seen);
+            let flat = plan_step(&b, spare, &[5, 6], &[true, true], &mut started).unwrap();
+            let o = StepPlan::offsets(2, nbp);
+            assert_eq!(flat.flatten().len(), o[6]);
+            assert_eq!(flat.flatten()[o[5]..o[6]], flat.att_table[..]);
+            assert!(plan_step(&b, spare, &[1], &[true, true], &mut started).is_err());
         }
-        assert!(first_seen);
-        let flat = plan_step(&b, &[5, 6], &[true, true], &mut started).unwrap();
-        let o = StepPlan::offsets(2, nb);
-        assert_eq!(flat.flatten().len(), o[6]);
-        assert_eq!(flat.flatten()[o[5]..o[6]], flat.att_table[..]);
-        assert!(plan_step(&b, &[1], &[true, true], &mut started).is_err());
     }
 }

@@ -154,7 +154,7 @@ impl ListAddrs {
         let rows = shape.rows();
         let need = [
             ("recall_count", lists.count.len(), rows),
-            ("recall_list", lists.list.len(), rows * shape.top_k * 2),
+            ("recall_list", lists.list.len(), rows * shape.cache_pages() * 2),
             ("flags", lists.flags.len(), rows),
         ];
         for (what, have, want) in need {
@@ -199,7 +199,7 @@ impl HostLists {
         let ctx = stream.context();
         Ok(Self {
             count: MappedHostBuffer::new(ctx, rows)?,
-            list: MappedHostBuffer::new(ctx, rows * shape.top_k * 2)?,
+            list: MappedHostBuffer::new(ctx, rows * shape.cache_pages() * 2)?,
             flags: MappedHostBuffer::new(ctx, rows)?,
         })
     }
@@ -231,7 +231,7 @@ impl HostLists {
 
     /// The rows with work (after the filter), each with its units, in row order.
     pub(crate) fn rows(&self, shape: &FreeKvShape, filter: HeadFilter) -> Vec<Vec<ListedUnit>> {
-        let (hkv, k) = (shape.kv_heads, shape.top_k);
+        let (hkv, k) = (shape.kv_heads, shape.cache_pages());
         let count = self.count.as_slice();
         let flags = self.flags.as_slice();
         let list = self.list.as_slice();
@@ -325,6 +325,7 @@ mod tests {
             top_k: 4,
             window_pages: 2,
             max_pages: 64,
+            spare_pages: 0,
         };
         assert_eq!(unit_bytes(&s), 16 << 10);
     }

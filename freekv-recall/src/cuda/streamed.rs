@@ -106,12 +106,12 @@ impl StreamedRecall {
         let s = gpu.stream();
         let unit = 2 * shape.page_size * shape.head_dim;
         let stage = shape
-            .top_k
+            .cache_pages()
             .checked_mul(unit)
             .ok_or_else(|| RecallError::InvalidRequest("staging size overflows".into()))?;
         let table = shape
             .rows()
-            .checked_mul(shape.top_k)
+            .checked_mul(shape.cache_pages())
             .and_then(|x| x.checked_mul(3))
             .ok_or_else(|| RecallError::InvalidRequest("unit table size overflows".into()))?;
         let stream = || {
