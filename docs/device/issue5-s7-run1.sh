@@ -7,9 +7,9 @@
 # Needs .device/t/{select,attention,cuda_freekv_test,cuda_freekv}. Run from the repository root:
 #   bash docs/device/issue5-s7-run1.sh [deadline s]
 DL=${1:-580}; . "$(dirname "$0")/common.sh"
-t select 120 $D/select --test-threads=1
+#t select 120 $D/select --test-threads=1
 grep -E "^test .*(FAILED|ok)$|panicked" "$L/select.log" | head -20
-t attention 120 $D/attention --test-threads=2
+#t attention 120 $D/attention --test-threads=2
 grep -E "^test .*(FAILED|ok)$|panicked" "$L/attention.log" | head -20
 t freekv_test 200 $D/cuda_freekv_test --test-threads=1 --nocapture
 grep -E "^test |panicked|differs|spare|freekv τ" "$L/freekv_test.log" | head -30

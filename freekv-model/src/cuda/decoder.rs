@@ -1581,6 +1581,7 @@ impl SparsePrefillLists {
     ) -> Result<Self, ModelError> {
         let budget = st.budget;
         let p = budget.page_size();
+        // Physical slots per sequence (spare slots included) and the budget's own count.
         let nb = st.shape.slots();
         let n_pages = n_tok.div_ceil(p);
         let full = n_tok / p;
@@ -1591,7 +1592,7 @@ impl SparsePrefillLists {
             entries.extend([seq as i32, src(pg) as i32, pg as i32]);
         }
         let mut pairs = Vec::new();
-        let resident: Vec<usize> = if n_pages <= nb {
+        let resident: Vec<usize> = if n_pages <= budget.total_pages() {
             (0..n_pages).collect()
         } else {
             (0..budget.sink_pages())
