@@ -301,8 +301,13 @@ FKS_SCORE_KERNEL(256)
 // the next-ranked pages); the k best are the ones attended. Slots that hold a page not wanted
 // are free, but keep their page (still cached) until a missing page overwrites them.
 //
-// Dynamic shared memory (ints): sel[cache], free_slots[cache], res[cache], att[k], hist[256],
-// tmp[32], then floats: head_max[G], parts[G * 9], head_sum[G], tile[FKS_SOFTMAX_TILE].
+// With spare slots the free slots are taken lowest-scored page first (empty slots and pages that
+// are no longer candidates before any candidate, ties to the lower slot), so the pages most
+// likely to be wanted again stay cached.
+//
+// Dynamic shared memory (ints): sel[cache], free_slots[cache], res[cache], att[k], fkey[cache],
+// ford[cache], hist[256], tmp[32], then floats: head_max[G], parts[G * 9], head_sum[G],
+// tile[FKS_SOFTMAX_TILE].
 
 // Exact top-`kk` of the n keys of sc (ties to the lower index) compacted ascending into out:
 // out[j] = ns + i. Every thread must call it.
@@ -380,7 +385,9 @@ extern "C" __global__ void __launch_bounds__(FKS_SELECT_THREADS) freekv_select_r
     int* free_slots = sel + cache;
     int* res = free_slots + cache;
     int* att = res + cache;
-    int* hist = att + top_k;
+    u32* fkey = reinterpret_cast<u32*>(att + top_k);
+    int* ford = reinterpret_cast<int*>(fkey + cache);
+    int* hist = ford + cache;
     int* tmp = hist + 256;
     float* head_max = reinterpret_cast<float*>(tmp + 32);
     float* parts = head_max + group;
@@ -497,9 +504,9 @@ extern "C" __global__ void __launch_bounds__(FKS_SELECT_THREADS) freekv_select_r
     __syncthreads();
 
     // Slot diff (SlotTable::diff, with lazy eviction): middle slots ascending that are empty or
-    // hold a page not wanted are free; missing wanted pages ascending take them in order, and
-    // only the pages they overwrite are evicted (with cache == k every free slot is taken when
-    // the middle is full, as in SlotTable::diff).
+    // hold a page not wanted are free (with spare slots: lowest-scored page first); missing
+    // wanted pages ascending take them in order, and only the pages they overwrite are evicted
+    // (with cache == k every free slot is taken when the middle is full, as in SlotTable::diff).
     int nfree = 0;
     for (int base = 0; base < cache; base += blockDim.x) {
         const int i = base + tid;
@@ -514,6 +521,28 @@ extern "C" __global__ void __launch_bounds__(FKS_SELECT_THREADS) freekv_select_r
         nfree += tot;
     }
     __syncthreads();
+    if (cache > top_k && nfree > 1) {
+        // Spare slots: order the free slots by the score key of the page they hold (ascending,
+        // then by slot); a rank by counting (nfree <= cache is small).
+        for (int j = tid; j < nfree; j += blockDim.x) {
+            const int p = mid[free_slots[j]];
+            const int c = p - ns;
+            fkey[j] = (p >= 0 && c >= 0 && c < n) ? fks_score_key(sc[c]) : 0u;
+        }
+        __syncthreads();
+        for (int j = tid; j < nfree; j += blockDim.x) {
+            const u32 kj = fkey[j];
+            int rank = 0;
+            for (int i = 0; i < nfree; ++i) {
+                const u32 ki = fkey[i];
+                rank += (ki < kj || (ki == kj && i < j)) ? 1 : 0;
+            }
+            ford[rank] = free_slots[j];
+        }
+        __syncthreads();
+        for (int j = tid; j < nfree; j += blockDim.x) free_slots[j] = ford[j];
+        __syncthreads();
+    }
     int nrec = 0;
     int* rl = recall_list + (size_t)row * cache * 2;
     for (int base = 0; base < kw; base += blockDim.x) {

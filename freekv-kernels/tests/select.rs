@@ -574,14 +574,28 @@ fn select_matches_cpu_reference_over_steps() {
     );
 }
 
+/// `freekv_select`'s order-preserving key of a score (-0 == +0, NaN lowest).
+fn score_key(s: f32) -> u32 {
+    if s.is_nan() {
+        return 0;
+    }
+    let mut b = s.to_bits();
+    if b & 0x7fff_ffff == 0 {
+        b = 0;
+    }
+    if b & 0x8000_0000 != 0 { !b } else { b | 0x8000_0000 }
+}
+
 /// The contract's slot diff with spare slots (lazy eviction) on one row: `mid` has `k + x`
-/// entries; `wanted` ascending; free slots are those empty or holding an unwanted page, the
-/// missing wanted pages take them in order and evict only what they overwrite. Returns the
-/// recall list `(page, slot)`.
+/// entries; `wanted` ascending; free slots are those empty or holding an unwanted page, ordered
+/// by the score key of their page (`scores[p - ns]` of the candidates; empty and non-candidate
+/// slots lowest), then by slot; the missing wanted pages take them in order and evict only
+/// what they overwrite. Returns the recall list `(page, slot)`.
 fn emulate_row_cached(
     shape: &FreeKvShape,
     mode: i32,
     wanted: &[usize],
+    scores: &[f32],
     mid: &mut [i32],
     pm: &mut [i32],
 ) -> Vec<(i32, i32)> {
@@ -589,8 +603,18 @@ fn emulate_row_cached(
         mid.fill(-1);
         pm.fill(-1);
     }
+    let ns = shape.sink_pages as i32;
+    let key = |p: i32| -> u32 {
+        let c = p - ns;
+        if p >= 0 && c >= 0 && (c as usize) < scores.len() {
+            score_key(scores[c as usize])
+        } else {
+            0
+        }
+    };
     let is_wanted = |p: i32| p >= 0 && wanted.binary_search(&(p as usize)).is_ok();
-    let free: Vec<usize> = (0..mid.len()).filter(|&i| !is_wanted(mid[i])).collect();
+    let mut free: Vec<usize> = (0..mid.len()).filter(|&i| !is_wanted(mid[i])).collect();
+    free.sort_by_key(|&i| (key(mid[i]), i));
     let mut free = free.into_iter();
     let mut rec = Vec::new();
     for &p in wanted {
@@ -609,8 +633,9 @@ fn emulate_row_cached(
     rec
 }
 
-/// Spare slots: the speculative selection (filter All) makes the top-(k + x) resident, the
-/// corrective one (flagged rows) the top-k while keeping cached pages; `selected` is always the
+/// Spare slots: a prefetching selection (filter All, `want` k + x) makes the top-(k + x)
+/// resident, the others (all rows, or the flagged ones) the top-k while keeping cached pages,
+/// overwriting the lowest-scored ones first; `selected` is always the
 /// CPU top-k, the slot state follows the lazy diff exactly, and the page mask marks exactly the
 /// middle slots outside the top-k (sink and window entries never written).
 #[test]
@@ -646,12 +671,13 @@ fn select_with_spare_slots_matches_cpu_ranking() {
         };
         let (sel_k, sel_w) = (Selector::new(cfg(k)).unwrap(), Selector::new(cfg(cap)).unwrap());
         let mut recalls = 0;
-        for step in 0..2 * c.steps + 2 {
+        for step in 0..4 * c.steps + 2 {
             let spec = step % 2 == 0;
-            let (want, filter) = if spec {
-                (cap, HeadFilter::All)
-            } else {
-                (k, [HeadFilter::Flagged, HeadFilter::Unflagged][step / 2 % 2])
+            let (want, filter) = match step % 4 {
+                0 => (cap, HeadFilter::All),
+                2 => (k, HeadFilter::All),
+                1 => (k, HeadFilter::Flagged),
+                _ => (k, HeadFilter::Unflagged),
             };
             if step > 0 && spec {
                 for n in &mut n_pages {
@@ -711,7 +737,7 @@ fn select_with_spare_slots_matches_cpu_ranking() {
                     let hs = HeadSummaries::new(SummaryKind::MinMax, d, &u, &l).unwrap();
                     let top = sel_k.select(qh, hs, n_pages[b]).unwrap();
                     let hs = HeadSummaries::new(SummaryKind::MinMax, d, &u, &l).unwrap();
-                    let wanted = if spec {
+                    let wanted = if want == cap {
                         sel_w.select(qh, hs, n_pages[b]).unwrap().pages().to_vec()
                     } else {
                         top.pages().to_vec()
@@ -724,6 +750,7 @@ fn select_with_spare_slots_matches_cpu_ranking() {
                         &shape,
                         mode,
                         &wanted,
+                        top.scores(),
                         &mut mid_exp[row * cap..(row + 1) * cap],
                         &mut pm_exp[row * mp..(row + 1) * mp],
                     );

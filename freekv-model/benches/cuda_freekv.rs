@@ -123,6 +123,7 @@ fn kv_options(policy: &str, scenario: &Scenario) -> Result<Option<GpuKvOptions>,
     if let Some(n) = spec.spare_pages {
         o.spare_pages = n;
     }
+    o.spare_prefetch = spec.spare_prefetch;
     if let Some(n) = spec.gather_blocks {
         o.gather_blocks = n;
     }

@@ -309,14 +309,16 @@ fn tiny_model_sparse_policies_on_the_gpu() {
         // and fewer pages recalled on the critical path.
         let units = |b: &mut CudaBatch| model.kv_corrective_totals(b).unwrap().unwrap().0;
         let base_units = units(&mut b3);
-        for (spare, serial, graphs, recall) in [
-            (4usize, false, true, GpuRecall::Gather),
-            (7, true, false, GpuRecall::Gather),
-            (2, false, false, GpuRecall::Gather),
-            (3, false, false, GpuRecall::Streamed),
+        for (spare, prefetch, serial, graphs, recall) in [
+            (4usize, false, false, true, GpuRecall::Gather),
+            (4, true, false, true, GpuRecall::Gather),
+            (7, false, true, false, GpuRecall::Gather),
+            (2, true, false, false, GpuRecall::Gather),
+            (3, false, false, false, GpuRecall::Streamed),
         ] {
             let mut o = GpuKvOptions::new(c.clone());
             o.spare_pages = spare;
+            o.spare_prefetch = prefetch;
             o.overlap_correction = !serial;
             o.recall = recall;
             let (l2, _, mut b5) =
@@ -329,7 +331,7 @@ fn tiny_model_sparse_policies_on_the_gpu() {
                 .fold(0.0, f64::max);
             let spare_units = units(&mut b5);
             println!(
-                "{summary}: spare {spare} ({}): corrective units {spare_units} (without: {base_units}), logits rel L2 {worst:.2e}",
+                "{summary}: spare {spare} prefetch {prefetch} ({}): corrective units {spare_units} (without: {base_units}), logits rel L2 {worst:.2e}",
                 recall.name()
             );
             assert!(

@@ -258,10 +258,10 @@ impl FreeKvShape {
 
     /// Dynamic shared memory of the per-row selection kernel, in bytes.
     fn select_smem_bytes(&self) -> usize {
-        // ints: sel[C] free[C] res[C] att[k] hist[256] tmp[32]; floats: max[G] parts[9G]
-        // sum[G] tile
+        // ints: sel[C] free[C] res[C] att[k] key[C] order[C] hist[256] tmp[32]; floats: max[G]
+        // parts[9G] sum[G] tile
         self.cache_pages()
-            .saturating_mul(3)
+            .saturating_mul(5)
             .saturating_add(self.top_k)
             .saturating_add(256 + 32 + SOFTMAX_TILE)
             .saturating_add(self.group.saturating_mul(11))
@@ -675,7 +675,9 @@ impl Kernels {
     ///   `freekv_select::Selector::select` (bit-identical group scores); by `rank_key` (ties →
     ///   lower page) the `min(k, n)` best form the selection S and the `min(w, n)` best the
     ///   wanted set W ⊇ S (`w` = `cache.want`, `k` without `cache`); middle slots `i = 0..C`
-    ///   ascending that are empty or hold a page not in W are free; the pages of W ascending
+    ///   ascending that are empty or hold a page not in W are free (with spare slots ordered by
+    ///   the group score of the page they hold, lowest first, empty slots and pages no longer
+    ///   candidates before any candidate, ties to the lower slot); the pages of W ascending
     ///   that are not resident take the free slots in order (the page they overwrite is
     ///   evicted: `page_mid[victim] = −1`; then `mid_page[i] = page`, `page_mid[page] = i`,
     ///   `(page, slot(i))` appended to `recall_list`, `slot(i)` =

@@ -100,6 +100,8 @@ pub struct PolicySpec {
     pub gather_blocks: Option<usize>,
     /// `~spN`: spare middle slots of `freekv` (`~sp0`: none).
     pub spare_pages: Option<usize>,
+    /// `~pf`: the speculative selection prefetches into the spare slots.
+    pub spare_prefetch: bool,
 }
 
 /// Parses a [`PolicySpec`]; an unknown or malformed modifier is an error.
@@ -120,6 +122,7 @@ pub fn parse_policy(text: &str) -> Result<PolicySpec, String> {
         correction_blocks: None,
         gather_blocks: None,
         spare_pages: None,
+        spare_prefetch: false,
     };
     let blocks = |m: &str, v: &str| -> Result<usize, String> {
         match v.parse::<usize>() {
@@ -130,6 +133,8 @@ pub fn parse_policy(text: &str) -> Result<PolicySpec, String> {
     for m in parts {
         if m == "serial" {
             spec.serial = true;
+        } else if m == "pf" {
+            spec.spare_prefetch = true;
         } else if let Some(v) = m.strip_prefix("cb") {
             spec.correction_blocks = Some(blocks(m, v)?);
         } else if let Some(v) = m.strip_prefix("gb") {
@@ -140,7 +145,7 @@ pub fn parse_policy(text: &str) -> Result<PolicySpec, String> {
             })?);
         } else {
             return Err(format!(
-                "policy {text:?}: unknown modifier ~{m} (serial, cbN, gbN, spN)"
+                "policy {text:?}: unknown modifier ~{m} (serial, cbN, gbN, spN, pf)"
             ));
         }
     }

@@ -985,7 +985,12 @@ impl CudaLlama {
         let s = self.gpu.stream();
         let bs = st.shape.seqs;
         let nb = st.shape.slots();
-        let (top_k, cache_pages) = (st.shape.top_k, st.shape.cache_pages());
+        let top_k = st.shape.top_k;
+        let spec_want = if st.opts.spare_prefetch {
+            st.shape.cache_pages()
+        } else {
+            top_k
+        };
         let kind = st.opts.kv.kind;
         let summary = st.opts.kv.summary;
         let policy = st.opts.kv.group_policy;
@@ -1199,7 +1204,7 @@ impl CudaLlama {
                 Some(&mut layer.selected),
                 &mut st.scratch[1],
                 layer.page_mask.as_mut().map(|m| SelectCache {
-                    want: cache_pages,
+                    want: spec_want,
                     page_mask: m,
                 }),
             )?;

@@ -113,14 +113,19 @@ pub struct GpuKvOptions {
     /// heads attend after both (the same results, bit for bit). Off: the corrective path, then
     /// the attention of every head.
     pub overlap_correction: bool,
-    /// `freekv`: spare middle slots per (sequence, KV head) beyond the `k` retrieved pages. The
-    /// speculative selection makes the top-`(k + spare)` pages by `q_{t−1}` resident, and the
-    /// attention reads only the top-`k` (a per-head page mask skips the rest), so a corrected
-    /// head finds most of its new top-k already on the device and fewer bytes cross PCIe on the
-    /// critical path. The same pages are attended as without spare slots (the selections are
-    /// the CPU reference's); it costs `spare` pages of device memory per sequence and layer
-    /// and more speculative (off-critical-path) recall. Ignored by the other policies.
+    /// `freekv`: spare middle slots per (sequence, KV head) beyond the `k` retrieved pages, a
+    /// cache the attention does not read (a per-head page mask skips it). Pages that leave a
+    /// head's top-k stay in their slot until a missing page needs it, and the missing pages
+    /// overwrite the lowest-scored cached pages first, so a head whose selection changes back
+    /// (a corrected head, above all) finds pages still on the device and fewer bytes cross
+    /// PCIe. The same pages are attended as without spare slots (the selections are the CPU
+    /// reference's); it costs `spare` pages of device memory per sequence and layer. Ignored
+    /// by the other policies.
     pub spare_pages: usize,
+    /// With spare slots: the speculative selection also recalls the pages ranked after the
+    /// top-k into them (top-`(k + spare)` by `q_{t−1}`). More speculative recall; it pays only
+    /// where the spare slots hold most of the candidates.
+    pub spare_prefetch: bool,
     /// Longest prompt one sequence is prefilled with (sizes the prefill scratch; default: the
     /// batch's `max_seq_len`).
     pub max_prompt: Option<usize>,
@@ -150,6 +155,7 @@ impl GpuKvOptions {
             correction_gather_blocks: DEFAULT_CORRECTION_GATHER_BLOCKS,
             overlap_correction: true,
             spare_pages: DEFAULT_SPARE_PAGES,
+            spare_prefetch: false,
             max_prompt: None,
             host_max_bytes: None,
             collect_stats: true,
