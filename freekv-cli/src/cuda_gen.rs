@@ -144,10 +144,12 @@ pub fn run(
 }
 
 /// The GPU KV options of a run: `None` for `full` (everything on the device), otherwise the
-/// policy (`quest` runs as `oracle`) with the recall mode and the host pool bound.
+/// policy (`quest` runs as `oracle`) with the recall mode, freekv's spare slots (`None`: the
+/// default) and the host pool bound.
 pub fn kv_options(
     kv: freekv_model::kv::KvConfig,
     recall: freekv_model::cuda::GpuRecall,
+    spare_pages: Option<usize>,
     max_host_kv_gib: Option<f64>,
 ) -> Result<Option<GpuKvOptions>> {
     if kv.kind == freekv_model::kv::KvKind::Full {
@@ -155,6 +157,9 @@ pub fn kv_options(
     }
     let mut o = GpuKvOptions::new(kv);
     o.recall = recall;
+    if spare_pages.is_some() {
+        o.spare_pages = spare_pages;
+    }
     if let Some(g) = max_host_kv_gib {
         if !(g.is_finite() && g > 0.0) {
             bail!("--max-host-kv-gib must be a positive number of GiB, got {g}");

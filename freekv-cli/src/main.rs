@@ -108,6 +108,11 @@ struct GenerateArgs {
     /// default) or `streamed` (the paper's double-buffered copy).
     #[arg(long, value_name = "MODE", default_value = "gather")]
     gpu_recall: String,
+    /// freekv on the GPU: spare device slots per KV head that keep pages which left the top-k
+    /// (never attended; fewer pages recalled when the selection changes back). 0 turns them
+    /// off [default: as many as the retrieved pages].
+    #[arg(long, value_name = "PAGES")]
+    spare_pages: Option<usize>,
     #[command(flatten)]
     kv: eval::KvArgs,
     #[command(flatten)]
@@ -413,6 +418,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         let kv = cuda_gen::kv_options(
             a.kv.single(model.config().n_layers)?,
             gpu_recall,
+            a.spare_pages,
             a.max_host_kv_gib,
         )?;
         let mut opts = cuda_gen::options(a.max_new_tokens, sampling);
@@ -482,7 +488,8 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     )?;
     if let Some(gpu) = gpu {
         let model = freekv_model::cuda::CudaLlama::from_gguf(gpu, &gguf)?;
-        let kv = cuda_gen::kv_options(kv_cfg.clone(), gpu_recall, a.max_host_kv_gib)?;
+        let kv =
+            cuda_gen::kv_options(kv_cfg.clone(), gpu_recall, a.spare_pages, a.max_host_kv_gib)?;
         let mut opts = cuda_gen::options(a.max_new_tokens, sampling);
         opts.stop_at_eog = !a.ignore_eos;
         let out = cuda_gen::Output {

@@ -48,9 +48,7 @@ pub use ops::attention::{AttentionShape, DecodePlan, HeadMask, PrefillPlan};
 pub use ops::elementwise::{KvSource, PageTableLayout, RopeConfig, RopeLayout, RopeStyle};
 pub use ops::recall::DeviceCounters;
 pub use ops::sampling::SamplingInputs;
-pub use ops::select::{
-    FREEKV_MAX_HEAD_DIM, FreeKvShape, HeadFilter, SEQ_INFO_WIDTH, SelectCache,
-};
+pub use ops::select::{FREEKV_MAX_HEAD_DIM, FreeKvShape, HeadFilter, SEQ_INFO_WIDTH, SelectCache};
 pub use probe::DeviceInfo;
 
 /// Re-exported so callers name the same cudarc and half types.

@@ -583,7 +583,11 @@ fn score_key(s: f32) -> u32 {
     if b & 0x7fff_ffff == 0 {
         b = 0;
     }
-    if b & 0x8000_0000 != 0 { !b } else { b | 0x8000_0000 }
+    if b & 0x8000_0000 != 0 {
+        !b
+    } else {
+        b | 0x8000_0000
+    }
 }
 
 /// The contract's slot diff with spare slots (lazy eviction) on one row: `mid` has `k + x`
@@ -622,7 +626,9 @@ fn emulate_row_cached(
             pm[p] = mid.iter().position(|&x| x == p as i32).unwrap() as i32;
             continue;
         }
-        let i = free.next().expect("a free middle slot for every missing page");
+        let i = free
+            .next()
+            .expect("a free middle slot for every missing page");
         if mid[i] >= 0 {
             pm[mid[i] as usize] = -1;
         }
@@ -669,7 +675,10 @@ fn select_with_spare_slots_matches_cpu_ranking() {
             policy: GroupPolicy::MeanSoftmax,
             summary: SummaryKind::MinMax,
         };
-        let (sel_k, sel_w) = (Selector::new(cfg(k)).unwrap(), Selector::new(cfg(cap)).unwrap());
+        let (sel_k, sel_w) = (
+            Selector::new(cfg(k)).unwrap(),
+            Selector::new(cfg(cap)).unwrap(),
+        );
         let mut recalls = 0;
         for step in 0..4 * c.steps + 2 {
             let spec = step % 2 == 0;
@@ -689,8 +698,12 @@ fn select_with_spare_slots_matches_cpu_ranking() {
             let q = gen_queries(&mut r, c.bs * hq * d, c.ties);
             let mut info = vec![0i32; c.bs * SEQ_INFO_WIDTH];
             for b in 0..c.bs {
-                info[b * SEQ_INFO_WIDTH..(b + 1) * SEQ_INFO_WIDTH]
-                    .copy_from_slice(&[n_pages[b] as i32, mode, -1, 0]);
+                info[b * SEQ_INFO_WIDTH..(b + 1) * SEQ_INFO_WIDTH].copy_from_slice(&[
+                    n_pages[b] as i32,
+                    mode,
+                    -1,
+                    0,
+                ]);
             }
             let mut d_rc = poison_i32(s, rows);
             let mut d_rl = poison_i32(s, rows * cap * 2);
@@ -742,10 +755,17 @@ fn select_with_spare_slots_matches_cpu_ranking() {
                     } else {
                         top.pages().to_vec()
                     };
-                    assert!(top.pages().iter().all(|p| wanted.contains(p)), "{ctx}: S ⊄ W");
+                    assert!(
+                        top.pages().iter().all(|p| wanted.contains(p)),
+                        "{ctx}: S ⊄ W"
+                    );
                     let mut want_sel: Vec<i32> = top.pages().iter().map(|&p| p as i32).collect();
                     want_sel.resize(k, -1);
-                    assert_eq!(&got_sel[row * k..(row + 1) * k], &want_sel[..], "{ctx}: selected");
+                    assert_eq!(
+                        &got_sel[row * k..(row + 1) * k],
+                        &want_sel[..],
+                        "{ctx}: selected"
+                    );
                     let rec = emulate_row_cached(
                         &shape,
                         mode,
@@ -767,9 +787,24 @@ fn select_with_spare_slots_matches_cpu_ranking() {
                     }
                 }
             }
-            assert_eq!(down(s, &d_mid), mid_exp, "{} spare {spare} step {step}: mid_page", c.name);
-            assert_eq!(down(s, &d_pm), pm_exp, "{} spare {spare} step {step}: page_mid", c.name);
-            assert_eq!(down(s, &d_mask), mask_exp, "{} spare {spare} step {step}: mask", c.name);
+            assert_eq!(
+                down(s, &d_mid),
+                mid_exp,
+                "{} spare {spare} step {step}: mid_page",
+                c.name
+            );
+            assert_eq!(
+                down(s, &d_pm),
+                pm_exp,
+                "{} spare {spare} step {step}: page_mid",
+                c.name
+            );
+            assert_eq!(
+                down(s, &d_mask),
+                mask_exp,
+                "{} spare {spare} step {step}: mask",
+                c.name
+            );
         }
         assert!(recalls > 0, "{}: nothing recalled", c.name);
     }

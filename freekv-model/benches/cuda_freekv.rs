@@ -116,12 +116,14 @@ fn kv_options(policy: &str, scenario: &Scenario) -> Result<Option<GpuKvOptions>,
     let mut o = GpuKvOptions::new(kv);
     o.recall = recall;
     o.max_prompt = Some(scenario.context);
-    o.overlap_correction = !spec.serial;
+    if let Some(on) = spec.overlap {
+        o.overlap_correction = on;
+    }
     if let Some(n) = spec.correction_blocks {
         o.correction_gather_blocks = n;
     }
     if let Some(n) = spec.spare_pages {
-        o.spare_pages = n;
+        o.spare_pages = Some(n);
     }
     o.spare_prefetch = spec.spare_prefetch;
     if let Some(n) = spec.gather_blocks {

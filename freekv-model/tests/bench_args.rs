@@ -78,14 +78,21 @@ fn policies_parse_with_tau_and_modifiers() {
     assert!(p.spare_prefetch);
     assert_eq!(p.base, "freekv");
     assert_eq!(p.tau.as_deref(), Some("0.9"));
-    assert!(p.serial);
+    assert_eq!(p.overlap, Some(false));
+    assert_eq!(
+        args::parse_policy("freekv~overlap").unwrap().overlap,
+        Some(true)
+    );
     assert_eq!((p.correction_blocks, p.gather_blocks), (Some(16), Some(4)));
     assert_eq!(p.spare_pages, Some(12));
-    assert_eq!(args::parse_policy("freekv~sp0").unwrap().spare_pages, Some(0));
+    assert_eq!(
+        args::parse_policy("freekv~sp0").unwrap().spare_pages,
+        Some(0)
+    );
     let p = args::parse_policy(" oracle ").unwrap();
     assert_eq!(
-        (p.base.as_str(), p.tau, p.serial, p.correction_blocks),
-        ("oracle", None, false, None)
+        (p.base.as_str(), p.tau, p.overlap, p.correction_blocks),
+        ("oracle", None, None, None)
     );
     for bad in [
         "freekv~cb0",

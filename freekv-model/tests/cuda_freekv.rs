@@ -121,9 +121,9 @@ fn check_selections_exact(model: &CudaLlama, b: &mut CudaBatch, kvc: &KvConfig) 
                 let rc = (seq * hkv + h) * cap;
                 let mut mid: Vec<usize> = (0..cap)
                     .filter(|&i| {
-                        snap.page_mask.as_ref().is_none_or(|m| {
-                            m[(seq * nb + sh.middle_slot(i)) * hkv + h] == 0
-                        })
+                        snap.page_mask
+                            .as_ref()
+                            .is_none_or(|m| m[(seq * nb + sh.middle_slot(i)) * hkv + h] == 0)
                     })
                     .map(|i| snap.mid_page[rc + i])
                     .filter(|&p| p >= 0)
@@ -140,6 +140,14 @@ fn check_selections_exact(model: &CudaLlama, b: &mut CudaBatch, kvc: &KvConfig) 
         }
     }
     checked
+}
+
+/// The GPU options of `kv` without spare slots (so that `freekv`'s slot layout, and so its
+/// logits bit for bit, are those of `oracle` and `arkvale`).
+fn no_spare(kv: KvConfig) -> GpuKvOptions {
+    let mut o = GpuKvOptions::new(kv);
+    o.spare_pages = Some(0);
+    o
 }
 
 /// Prefill `prompts` into a new batch of `kv` and run `steps` greedy steps driven by `feed`
@@ -205,7 +213,7 @@ fn tiny_model_sparse_policies_on_the_gpu() {
         always.set_tau("always").unwrap();
         let (l_free, fed, mut b) = run_gpu(
             &model,
-            Some(GpuKvOptions::new(always.clone())),
+            Some(no_spare(always.clone())),
             &prompts,
             page,
             steps,
@@ -248,7 +256,7 @@ fn tiny_model_sparse_policies_on_the_gpu() {
             check_selections_exact(&model, &mut b2, &c);
         }
         // The streamed recall and eager steps give the same result as the gather kernel.
-        let mut streamed = GpuKvOptions::new(always.clone());
+        let mut streamed = no_spare(always.clone());
         streamed.recall = GpuRecall::Streamed;
         let (l, _, _) = run_gpu(
             &model,
@@ -267,7 +275,7 @@ fn tiny_model_sparse_policies_on_the_gpu() {
         let c = kv(KvKind::FreeKv, budget, page, summary);
         let (l, _, mut b3) = run_gpu(
             &model,
-            Some(GpuKvOptions::new(c.clone())),
+            Some(no_spare(c.clone())),
             &prompts,
             page,
             steps,
@@ -290,7 +298,7 @@ fn tiny_model_sparse_policies_on_the_gpu() {
             "{summary}: τ=0.8 should flag some heads but not all: {st:?}"
         );
         for (serial, blocks, graphs) in [(true, 8, true), (true, 1, false), (false, 3, false)] {
-            let mut o = GpuKvOptions::new(c.clone());
+            let mut o = no_spare(c.clone());
             o.overlap_correction = !serial;
             o.correction_gather_blocks = blocks;
             let (l2, _, mut b4) =
@@ -309,12 +317,14 @@ fn tiny_model_sparse_policies_on_the_gpu() {
         // and fewer pages recalled on the critical path.
         let units = |b: &mut CudaBatch| model.kv_corrective_totals(b).unwrap().unwrap().0;
         let base_units = units(&mut b3);
+        // (`None`: the default, as many spare slots as retrieved pages.)
         for (spare, prefetch, serial, graphs, recall) in [
-            (4usize, false, false, true, GpuRecall::Gather),
-            (4, true, false, true, GpuRecall::Gather),
-            (7, false, true, false, GpuRecall::Gather),
-            (2, true, false, false, GpuRecall::Gather),
-            (3, false, false, false, GpuRecall::Streamed),
+            (None, false, true, true, GpuRecall::Gather),
+            (Some(4usize), false, false, true, GpuRecall::Gather),
+            (Some(4), true, false, true, GpuRecall::Gather),
+            (Some(7), false, true, false, GpuRecall::Gather),
+            (Some(2), true, false, false, GpuRecall::Gather),
+            (Some(3), false, false, false, GpuRecall::Streamed),
         ] {
             let mut o = GpuKvOptions::new(c.clone());
             o.spare_pages = spare;
@@ -331,17 +341,17 @@ fn tiny_model_sparse_policies_on_the_gpu() {
                 .fold(0.0, f64::max);
             let spare_units = units(&mut b5);
             println!(
-                "{summary}: spare {spare} prefetch {prefetch} ({}): corrective units {spare_units} (without: {base_units}), logits rel L2 {worst:.2e}",
+                "{summary}: spare {spare:?} prefetch {prefetch} ({}): corrective units {spare_units} (without: {base_units}), logits rel L2 {worst:.2e}",
                 recall.name()
             );
             assert!(
                 worst < 1e-2,
-                "{summary}: spare {spare} logits differ from the run without: {worst}"
+                "{summary}: spare {spare:?} logits differ from the run without: {worst}"
             );
             // (The streamed recall's corrective copies are not counted by the gather.)
             assert!(
                 recall != GpuRecall::Gather || spare_units < base_units,
-                "{summary}: spare {spare} recalled {spare_units} corrective units, without {base_units}"
+                "{summary}: spare {spare:?} recalled {spare_units} corrective units, without {base_units}"
             );
         }
         let worst = l

@@ -91,9 +91,10 @@ pub struct PolicySpec {
     pub base: String,
     /// τ given with `@T` (as written; parsed by the KV config).
     pub tau: Option<String>,
-    /// `~serial`: the corrective path before the attention of every head, not overlapping the
-    /// unflagged heads' attention.
-    pub serial: bool,
+    /// `~serial` (`Some(false)`): the corrective path before the attention of every head;
+    /// `~overlap` (`Some(true)`): overlapping the unflagged heads' attention; `None`: the
+    /// engine's default.
+    pub overlap: Option<bool>,
     /// `~cbN`: blocks of the corrective gather.
     pub correction_blocks: Option<usize>,
     /// `~gbN`: blocks of the speculative gather.
@@ -118,7 +119,7 @@ pub fn parse_policy(text: &str) -> Result<PolicySpec, String> {
     let mut spec = PolicySpec {
         base: base.to_string(),
         tau,
-        serial: false,
+        overlap: None,
         correction_blocks: None,
         gather_blocks: None,
         spare_pages: None,
@@ -132,7 +133,9 @@ pub fn parse_policy(text: &str) -> Result<PolicySpec, String> {
     };
     for m in parts {
         if m == "serial" {
-            spec.serial = true;
+            spec.overlap = Some(false);
+        } else if m == "overlap" {
+            spec.overlap = Some(true);
         } else if m == "pf" {
             spec.spare_prefetch = true;
         } else if let Some(v) = m.strip_prefix("cb") {
@@ -140,12 +143,13 @@ pub fn parse_policy(text: &str) -> Result<PolicySpec, String> {
         } else if let Some(v) = m.strip_prefix("gb") {
             spec.gather_blocks = Some(blocks(m, v)?);
         } else if let Some(v) = m.strip_prefix("sp") {
-            spec.spare_pages = Some(v.parse::<usize>().map_err(|_| {
-                format!("policy {text:?}: modifier ~{m} needs a page count ≥ 0")
-            })?);
+            spec.spare_pages =
+                Some(v.parse::<usize>().map_err(|_| {
+                    format!("policy {text:?}: modifier ~{m} needs a page count ≥ 0")
+                })?);
         } else {
             return Err(format!(
-                "policy {text:?}: unknown modifier ~{m} (serial, cbN, gbN, spN, pf)"
+                "policy {text:?}: unknown modifier ~{m} (serial, overlap, cbN, gbN, spN, pf)"
             ));
         }
     }

@@ -1750,7 +1750,7 @@ impl CudaBatch {
         };
         let sparse = match kv {
             Some(kvo) => {
-                let nb = kvo.kv.budget_pages()?.total_pages() + kvo.effective_spare_pages();
+                let nb = kvo.kv.budget_pages()?.total_pages() + kvo.effective_spare_pages()?;
                 Some(SparseState::new(
                     &m.gpu,
                     kvo,

@@ -110,8 +110,10 @@ pub struct GpuKvOptions {
     pub correction_gather_blocks: usize,
     /// `freekv` with the gather recall: the unflagged heads attend on the compute stream while
     /// the flagged heads' corrective selection and recall run on a second stream; the flagged
-    /// heads attend after both (the same results, bit for bit). Off: the corrective path, then
-    /// the attention of every head.
+    /// heads attend after both (the same results, bit for bit). Off (the default): the
+    /// corrective path, then one attention of every head. The overlap pays only when the
+    /// corrective recall is large (no spare slots); with them the second attention launch
+    /// costs more than it hides.
     pub overlap_correction: bool,
     /// `freekv`: spare middle slots per (sequence, KV head) beyond the `k` retrieved pages, a
     /// cache the attention does not read (a per-head page mask skips it). Pages that leave a
@@ -119,9 +121,9 @@ pub struct GpuKvOptions {
     /// overwrite the lowest-scored cached pages first, so a head whose selection changes back
     /// (a corrected head, above all) finds pages still on the device and fewer bytes cross
     /// PCIe. The same pages are attended as without spare slots (the selections are the CPU
-    /// reference's); it costs `spare` pages of device memory per sequence and layer. Ignored
-    /// by the other policies.
-    pub spare_pages: usize,
+    /// reference's); it costs `spare` pages of device memory per sequence and layer. `None`
+    /// (the default): as many as the retrieved pages `k`. Ignored by the other policies.
+    pub spare_pages: Option<usize>,
     /// With spare slots: the speculative selection also recalls the pages ranked after the
     /// top-k into them (top-`(k + spare)` by `q_{t−1}`). More speculative recall; it pays only
     /// where the spare slots hold most of the candidates.
@@ -141,9 +143,6 @@ pub const DEFAULT_GATHER_BLOCKS: usize = freekv_recall::cuda::DEFAULT_GATHER_BLO
 /// Default thread blocks of the corrective gather.
 pub const DEFAULT_CORRECTION_GATHER_BLOCKS: usize = 32;
 
-/// Default spare middle slots of `freekv` ([`GpuKvOptions::spare_pages`]).
-pub const DEFAULT_SPARE_PAGES: usize = 0;
-
 impl GpuKvOptions {
     /// `kv` with the GPU defaults (gather recall, [`DEFAULT_GATHER_BLOCKS`] blocks, statistics
     /// on).
@@ -153,8 +152,8 @@ impl GpuKvOptions {
             recall: GpuRecall::Gather,
             gather_blocks: DEFAULT_GATHER_BLOCKS,
             correction_gather_blocks: DEFAULT_CORRECTION_GATHER_BLOCKS,
-            overlap_correction: true,
-            spare_pages: DEFAULT_SPARE_PAGES,
+            overlap_correction: false,
+            spare_pages: None,
             spare_prefetch: false,
             max_prompt: None,
             host_max_bytes: None,
@@ -170,12 +169,15 @@ impl GpuKvOptions {
         }
     }
 
-    /// Spare middle slots this policy uses (0 but for `freekv`).
-    pub fn effective_spare_pages(&self) -> usize {
-        if self.kv.kind == KvKind::FreeKv {
-            self.spare_pages
-        } else {
-            0
+    /// Spare middle slots this policy uses: [`Self::spare_pages`] (by default the budget's
+    /// retrieved pages) for `freekv`, 0 for the other policies.
+    pub fn effective_spare_pages(&self) -> Result<usize, ModelError> {
+        if self.kv.kind != KvKind::FreeKv {
+            return Ok(0);
+        }
+        match self.spare_pages {
+            Some(n) => Ok(n),
+            None => Ok(self.kv.budget_pages()?.retrieved_pages()),
         }
     }
 
@@ -396,7 +398,7 @@ impl SparseState {
             &budget,
             max_pages,
         )
-        .with_spare_pages(opts.effective_spare_pages());
+        .with_spare_pages(opts.effective_spare_pages()?);
         shape.validate("freekv batch")?;
         let nb = shape.slots();
         let max_prompt = opts
@@ -597,7 +599,8 @@ impl SparseState {
             for l in &mut self.layers {
                 if let Some(m) = l.page_mask.as_mut() {
                     let mut v = m.slice_mut(seq * row..(seq + 1) * row);
-                    s.memset_zeros(&mut v).map_err(drv("clearing a page mask"))?;
+                    s.memset_zeros(&mut v)
+                        .map_err(drv("clearing a page mask"))?;
                 }
             }
             *stale = false;
@@ -769,7 +772,19 @@ mod tests {
             ..KvConfig::default()
         });
         assert!(o.validate().is_ok());
-        assert!(o.overlap_correction);
+        // Defaults: the serial corrective path, as many spare slots as retrieved pages for
+        // freekv, none for the other policies.
+        assert!(!o.overlap_correction);
+        let k = o.kv.budget_pages().unwrap().retrieved_pages();
+        assert_eq!(o.effective_spare_pages().unwrap(), k);
+        let mut off = o.clone();
+        off.spare_pages = Some(0);
+        assert_eq!(off.effective_spare_pages().unwrap(), 0);
+        let oracle = GpuKvOptions::new(KvConfig {
+            kind: KvKind::Quest,
+            ..KvConfig::default()
+        });
+        assert_eq!(oracle.effective_spare_pages().unwrap(), 0);
         type Mutation = (&'static str, fn(&mut GpuKvOptions));
         let bad: [Mutation; 2] = [
             ("gather blocks", |o| o.gather_blocks = 0),

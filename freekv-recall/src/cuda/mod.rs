@@ -154,7 +154,11 @@ impl ListAddrs {
         let rows = shape.rows();
         let need = [
             ("recall_count", lists.count.len(), rows),
-            ("recall_list", lists.list.len(), rows * shape.cache_pages() * 2),
+            (
+                "recall_list",
+                lists.list.len(),
+                rows * shape.cache_pages() * 2,
+            ),
             ("flags", lists.flags.len(), rows),
         ];
         for (what, have, want) in need {
