@@ -8,7 +8,9 @@
 //!   are written by the GPU (the offload kernel transposes NHD → HND and writes through the mapped
 //!   pointer when a page fills), never by a CPU core.
 //! * Device, per sparse layer: the resident slots `[bs·nb][2][P][Hkv][d]` (sinks, retrieved
-//!   pages, the recent-window ring), the page summaries `[bs][Hkv][MP][2][d]` f32, the slot
+//!   pages, the recent-window ring, then `freekv`'s spare slots: a per-head victim cache of
+//!   pages that left the top-k, skipped by the attention through a page mask written by the
+//!   selection; [`GpuKvOptions::spare_pages`]), the page summaries `[bs][Hkv][MP][2][d]` f32, the slot
 //!   tables of the middle, the recall lists and the last query. Apart from the summaries nothing
 //!   grows with the context. Prefill runs layer by layer over the whole prompt (in chunks):
 //!   a sparse layer writes its prompt KV into one of two shared scratch pools (`max_prompt`
@@ -29,11 +31,11 @@
 //!   copy per (page, head) into the slots, the host waiting, then attention.
 //! * `freekv`: (wait for the speculative recall of the previous step) → correction: per KV
 //!   head the mean cosine of `q_t` and `q_{t−1}` on the device; the flagged heads select with
-//!   `q_t` and are recalled on the correction stream (kernels launched unconditionally, exiting
-//!   at once when nothing is flagged: no host read-back) while the unflagged heads attend on the
-//!   compute stream → the flagged heads attend once their pages are in (with
-//!   [`GpuKvOptions::overlap_correction`] off, or with the streamed recall: the corrective path
-//!   on the compute stream, then one attention) → on the recall stream, after
+//!   `q_t` and their missing pages are recalled (kernels launched unconditionally, exiting at
+//!   once when nothing is flagged: no host read-back), then every head attends (with
+//!   [`GpuKvOptions::overlap_correction`] on and the gather recall: the corrective path on the
+//!   correction stream while the unflagged heads attend, the flagged heads after it) → on the
+//!   recall stream, after
 //!   an event recorded behind the attention: select every head with `q_t` and recall the
 //!   differences (zero-copy gather kernel, or the double-buffered streamed copy), to be waited
 //!   for before this layer's next attention.

@@ -3,7 +3,7 @@
 //! * [`KvConfig`] holds a run's choice ([`KvKind`]) and its parameters; [`build_policy`] turns it
 //!   into a [`KvPolicy`] for [`LlamaModel::session_with_policy`](crate::LlamaModel::session_with_policy).
 //! * [`SparseKv`] implements `quest`, `arkvale` and `freekv` (memory model and step-by-step
-//!   behaviour in the [`sparse`] module docs); [`DenseKv`](crate::DenseKv) is `full`.
+//!   behaviour in the [`sparse`] module docs); [`DenseKv`] is `full`.
 //! * [`KvStats`] are the per-run statistics (`stats()` of the policy, printed under `kv_stats`
 //!   by `freekv generate --json`), [`summary_line`] the one-line stderr summary.
 //! * [`SharedKv`] lets a caller keep a handle on the policy inside a session (to read its
