@@ -6,20 +6,6 @@
 # Needs .device/t/cuda_freekv. Run from the repository root:
 #   bash docs/device/issue5-s7-run3.sh [deadline s]
 DL=${1:-560}; . "$(dirname "$0")/common.sh"
-report() {
-python3 - "$1" <<'PY'
-import json,sys
-rows=[r for r in json.load(open(sys.argv[1]))["rows"] if r.get("ms_windows")]
-for bs in sorted({r["batch"] for r in rows}):
-    o={r["policy"]:r for r in rows if r["batch"]==bs}
-    ref=o.get("oracle")
-    for p,r in o.items():
-        w=r["ms_windows"]; n=min(len(w),len(ref["ms_windows"])) if ref else len(w)
-        last=w[n-1] if n else float("nan"); ro=ref["ms_windows"][n-1] if ref and n else float("nan")
-        st=r.get("stats") or {}
-        print(f"bs{bs} {p:26s} first {w[0]:.2f} last-common {last:.2f} ms = {last/ro:.3f}x oracle, median {r['ms_median']:.2f}, corrective {r.get('corrective_mib_per_step') or 0:.1f} MiB/step, recall {r.get('recall_mib_per_step') or 0:.1f}, corr rate {st.get('head_correction_rate')}, gpu {r.get('gpu_used_gib'):.2f} GiB, steps {r.get('steps_measured')}")
-PY
-}
 t gen8k 250 env FREEKV_BENCH_MODEL=llama-3.1-8b+persistent=0.92 FREEKV_BENCH_SCENARIOS=long-generation:8192:1536 FREEKV_BENCH_BATCHES=4 FREEKV_BENCH_POLICIES=oracle,freekv@0.9,freekv@0.9~serial~sp32,freekv@0.9~serial~sp48,freekv@0.9~sp32 FREEKV_BENCH_RUN_SECONDS=20 FREEKV_BENCH_JSON=$OUT/s7-gen8k-bs4-spare.json $D/cuda_freekv --bench
 report $OUT/s7-gen8k-bs4-spare.json
 t li4 200 env FREEKV_BENCH_MODEL=llama-3.1-8b+persistent=0.84 FREEKV_BENCH_SCENARIOS=long-input:32768:256 FREEKV_BENCH_BATCHES=4 FREEKV_BENCH_POLICIES=oracle,freekv@0.8,freekv@0.8~serial~sp32 FREEKV_BENCH_RUN_SECONDS=15 FREEKV_BENCH_JSON=$OUT/s7-li32k-bs4-spare.json $D/cuda_freekv --bench

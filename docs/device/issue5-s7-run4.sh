@@ -6,20 +6,6 @@
 # Needs .device/t/{select,cuda_freekv_test,cuda_freekv}. Run from the repository root:
 #   bash docs/device/issue5-s7-run4.sh [deadline s]
 DL=${1:-560}; . "$(dirname "$0")/common.sh"
-report() {
-python3 - "$1" <<'PY'
-import json,sys
-rows=[r for r in json.load(open(sys.argv[1]))["rows"] if r.get("ms_windows")]
-for bs in sorted({r["batch"] for r in rows}):
-    o={r["policy"]:r for r in rows if r["batch"]==bs}
-    ref=o.get("oracle")
-    for p,r in o.items():
-        w=r["ms_windows"]; n=min(len(w),len(ref["ms_windows"])) if ref else len(w)
-        last=w[n-1] if n else float("nan"); ro=ref["ms_windows"][n-1] if ref and n else float("nan")
-        st=r.get("stats") or {}
-        print(f"bs{bs} {p:26s} first {w[0]:.2f} last-common {last:.2f} ms = {last/ro:.3f}x oracle, median {r['ms_median']:.2f}, corrective {r.get('corrective_mib_per_step') or 0:.1f} MiB/step, recall {r.get('recall_mib_per_step') or 0:.1f}, units/head/step {r.get('recall_units_per_head_step')}, gpu {r.get('gpu_used_gib'):.2f} GiB")
-PY
-}
 t select 120 $D/select --test-threads=1
 grep -E "^test .*(FAILED|ok)$|panicked" "$L/select.log" | head -10
 t freekv_test 200 $D/cuda_freekv_test --test-threads=1 --nocapture

@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use freekv_kernels::cudarc::driver::CudaSlice;
+use freekv_kernels::cudarc::driver::{CudaSlice, DevicePtr};
 use freekv_kernels::half::bf16;
 use freekv_kernels::testing::gpu;
 use freekv_kernels::{
@@ -381,7 +381,7 @@ type DecodeInputs<'a> = (
 );
 
 #[test]
-fn decode_head_filter_rejects_short_flags() {
+fn decode_head_mask_rejects_short_buffers() {
     let Some(g) = gpu() else { return };
     let s = g.stream();
     let geom = PageGeometry::new(16, 2, 64).unwrap();
@@ -397,56 +397,40 @@ fn decode_head_filter_rejects_short_flags() {
     let pool = up(s, &vec![bf16::ZERO; 4 * geom.page_elems()]);
     let table = up(s, &[0i32, 1, 2, 3, 0, 1]);
     let lens = up(s, &[32i32, 5, 0]);
-    let flags = up(s, &[1i32; 5]);
     let mut out = poison_bf16(s, 3 * 4 * 64);
     let mut ws = poison_f32(s, plan.workspace_len().max(1));
-    let e = g
-        .kernels()
-        .decode_attention_heads(
-            s,
-            &plan,
-            &q,
-            &pool,
-            &table,
-            &lens,
-            &mut out,
-            &mut ws,
-            Some(HeadMask {
-                flags: &flags,
-                filter: HeadFilter::Flagged,
-                pages: None,
-            }),
-        )
-        .unwrap_err();
-    assert!(
-        matches!(e, KernelError::InvalidArgument { .. }) && e.to_string().contains("head flags"),
-        "{e}"
-    );
-    // A page mask shorter than num_pages · kv_heads (4 · 2).
-    let flags = up(s, &[1i32; 6]);
-    let short = up(s, &[0i32; 7]);
-    let e = g
-        .kernels()
-        .decode_attention_heads(
-            s,
-            &plan,
-            &q,
-            &pool,
-            &table,
-            &lens,
-            &mut out,
-            &mut ws,
-            Some(HeadMask {
-                flags: &flags,
-                filter: HeadFilter::All,
-                pages: Some(&short),
-            }),
-        )
-        .unwrap_err();
-    assert!(
-        matches!(e, KernelError::InvalidArgument { .. }) && e.to_string().contains("page mask"),
-        "{e}"
-    );
+    // Flags shorter than batch · kv_heads (3 · 2); a page mask shorter than num_pages · kv_heads
+    // (4 · 2).
+    let (short_flags, flags) = (up(s, &[1i32; 5]), up(s, &[1i32; 6]));
+    let short_mask = up(s, &[0i32; 7]);
+    let cases = [
+        (&short_flags, HeadFilter::Flagged, None, "head flags"),
+        (&flags, HeadFilter::All, Some(&short_mask), "page mask"),
+    ];
+    for (flags, filter, mask, what) in cases {
+        let e = g
+            .kernels()
+            .decode_attention_heads(
+                s,
+                &plan,
+                &q,
+                &pool,
+                &table,
+                &lens,
+                &mut out,
+                &mut ws,
+                Some(HeadMask {
+                    flags,
+                    filter,
+                    pages: mask.map(|m| m as &dyn DevicePtr<i32>),
+                }),
+            )
+            .unwrap_err();
+        assert!(
+            matches!(e, KernelError::InvalidArgument { .. }) && e.to_string().contains(what),
+            "{e}"
+        );
+    }
 }
 
 #[test]

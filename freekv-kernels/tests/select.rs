@@ -120,6 +120,18 @@ fn gen_queries(rng: &mut StdRng, n: usize, ties: bool) -> Vec<f32> {
         .collect()
 }
 
+/// Row `row`'s upper and lower summaries (`[mp][d]` each) out of `[rows][mp][2][d]`.
+fn row_summaries(sums: &[f32], row: usize, mp: usize, d: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut u = Vec::with_capacity(mp * d);
+    let mut l = Vec::with_capacity(mp * d);
+    for p in 0..mp {
+        let base = (row * mp + p) * 2 * d;
+        u.extend_from_slice(&sums[base..base + d]);
+        l.extend_from_slice(&sums[base + d..base + 2 * d]);
+    }
+    (u, l)
+}
+
 /// The contract's slot diff on one row's device arrays (`mid`: k entries, `pm`: MP entries);
 /// returns the recall list `(page, slot)`.
 fn emulate_row(
@@ -344,13 +356,7 @@ fn run_scenario(gpu: &Gpu, c: &Case, policy: GroupPolicy, kind: SummaryKind, st:
                 }
                 st.active_rows += 1;
                 let qh = &q[(b * hq + h * g) * d..(b * hq + (h + 1) * g) * d];
-                let mut u = Vec::with_capacity(mp * d);
-                let mut l = Vec::with_capacity(mp * d);
-                for p in 0..mp {
-                    let base = (row * mp + p) * 2 * d;
-                    u.extend_from_slice(&sums[base..base + d]);
-                    l.extend_from_slice(&sums[base + d..base + 2 * d]);
-                }
+                let (u, l) = row_summaries(&sums, row, mp, d);
                 let hs = HeadSummaries::new(kind, d, &u, &l).unwrap();
                 let want = selector.select(qh, hs, n).unwrap();
                 // group scores (scratch row 0 of this (seq, head)), bit for bit
@@ -740,13 +746,7 @@ fn select_with_spare_slots_matches_cpu_ranking() {
                         continue;
                     }
                     let qh = &q[(b * hq + h * g) * d..(b * hq + (h + 1) * g) * d];
-                    let mut u = Vec::with_capacity(mp * d);
-                    let mut l = Vec::with_capacity(mp * d);
-                    for p in 0..mp {
-                        let base = (row * mp + p) * 2 * d;
-                        u.extend_from_slice(&sums[base..base + d]);
-                        l.extend_from_slice(&sums[base + d..base + 2 * d]);
-                    }
+                    let (u, l) = row_summaries(&sums, row, mp, d);
                     let hs = HeadSummaries::new(SummaryKind::MinMax, d, &u, &l).unwrap();
                     let top = sel_k.select(qh, hs, n_pages[b]).unwrap();
                     let hs = HeadSummaries::new(SummaryKind::MinMax, d, &u, &l).unwrap();
