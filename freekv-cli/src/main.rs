@@ -108,10 +108,10 @@ struct GenerateArgs {
     /// default) or `streamed` (the paper's double-buffered copy).
     #[arg(long, value_name = "MODE", default_value = "gather")]
     gpu_recall: String,
-    /// freekv on the GPU: spare device slots per KV head that keep pages which left the top-k
-    /// (never attended; fewer pages recalled when the selection changes back). 0 turns them
-    /// off [default: as many as the retrieved pages].
-    #[arg(long, value_name = "PAGES")]
+    /// CUDA backend, `--kv freekv`: spare device slots per KV head that keep pages which left
+    /// the top-k (never attended; fewer pages recalled when the selection changes back). 0 turns
+    /// them off [default: as many as the retrieved pages].
+    #[arg(long, value_name = "PAGES", allow_negative_numbers = true)]
     spare_pages: Option<usize>,
     #[command(flatten)]
     kv: eval::KvArgs,

@@ -137,6 +137,8 @@ fn bad_generation_flags_give_one_clear_line() {
         (&["--max-host-kv-gib", "0", "hi"], "--max-host-kv-gib"),
         (&["--max-host-kv-gib", "-2", "hi"], "--max-host-kv-gib"),
         (&["--max-host-kv-gib", "nan", "hi"], "--max-host-kv-gib"),
+        (&["--spare-pages", "some", "hi"], "--spare-pages"),
+        (&["--spare-pages", "-1", "hi"], "--spare-pages"),
         (&[""], "the prompt is empty"),
         (
             &["--prompt-ids", "1,2,99999"],
