@@ -396,6 +396,61 @@ fn tiny_model_sparse_policies_on_the_gpu() {
     }
 }
 
+/// A sequence that starts over (truncated to 0, prefilled again) after a sparse phase decodes
+/// exactly as in a fresh batch: its spare slots' page mask is cleared for the dense phase and its
+/// next sparse step selects from scratch (eager and captured steps, bit for bit).
+#[test]
+fn restarted_sequence_with_spare_slots_matches_a_fresh_batch() {
+    let Some(g) = gpu() else { return };
+    let gguf = tiny_gguf(23, 2);
+    let model = CudaLlama::from_gguf(g, &gguf).unwrap();
+    let vocab = model.config().vocab_size as u32;
+    let mut r = StdRng::seed_from_u64(5);
+    let mut toks = |n: usize| -> Vec<u32> { (0..n).map(|_| r.random_range(3..vocab)).collect() };
+    let (first, second) = (toks(200), toks(60));
+    let feed: Vec<Vec<u32>> = (0..90).map(|_| toks(1)).collect();
+    let mut c = kv(KvKind::FreeKv, 128, 8, SummaryKind::MinMax);
+    c.set_tau("0.8").unwrap();
+    for use_graph in [true, false] {
+        let mut o = GpuKvOptions::new(c.clone());
+        o.spare_pages = Some(5);
+        let opts = BatchOptions {
+            max_seqs: 1,
+            max_seq_len: 400,
+            page_size: 8,
+            prefill_chunk: 64,
+            use_graph,
+        };
+        // The second prompt (60 tokens) is dense at first and turns sparse after 69 steps.
+        let run = |b: &mut CudaBatch| -> Vec<Vec<f32>> {
+            model.prefill(b, 0, &second).unwrap();
+            let mut out = vec![model.logits(b).unwrap()];
+            for t in &feed {
+                model.decode_step(b, t).unwrap();
+                out.push(model.logits(b).unwrap());
+            }
+            out
+        };
+        let mut fresh = model.new_batch_with_kv(opts, o.clone()).unwrap();
+        let want = run(&mut fresh);
+        let mut b = model.new_batch_with_kv(opts, o).unwrap();
+        model.prefill(&mut b, 0, &first).unwrap();
+        for t in feed.iter().take(40) {
+            model.decode_step(&mut b, t).unwrap();
+        }
+        assert!(b.kv_stats().unwrap().sparse_seq_layer_steps > 0);
+        b.truncate(0, 0).unwrap();
+        let got = run(&mut b);
+        for (step, (x, y)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                x == y,
+                "graphs {use_graph}: restarted sequence differs from a fresh batch at step {step} (rel L2 {:.2e})",
+                rel_l2(x, y)
+            );
+        }
+    }
+}
+
 #[test]
 fn long_generation_keeps_gpu_memory_flat() {
     let Some(g) = gpu() else { return };

@@ -593,6 +593,14 @@ impl SparseState {
     /// Clear the page-mask rows of the restarted sequences on `s` (every slot attended again,
     /// as the dense phase needs). Called before a decode step, outside any capture.
     pub(crate) fn clear_stale_masks(&mut self, s: &Arc<CudaStream>) -> Result<(), ModelError> {
+        if !self.mask_stale.iter().any(|&x| x) || self.layers.iter().all(|l| l.page_mask.is_none())
+        {
+            self.mask_stale.fill(false);
+            return Ok(());
+        }
+        // An eager step's speculative selections may still be writing these rows (a sequence
+        // truncated right after a step): the clear comes after them.
+        self.join_recalls(s)?;
         let row = self.shape.slots() * self.shape.kv_heads;
         for (seq, stale) in self.mask_stale.iter_mut().enumerate() {
             if !*stale {
