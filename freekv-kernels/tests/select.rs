@@ -14,10 +14,10 @@ use freekv_kernels::testing::gpu;
 use freekv_kernels::{
     FreeKvShape, Gpu, HeadFilter, KernelError, SEQ_INFO_WIDTH, SelectCache, Strided,
 };
-use freekv_layout::{Budget, SlotTable};
+use freekv_layout::{Budget, MiddleCache, SlotTable};
 use freekv_select::{
     CorrectionAggregate, CorrectionPolicy, GroupPolicy, HeadSummaries, Selector, SelectorConfig,
-    SummaryKind,
+    SummaryKind, score_key,
 };
 use rand::Rng;
 use rand::rngs::StdRng;
@@ -580,76 +580,11 @@ fn select_matches_cpu_reference_over_steps() {
     );
 }
 
-/// `freekv_select`'s order-preserving key of a score (-0 == +0, NaN lowest).
-fn score_key(s: f32) -> u32 {
-    if s.is_nan() {
-        return 0;
-    }
-    let mut b = s.to_bits();
-    if b & 0x7fff_ffff == 0 {
-        b = 0;
-    }
-    if b & 0x8000_0000 != 0 {
-        !b
-    } else {
-        b | 0x8000_0000
-    }
-}
-
-/// The contract's slot diff with spare slots (lazy eviction) on one row: `mid` has `k + x`
-/// entries; `wanted` ascending; free slots are those empty or holding an unwanted page, ordered
-/// by the score key of their page (`scores[p - ns]` of the candidates; empty and non-candidate
-/// slots lowest), then by slot; the missing wanted pages take them in order and evict only
-/// what they overwrite. Returns the recall list `(page, slot)`.
-fn emulate_row_cached(
-    shape: &FreeKvShape,
-    mode: i32,
-    wanted: &[usize],
-    scores: &[f32],
-    mid: &mut [i32],
-    pm: &mut [i32],
-) -> Vec<(i32, i32)> {
-    if mode == 1 {
-        mid.fill(-1);
-        pm.fill(-1);
-    }
-    let ns = shape.sink_pages as i32;
-    let key = |p: i32| -> u32 {
-        let c = p - ns;
-        if p >= 0 && c >= 0 && (c as usize) < scores.len() {
-            score_key(scores[c as usize])
-        } else {
-            0
-        }
-    };
-    let is_wanted = |p: i32| p >= 0 && wanted.binary_search(&(p as usize)).is_ok();
-    let mut free: Vec<usize> = (0..mid.len()).filter(|&i| !is_wanted(mid[i])).collect();
-    free.sort_by_key(|&i| (key(mid[i]), i));
-    let mut free = free.into_iter();
-    let mut rec = Vec::new();
-    for &p in wanted {
-        if mid.contains(&(p as i32)) {
-            pm[p] = mid.iter().position(|&x| x == p as i32).unwrap() as i32;
-            continue;
-        }
-        let i = free
-            .next()
-            .expect("a free middle slot for every missing page");
-        if mid[i] >= 0 {
-            pm[mid[i] as usize] = -1;
-        }
-        mid[i] = p as i32;
-        pm[p] = i as i32;
-        rec.push((p as i32, shape.middle_slot(i) as i32));
-    }
-    rec
-}
-
 /// Spare slots: a prefetching selection (filter All, `want` k + x) makes the top-(k + x)
 /// resident, the others (all rows, or the flagged ones) the top-k while keeping cached pages,
 /// overwriting the lowest-scored ones first; `selected` is always the
-/// CPU top-k, the slot state follows the lazy diff exactly, and the page mask marks exactly the
-/// middle slots outside the top-k (sink and window entries never written).
+/// CPU top-k, the slot state and the recall lists follow `freekv_layout::MiddleCache` exactly,
+/// and the page mask is its skip mask (sink and window entries never written).
 #[test]
 fn select_with_spare_slots_matches_cpu_ranking() {
     let Some(gpu) = gpu() else { return };
@@ -664,6 +599,9 @@ fn select_with_spare_slots_matches_cpu_ranking() {
         let mut r = rng(c.seed + 100);
         let sums = gen_summaries(&mut r, rows, mp, d, c.ties);
         let d_sums = up(s, &sums);
+        let mut caches: Vec<MiddleCache> = (0..rows)
+            .map(|_| MiddleCache::new(k, spare).unwrap())
+            .collect();
         let mut mid_exp = vec![-1i32; rows * cap];
         let mut pm_exp = vec![-1i32; rows * mp];
         let mut mask_exp = vec![7i32; c.bs * nb * c.hkv];
@@ -766,24 +704,39 @@ fn select_with_spare_slots_matches_cpu_ranking() {
                         &want_sel[..],
                         "{ctx}: selected"
                     );
-                    let rec = emulate_row_cached(
-                        &shape,
-                        mode,
-                        &wanted,
-                        top.scores(),
-                        &mut mid_exp[row * cap..(row + 1) * cap],
-                        &mut pm_exp[row * mp..(row + 1) * mp],
-                    );
+                    let cache = &mut caches[row];
+                    if mode == 1 {
+                        cache.clear();
+                    }
+                    let scores = top.scores();
+                    let key = |p: usize| {
+                        p.checked_sub(c.ns)
+                            .and_then(|i| scores.get(i))
+                            .map_or(0, |&x| score_key(x))
+                    };
+                    let rec: Vec<(i32, i32)> = cache
+                        .select(&wanted, key)
+                        .unwrap()
+                        .recalls
+                        .iter()
+                        .map(|&(p, i)| (p as i32, shape.middle_slot(i) as i32))
+                        .collect();
                     assert_eq!(got_rc[row] as usize, rec.len(), "{ctx}: recall_count");
                     let rl = &got_rl[row * cap * 2..(row + 1) * cap * 2];
                     for (m, &(p, sl)) in rec.iter().enumerate() {
                         assert_eq!((rl[2 * m], rl[2 * m + 1]), (p, sl), "{ctx}: recall {m}");
                     }
                     recalls += rec.len();
-                    for i in 0..cap {
-                        let p = mid_exp[row * cap + i];
-                        let skip = !(p >= 0 && top.pages().contains(&(p as usize)));
-                        mask_exp[(b * nb + shape.middle_slot(i)) * c.hkv + h] = i32::from(skip);
+                    // mid_page is the cache's row, page_mid its inverse (−1 elsewhere).
+                    let pm_row = &mut pm_exp[row * mp..(row + 1) * mp];
+                    pm_row.fill(-1);
+                    let skip = cache.skip_mask(top.pages());
+                    for (i, page) in cache.pages().iter().enumerate() {
+                        mid_exp[row * cap + i] = page.map_or(-1, |p| p as i32);
+                        if let Some(p) = page {
+                            pm_row[*p] = i as i32;
+                        }
+                        mask_exp[(b * nb + shape.middle_slot(i)) * c.hkv + h] = i32::from(skip[i]);
                     }
                 }
             }

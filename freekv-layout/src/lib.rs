@@ -17,6 +17,8 @@
 //! * [`Budget`] (sink / retrieved / window pages per layer), [`SlotTable`] (slot ↔ logical page per
 //!   (sequence, layer, KV head)), [`LayerResidency`] (all heads of one layer) and
 //!   [`SlotDiff`] (kept / to-recall / victims of a selection);
+//! * [`MiddleCache`], one head's middle slots with spare slots beyond the top-k (lazy,
+//!   lowest-scored-first eviction): the reference of the GPU path's spare slots;
 //! * [`SlotPool`], the NHD resident buffer of the CPU backend.
 //!
 //! This crate never touches CUDA and never moves KV bytes between host and device (that is
@@ -47,6 +49,7 @@ mod error;
 mod geometry;
 mod kv_cache;
 mod layout;
+mod middle_cache;
 mod pool;
 mod slot_pool;
 mod slots;
@@ -58,6 +61,7 @@ pub use kv_cache::PagedKvCache;
 pub use layout::{
     PageLayout, hnd_to_nhd, hnd_unit_to_nhd_slice, nhd_slice_to_hnd_unit, nhd_to_hnd,
 };
+pub use middle_cache::{CacheDiff, MiddleCache};
 pub use pool::{HostPagePool, PageId};
 pub use slot_pool::SlotPool;
 pub use slots::{LayerResidency, NO_ENTRY, SlotDiff, SlotPage, SlotTable};
