@@ -289,8 +289,8 @@ fn tiny_model_sparse_policies_on_the_gpu() {
             st.to_json()
         );
         assert!(st.heads_checked > 0);
-        // The corrective path overlapping the unflagged heads' attention (the default) gives
-        // the same logits, bit for bit, as the serial path, in graphs and eagerly, whatever
+        // The corrective path overlapping the unflagged heads' attention gives the same
+        // logits, bit for bit, as the serial path (the default), in graphs and eagerly, whatever
         // the corrective gather's block count; and it is exercised (some heads flagged, some
         // not).
         assert!(
