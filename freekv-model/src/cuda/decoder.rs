@@ -1749,26 +1749,20 @@ impl CudaBatch {
             scale: None,
         };
         let sparse = match kv {
-            Some(kvo) => {
-                let nb = kvo.kv.budget_pages()?.total_pages() + kvo.effective_spare_pages()?;
-                Some(SparseState::new(
-                    &m.gpu,
-                    kvo,
-                    &SparseDims {
-                        n_layers: cfg.n_layers,
-                        q_heads: cfg.n_heads,
-                        kv_heads: cfg.n_kv_heads,
-                        head_dim: cfg.head_dim,
-                        max_seqs: opts.max_seqs,
-                        max_seq_len: opts.max_seq_len,
-                        use_graph: opts.use_graph,
-                    },
-                    AttentionShape {
-                        table_stride: nb,
-                        ..shape
-                    },
-                )?)
-            }
+            Some(kvo) => Some(SparseState::new(
+                &m.gpu,
+                kvo,
+                &SparseDims {
+                    n_layers: cfg.n_layers,
+                    q_heads: cfg.n_heads,
+                    kv_heads: cfg.n_kv_heads,
+                    head_dim: cfg.head_dim,
+                    max_seqs: opts.max_seqs,
+                    max_seq_len: opts.max_seq_len,
+                    use_graph: opts.use_graph,
+                },
+                shape,
+            )?),
             None => None,
         };
         let mut kv = Vec::with_capacity(cfg.n_layers);

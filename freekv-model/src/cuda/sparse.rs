@@ -366,6 +366,8 @@ pub(crate) struct SparseDims {
 }
 
 impl SparseState {
+    /// The sparse state of a batch; `plan_shape` is the model's attention shape (its
+    /// `table_stride` is set here to the physical slots of a sequence).
     pub(crate) fn new(
         gpu: &Arc<Gpu>,
         opts: GpuKvOptions,
@@ -493,6 +495,11 @@ impl SparseState {
         }
         let slot_table: Vec<i32> = (0..(bs * nb) as i32).collect();
         let meta_len = StepPlan::offsets(bs, nb)[6];
+        // The attention's table holds every physical slot of a sequence (spare ones included).
+        let plan_shape = freekv_kernels::AttentionShape {
+            table_stride: nb,
+            ..plan_shape
+        };
         let plan = kernels.plan_decode(plan_shape, bs, nb * p)?;
         let scratch_len = shape.select_scratch_len().max(1);
         let ctx = s.context();
