@@ -34,7 +34,9 @@
 //! at equal positions), `FREEKV_BENCH_BUDGET` / `_SINK` / `_WINDOW` /
 //! `_PAGE` (tokens; default 2048 / 512 / 512 / 32, the paper's), `FREEKV_BENCH_TAU` (default
 //! 0.8 for long input and 0.9 for long generation, the paper's), `FREEKV_BENCH_MAX_SECONDS`
-//! (skip what would start after this budget), `FREEKV_BENCH_JSON` (write the results there).
+//! (skip what would start after this budget), `FREEKV_BENCH_JSON` (write the results there),
+//! `FREEKV_BENCH_PROFILE_STEPS` (profile that many steps after the warm-up of each
+//! configuration under `ncu --profile-from-start off`).
 //! A policy `freekv@T` is `freekv` with τ = T (a sweep maps the correction rate to the step
 //! time); modifiers `~serial` (the corrective path not overlapping the unflagged heads'
 //! attention), `~cbN` (blocks of the corrective gather) and `~gbN` (blocks of the speculative
@@ -392,11 +394,23 @@ fn run_one(
         .ok()
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or(15.0);
+    // `FREEKV_BENCH_PROFILE_STEPS=N`: the N steps after the warm-up run between
+    // cuProfilerStart and cuProfilerStop, so that `ncu --profile-from-start off` sees the decode
+    // steps only (not the weight init or the context fill).
+    let profile_steps = env_usize("FREEKV_BENCH_PROFILE_STEPS", 0);
     let t_run = Instant::now();
     let mut times = Vec::with_capacity(sc.generate);
     for step in 0..sc.generate + warm {
         if step > warm && t_run.elapsed().as_secs_f64() > cap_s {
             break;
+        }
+        if profile_steps > 0 && step == warm {
+            gpu.synchronize().map_err(|e| e.to_string())?;
+            cudarc::driver::profiler_start().map_err(|e| format!("cuProfilerStart: {e}"))?;
+        }
+        if profile_steps > 0 && step == warm + profile_steps {
+            gpu.synchronize().map_err(|e| e.to_string())?;
+            cudarc::driver::profiler_stop().map_err(|e| format!("cuProfilerStop: {e}"))?;
         }
         let t0 = Instant::now();
         model
