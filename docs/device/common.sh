@@ -28,14 +28,17 @@ print(min(r,key=lambda x:abs(x["stats"]["head_correction_rate"]-float(sys.argv[3
     echo "calibrated ($policy, target $rate): $S"
 }
 # report JSON: per batch, each policy's first and last-common 256-step window against oracle's,
-# with the recall volumes (the session-7 ablations).
+# with the recall volumes (the session-7 ablations); grouped by scenario and context when a file
+# holds several.
 report() {
 python3 - "$1" <<'PY'
 import json,sys
 rows=[r for r in json.load(open(sys.argv[1]))["rows"] if r.get("ms_windows")]
-for bs in sorted({r["batch"] for r in rows}):
-    o={r["policy"]:r for r in rows if r["batch"]==bs}
+for key in sorted({(r.get("scenario",""),r.get("context",0),r["batch"]) for r in rows}):
+    sc,ctx,bs=key
+    o={r["policy"]:r for r in rows if (r.get("scenario",""),r.get("context",0),r["batch"])==key}
     ref=o.get("oracle")
+    if len({(r.get("scenario",""),r.get("context",0)) for r in rows})>1: print(f"{sc} {ctx}:")
     for p,r in o.items():
         w=r["ms_windows"]; n=min(len(w),len(ref["ms_windows"])) if ref else len(w)
         last=w[n-1] if n else float("nan"); ro=ref["ms_windows"][n-1] if ref and n else float("nan")

@@ -48,7 +48,7 @@ __device__ __forceinline__ void decode_attn(const bf16* __restrict__ q, u64 q_st
                                             u32 kv_heads, u32 group, u32 page_size, u32 num_pages, u32 chunk,
                                             u32 num_splits, float scale_log2,
                                             const i32* __restrict__ head_flags, u32 head_filter,
-                                            const i32* __restrict__ page_mask) {
+                                            const i32* __restrict__ page_mask, u32 compact) {
     static_assert(G >= 1 && G <= 8, "one n8 mma tile holds at most 8 heads");
     static_assert(D == 64 || D == 128, "head dim 64 or 128");
     constexpr int CH = D / 8;         // 16-byte chunks per K/V row
@@ -79,13 +79,50 @@ __device__ __forceinline__ void decode_attn(const bf16* __restrict__ q, u64 q_st
     i32 len = seq_lens[b];
     const i32 cap = (i32)(table_stride * page_size);
     len = len < 0 ? 0 : (len > cap ? cap : len);
+    const i32* table = page_table + (u64)b * table_stride;
+    // Compaction (`compact`, with a page mask): the block first lists in shared memory, in table
+    // order, the pages this KV head attends (valid and not masked), and the splits divide those
+    // pages' tokens only, so the slots a head skips cost nothing and the plan can be made for
+    // the attended length. Every page is full but the sequence's last one (the table's last).
+    // Adding the same tokens in the same order as a table without the skipped pages, this gives
+    // that table's result bit for bit.
+    const i32* cpage = nullptr;
+    if (compact != 0u && page_mask != nullptr) {
+        i32* list = reinterpret_cast<i32*>(kv_smem + DEC_WARPS * DEC_STAGES * (2 * DEC_WTILE * CH));
+        __shared__ int s_wcnt[DEC_WARPS];
+        const int np = (len + (i32)page_size - 1) / (i32)page_size;
+        int total = 0;
+        for (int base = 0; base < np; base += DEC_THREADS) {
+            const int pi = base + tid;
+            bool keep = false;
+            if (pi < np) {
+                const i32 pg = table[pi];
+                keep = pg >= 0 && (u32)pg < num_pages && page_mask[(u64)pg * kv_heads + kvh] == 0;
+            }
+            const u32 bal = __ballot_sync(0xffffffffu, keep);
+            if (lane == 0) s_wcnt[warp] = __popc(bal);
+            __syncthreads();
+            int off = total, all = total;
+#pragma unroll
+            for (int w = 0; w < DEC_WARPS; ++w) {
+                off += (w < warp) ? s_wcnt[w] : 0;
+                all += s_wcnt[w];
+            }
+            if (keep) list[off + __popc(bal & ((1u << lane) - 1u))] = pi;
+            total = all;
+            __syncthreads();
+        }
+        cpage = list;
+        i32 clen = total * (i32)page_size;
+        if (total > 0 && list[total - 1] == np - 1) clen -= np * (i32)page_size - len;
+        len = clen;
+    }
     const i32 start = (i32)(split * chunk);
     // The last split takes every remaining token, so lengths above the planned maximum stay exact.
     const i32 end = (split + 1 == num_splits) ? len : min(len, start + (i32)chunk);
     const int ntiles = end > start ? (end - start + DEC_WTILE - 1) / DEC_WTILE : 0;
     const int nk = ntiles > warp ? (ntiles - warp + DEC_WARPS - 1) / DEC_WARPS : 0;
 
-    const i32* table = page_table + (u64)b * table_stride;
     const u64 row = (u64)kv_heads * D;
     const u64 page_elems = 2ull * page_size * row;
     uint4* wsm = kv_smem + warp * (DEC_STAGES * WSTAGE);
@@ -115,11 +152,13 @@ __device__ __forceinline__ void decode_attn(const bf16* __restrict__ q, u64 q_st
             const int slot = r * CH + (part ^ (r & 7));
             bool ok = false;
             if (pos < end) {
-                const i32 pg = table[pi];
+                const i32 pg = table[cpage != nullptr ? cpage[pi] : (i32)pi];
                 // page_mask (optional, [num_pages][kv_heads]): non-zero = this KV head skips
-                // the page (a cached page outside its selection), exactly as an invalid page.
+                // the page (a cached page outside its selection), exactly as an invalid page
+                // (already left out of a compacted list).
                 if (pg >= 0 && (u32)pg < num_pages &&
-                    (page_mask == nullptr || page_mask[(u64)pg * kv_heads + kvh] == 0)) {
+                    (page_mask == nullptr || cpage != nullptr ||
+                     page_mask[(u64)pg * kv_heads + kvh] == 0)) {
                     ok = true;
                     const bf16* kp = pages + (u64)pg * page_elems + (u64)po * row + (u64)kvh * D + part * 8;
                     cp_async16(dk + slot, kp);
@@ -303,10 +342,10 @@ __device__ __forceinline__ void decode_attn(const bf16* __restrict__ q, u64 q_st
         const i32 *__restrict__ page_table, u32 table_stride, const i32 *__restrict__ seq_lens,            \
         bf16 *__restrict__ out, float *__restrict__ ws_acc, float *__restrict__ ws_ml, u32 q_heads,        \
         u32 kv_heads, u32 group, u32 page_size, u32 num_pages, u32 chunk, u32 num_splits, float scale_log2, \
-        const i32 *__restrict__ head_flags, u32 head_filter, const i32 *__restrict__ page_mask
+        const i32 *__restrict__ head_flags, u32 head_filter, const i32 *__restrict__ page_mask, u32 compact
 #define DECODE_PASS                                                                                      \
     q, q_stride, pages, page_table, table_stride, seq_lens, out, ws_acc, ws_ml, q_heads, kv_heads, group, \
-        page_size, num_pages, chunk, num_splits, scale_log2, head_flags, head_filter, page_mask
+        page_size, num_pages, chunk, num_splits, scale_log2, head_flags, head_filter, page_mask, compact
 #define DECODE_INST(D, G)                                                                        \
     extern "C" __global__ void __launch_bounds__(DEC_THREADS, (D) == 64 ? 4 : 2)                        \
         decode_attn_d##D##_g##G(DECODE_ARGS) {                                                           \

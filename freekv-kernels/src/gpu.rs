@@ -14,10 +14,18 @@ use crate::probe::{self, DeviceInfo};
 /// One CUDA device ready for work: its primary context (event tracking disabled), a compute
 /// stream, the compiled kernels and the matrix products bound to that stream (cuBLAS or the
 /// native tensor-core GEMM, see [`GemmChoice`]).
+///
+/// The compute stream has the device's greatest stream priority (unless
+/// `FREEKV_STREAM_PRIORITY=off`), so that work on side streams made by
+/// [`CudaStream::fork`] (default, least priority: background recalls and offloads) takes the
+/// multiprocessors the critical path leaves free rather than delaying its kernels; graphs keep
+/// the distinction when instantiated with [`Gpu::graph_flags`].
 #[derive(Debug)]
 pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
+    /// Priority of [`Gpu::stream`] (CUDA: lower is more urgent); `None` = the default.
+    priority: Option<i32>,
     kernels: Kernels,
     matmul: Matmul,
     info: DeviceInfo,
@@ -57,15 +65,25 @@ impl Gpu {
             None => GemmChoice::from_env()?,
         };
         let include_dirs = compile::resolve_include_dirs()?;
-        let stream = ctx
-            .new_stream()
-            .map_err(KernelError::driver("creating the compute stream"))?;
+        let priority = if priorities_from_env()? {
+            let (_least, greatest) = cudarc::driver::result::stream::get_priority_range()
+                .map_err(KernelError::driver("reading the stream priority range"))?;
+            Some(greatest)
+        } else {
+            None
+        };
+        let stream = match priority {
+            Some(p) => ctx.new_stream_with_priority(p),
+            None => ctx.new_stream(),
+        }
+        .map_err(KernelError::driver("creating the compute stream"))?;
         let kernels = Kernels::load(&ctx, &info, &include_dirs, cache_dir.as_deref())?;
         let matmul = Matmul::with_cache_dir(stream.clone(), choice, 0, cache_dir.as_deref())?;
         tracing::debug!(device = %info, gemm = %matmul.backend(), "CUDA device ready");
         Ok(Self {
             ctx,
             stream,
+            priority,
             kernels,
             matmul,
             info,
@@ -80,6 +98,35 @@ impl Gpu {
     /// The compute stream every launcher of this handle's [`Matmul`] uses.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
+    }
+
+    /// A new stream as urgent as [`Gpu::stream`] (for work that runs beside the critical path
+    /// but is on it, such as an overlapped corrective recall); it starts unordered with respect
+    /// to every other stream.
+    pub fn urgent_stream(&self) -> Result<Arc<CudaStream>, KernelError> {
+        match self.priority {
+            Some(p) => self.ctx.new_stream_with_priority(p),
+            None => self.ctx.new_stream(),
+        }
+        .map_err(KernelError::driver("creating an urgent stream"))
+    }
+
+    /// Whether [`Gpu::stream`] runs at a raised priority (see the type's documentation).
+    pub fn prioritized(&self) -> bool {
+        self.priority.is_some()
+    }
+
+    /// Instantiation flags for graphs captured on [`Gpu::stream`]: with priorities on, each
+    /// kernel node keeps the priority of the stream it was captured from
+    /// (`CUDA_GRAPH_INSTANTIATE_FLAG_USE_NODE_PRIORITY`), so captured side-stream work stays
+    /// behind the critical path as it does eagerly.
+    pub fn graph_flags(&self) -> cudarc::driver::sys::CUgraphInstantiate_flags {
+        use cudarc::driver::sys::CUgraphInstantiate_flags as F;
+        if self.priority.is_some() {
+            F::CUDA_GRAPH_INSTANTIATE_FLAG_USE_NODE_PRIORITY
+        } else {
+            F(0)
+        }
     }
 
     /// The compiled kernels and their launchers.
@@ -117,5 +164,48 @@ impl Gpu {
         self.stream
             .synchronize()
             .map_err(KernelError::driver("stream synchronize"))
+    }
+}
+
+/// `FREEKV_STREAM_PRIORITY`: `on` (default; also empty or unset) or `off`.
+fn priorities_from_env() -> Result<bool, KernelError> {
+    parse_priority_setting(std::env::var("FREEKV_STREAM_PRIORITY").ok().as_deref())
+}
+
+fn parse_priority_setting(v: Option<&str>) -> Result<bool, KernelError> {
+    match v.map(str::trim) {
+        None | Some("") | Some("on") | Some("1") => Ok(true),
+        Some("off") | Some("0") => Ok(false),
+        Some(other) => Err(KernelError::arg(
+            "FREEKV_STREAM_PRIORITY",
+            format!("{other:?}: expected on or off"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_priority_setting_parses() {
+        for (v, want) in [
+            (None, true),
+            (Some(""), true),
+            (Some("on"), true),
+            (Some(" 1 "), true),
+        ] {
+            assert_eq!(parse_priority_setting(v).unwrap(), want, "{v:?}");
+        }
+        for v in ["off", "0"] {
+            assert!(!parse_priority_setting(Some(v)).unwrap());
+        }
+        let e = parse_priority_setting(Some("high"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("FREEKV_STREAM_PRIORITY") && e.contains("high"),
+            "{e}"
+        );
     }
 }

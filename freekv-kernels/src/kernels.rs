@@ -26,6 +26,10 @@ pub const fn decode_smem_bytes(d: usize) -> usize {
     DECODE_STAGES * 2 * 64 * d * 2
 }
 
+/// Most table entries per sequence for which a page-masked decode attention compacts each KV
+/// head's attended pages in shared memory (4 bytes each); longer tables are read with the mask.
+pub const DECODE_COMPACT_PAGES: usize = 2048;
+
 /// Dynamic shared memory of the prefill kernel for head dim `d`: two stages of 64-token K and V
 /// tiles with rows padded by 8 elements.
 pub const fn prefill_smem_bytes(d: usize) -> usize {
@@ -173,7 +177,7 @@ impl Kernels {
             for f in row {
                 f.set_attribute(
                     CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    decode_smem_bytes(d) as i32,
+                    (decode_smem_bytes(d) + 4 * DECODE_COMPACT_PAGES) as i32,
                 )
                 .map_err(KernelError::driver("decode attention shared memory size"))?;
             }

@@ -9,7 +9,8 @@ use freekv_kernels::cudarc::driver::{CudaSlice, DevicePtr};
 use freekv_kernels::half::bf16;
 use freekv_kernels::testing::gpu;
 use freekv_kernels::{
-    AttentionShape, DecodePlan, Gpu, HeadFilter, HeadMask, KernelError, PrefillPlan, Strided,
+    AttentionShape, DECODE_COMPACT_PAGES, DecodePlan, Gpu, HeadFilter, HeadMask, KernelError,
+    PrefillPlan, Strided,
 };
 use freekv_layout::PageGeometry;
 use rand::Rng;
@@ -297,8 +298,9 @@ fn check_head_filter(
 }
 
 /// The per-head page mask on a fresh random mask: KV head h's output equals, bit for bit, an
-/// unmasked launch whose page table drops the pages h skips (the mask takes the invalid-page
-/// path); head-filtered launches with the mask reproduce the masked launch.
+/// unmasked launch whose page table lists only the pages h attends (the kernel compacts them;
+/// for tables longer than DECODE_COMPACT_PAGES, a table with the skipped entries set to -1,
+/// the invalid-page path); head-filtered launches with the mask reproduce the masked launch.
 fn check_page_mask(
     g: &Gpu,
     r: &mut StdRng,
@@ -338,18 +340,57 @@ fn check_page_mask(
     };
     let masked = run(dtab, &[mk(HeadFilter::All)]);
     let table = down(s, dtab);
+    let stride = table.len() / batch.max(1);
+    // Tables up to DECODE_COMPACT_PAGES entries are compacted per KV head by the kernel: the
+    // reference is then a table listing only the pages the head attends (in order) and the
+    // length of their tokens; longer tables take the invalid-page path (entries set to -1).
+    let compacted = stride <= DECODE_COMPACT_PAGES;
+    let lens = &c.lens;
     for kvh in 0..c.kv_heads {
-        let dropped: Vec<i32> = table
-            .iter()
-            .map(|&p| {
-                if p >= 0 && (p as usize) < num_pages && mask[p as usize * c.kv_heads + kvh] != 0 {
-                    -1
-                } else {
-                    p
+        let skip =
+            |p: i32| p < 0 || (p as usize) >= num_pages || mask[p as usize * c.kv_heads + kvh] != 0;
+        let (ref_table, ref_lens): (Vec<i32>, Vec<i32>) = if compacted {
+            let mut t = vec![-1i32; table.len()];
+            let mut l = vec![0i32; batch];
+            for b in 0..batch {
+                let row = &table[b * stride..(b + 1) * stride];
+                let np = lens[b].div_ceil(c.page).min(stride);
+                let mut n = 0;
+                for (pi, &p) in row.iter().enumerate().take(np) {
+                    if !skip(p) {
+                        t[b * stride + n] = p;
+                        n += 1;
+                        l[b] += (lens[b] - pi * c.page).min(c.page) as i32;
+                    }
                 }
-            })
-            .collect();
-        let want = run(&up(s, &dropped), &[None]);
+            }
+            (t, l)
+        } else {
+            let t = table
+                .iter()
+                .map(|&p| if skip(p) && p >= 0 { -1 } else { p })
+                .collect();
+            (t, lens.iter().map(|&l| l as i32).collect())
+        };
+        let dl = up(s, &ref_lens);
+        let want = {
+            let mut out = poison_bf16(s, batch * hq * c.d);
+            let mut ws = poison_f32(s, plan.workspace_len().max(1));
+            g.kernels()
+                .decode_attention_heads(
+                    s,
+                    plan,
+                    dq,
+                    dpool,
+                    &up(s, &ref_table),
+                    &dl,
+                    &mut out,
+                    &mut ws,
+                    None,
+                )
+                .unwrap();
+            down(s, &out)
+        };
         for b in 0..batch {
             for h in kvh * c.group..(kvh + 1) * c.group {
                 let at = (b * hq + h) * c.d..(b * hq + h + 1) * c.d;
@@ -358,7 +399,7 @@ fn check_page_mask(
                         .iter()
                         .zip(&want[at])
                         .all(|(x, w)| x.to_bits() == w.to_bits()),
-                    "{what}: page mask, seq {b} query head {h}: differs from dropping its pages"
+                    "{what}: page mask, seq {b} query head {h}: differs from dropping its pages (compacted {compacted})"
                 );
             }
         }
@@ -503,7 +544,9 @@ fn decode_long_context_split_k_8k_32k() {
             group: 4,
             kv_heads: 8,
             d: 128,
-            page: 32,
+            // 2049 table entries: past DECODE_COMPACT_PAGES, the page mask takes the
+            // uncompacted path.
+            page: 16,
             lens: vec![32768, 20000],
             fused_q: false,
         },

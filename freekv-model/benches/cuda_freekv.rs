@@ -458,6 +458,8 @@ fn run_one(
         "steps_measured": times.len(),
         "tokens_per_s": bs as f64 * 1e3 / mean,
         "graph": b.has_graph(),
+        // The compute stream above the side streams (FREEKV_STREAM_PRIORITY).
+        "stream_priority": gpu.prioritized(),
         "gpu_used_gib": (total - free) as f64 / (1u64 << 30) as f64,
         "gpu_used_end_gib": (total - free_end) as f64 / (1u64 << 30) as f64,
         "gpu_sparse_state_gib": b.sparse_device_bytes() as f64 / (1u64 << 30) as f64,

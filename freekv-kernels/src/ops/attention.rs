@@ -6,8 +6,8 @@ use half::bf16;
 
 use crate::KernelError;
 use crate::kernels::{
-    ATTENTION_HEAD_DIMS, Kernels, MAX_DECODE_GROUP_TILE, Strided, check_align, check_len,
-    decode_smem_bytes, grid_dim, mul, prefill_smem_bytes, u32_arg,
+    ATTENTION_HEAD_DIMS, DECODE_COMPACT_PAGES, Kernels, MAX_DECODE_GROUP_TILE, Strided,
+    check_align, check_len, decode_smem_bytes, grid_dim, mul, prefill_smem_bytes, u32_arg,
 };
 use crate::ops::select::HeadFilter;
 
@@ -382,10 +382,14 @@ impl Kernels {
         let ws_acc = wp;
         let ws_ml = if ws_need > 0 { wp + 4 * acc_len } else { wp };
         let f = &self.decode[di][gt - 1];
+        // A masked launch compacts each KV head's attended pages (shared memory, one i32 per
+        // table entry) when the table is short enough.
+        let compact: u32 = u32::from(pmp != 0 && shape.table_stride <= DECODE_COMPACT_PAGES);
+        let smem = decode_smem_bytes(g.head_dim) + 4 * compact as usize * shape.table_stride;
         let cfg = LaunchConfig {
             grid_dim: (gx, gy, gz),
             block_dim: (DECODE_THREADS, 1, 1),
-            shared_mem_bytes: decode_smem_bytes(g.head_dim) as u32,
+            shared_mem_bytes: smem as u32,
         };
         let mut b = stream.launch_builder(f);
         b.arg(&qp)
@@ -404,7 +408,11 @@ impl Kernels {
             .arg(&num_pages_u)
             .arg(&chunk)
             .arg(&splits);
-        b.arg(&scale_log2).arg(&hfp).arg(&hfilter).arg(&pmp);
+        b.arg(&scale_log2)
+            .arg(&hfp)
+            .arg(&hfilter)
+            .arg(&pmp)
+            .arg(&compact);
         // SAFETY: argument types match the kernel; sizes and alignment checked above (the head
         // flags, when given, hold batch · kv_heads entries; null with filter 0 is never read;
         // the page mask, when given, num_pages · kv_heads entries, null is never read);

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use freekv_kernels::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use freekv_kernels::cudarc::driver::sys::CUstreamCaptureMode;
 use freekv_kernels::cudarc::driver::{CudaGraph, CudaSlice, CudaView, DevicePtr, DriverError};
 use freekv_kernels::half::bf16;
 use freekv_kernels::ops::gemv::QkvRows;
@@ -680,7 +680,7 @@ impl CudaLlama {
         s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(drv("beginning the graph capture"))?;
         let r = self.forward(b, Phase::Decode, 0..self.weights.layers.len());
-        let g = s.end_capture(CUgraphInstantiate_flags(0));
+        let g = s.end_capture(self.gpu.graph_flags());
         r?;
         g.map_err(drv("ending the graph capture"))?
             .ok_or_else(|| ModelError::Config("graph capture recorded nothing".into()))

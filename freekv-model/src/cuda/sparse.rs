@@ -496,11 +496,19 @@ impl SparseState {
         let slot_table: Vec<i32> = (0..(bs * nb) as i32).collect();
         let meta_len = StepPlan::offsets(bs, nb)[6];
         // The attention's table holds every physical slot of a sequence (spare ones included).
+        // With spare slots each KV head attends only its budget's pages (the page mask skips
+        // the rest, and the kernel compacts each head's pages when the table is short enough):
+        // the splits are planned for the budget's length.
         let plan_shape = freekv_kernels::AttentionShape {
             table_stride: nb,
             ..plan_shape
         };
-        let plan = kernels.plan_decode(plan_shape, bs, nb * p)?;
+        let attended = if spare && nb <= freekv_kernels::DECODE_COMPACT_PAGES {
+            budget.total_pages()
+        } else {
+            nb
+        };
+        let plan = kernels.plan_decode(plan_shape, bs, attended * p)?;
         let scratch_len = shape.select_scratch_len().max(1);
         let ctx = s.context();
         let mut attn_done = Vec::with_capacity(n_sparse);
@@ -571,7 +579,9 @@ impl SparseState {
                     .map_err(oom("allocating selection scratch".into()))?,
             ],
             recall_stream: s.fork().map_err(drv("creating the recall stream"))?,
-            correction_stream: s.fork().map_err(drv("creating the correction stream"))?,
+            // On the critical path (the flagged heads' attention waits for it): as urgent as
+            // the compute stream, unlike the speculative recall stream.
+            correction_stream: gpu.urgent_stream()?,
             flags_ready: ctx.new_event(None).map_err(drv("creating an event"))?,
             correction_done: ctx.new_event(None).map_err(drv("creating an event"))?,
             attn_done,
