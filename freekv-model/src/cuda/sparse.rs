@@ -503,12 +503,11 @@ impl SparseState {
             table_stride: nb,
             ..plan_shape
         };
-        let attended = if spare && nb <= freekv_kernels::DECODE_COMPACT_PAGES {
-            budget.total_pages()
-        } else {
-            nb
-        };
-        let plan = kernels.plan_decode(plan_shape, bs, attended * p)?;
+        let plan = kernels.plan_decode(
+            plan_shape,
+            bs,
+            attended_pages(budget.total_pages(), nb, spare) * p,
+        )?;
         let scratch_len = shape.select_scratch_len().max(1);
         let ctx = s.context();
         let mut attn_done = Vec::with_capacity(n_sparse);
@@ -788,9 +787,35 @@ impl SparseState {
     }
 }
 
+/// Pages per sequence the decode attention of a sparse layer is planned for: with spare slots
+/// (a page mask) each KV head attends only its budget's pages, which the kernel compacts when
+/// the table of `slots` entries is short enough; otherwise it walks every slot.
+fn attended_pages(budget_pages: usize, slots: usize, masked: bool) -> usize {
+    if masked && slots <= freekv_kernels::DECODE_COMPACT_PAGES {
+        budget_pages.min(slots)
+    } else {
+        slots
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn attention_is_planned_for_the_attended_pages() {
+        // The paper's budget (16 + 32 + 16 pages) with 32 spare slots: planned for 64 pages.
+        assert_eq!(attended_pages(64, 96, true), 64);
+        // No spare slots, no mask: every slot.
+        assert_eq!(attended_pages(64, 64, false), 64);
+        // A table past the kernel's compaction limit is walked whole.
+        let big = freekv_kernels::DECODE_COMPACT_PAGES + 1;
+        assert_eq!(attended_pages(64, big, true), big);
+        assert_eq!(
+            attended_pages(64, freekv_kernels::DECODE_COMPACT_PAGES, true),
+            64
+        );
+    }
 
     #[test]
     fn options_reject_zero_block_counts() {
