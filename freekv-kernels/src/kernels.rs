@@ -30,6 +30,12 @@ pub const fn decode_smem_bytes(d: usize) -> usize {
 /// head's attended pages in shared memory (4 bytes each); longer tables are read with the mask.
 pub const DECODE_COMPACT_PAGES: usize = 2048;
 
+/// Whether a page-masked decode attention over tables of `table_stride` entries compacts each
+/// KV head's attended pages (and so costs only those pages' tokens).
+pub const fn masked_decode_compacts(table_stride: usize) -> bool {
+    table_stride <= DECODE_COMPACT_PAGES
+}
+
 /// Dynamic shared memory of the prefill kernel for head dim `d`: two stages of 64-token K and V
 /// tiles with rows padded by 8 elements.
 pub const fn prefill_smem_bytes(d: usize) -> usize {

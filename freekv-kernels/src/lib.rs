@@ -43,7 +43,7 @@ pub use error::KernelError;
 pub use gemm::{Gemm, GemmBackend, GemmChoice, LinearDims, Matmul};
 pub use gpu::Gpu;
 pub use host::MappedHostBuffer;
-pub use kernels::{DECODE_COMPACT_PAGES, Kernels, Strided};
+pub use kernels::{DECODE_COMPACT_PAGES, Kernels, Strided, masked_decode_compacts};
 pub use ops::attention::{AttentionShape, DecodePlan, HeadMask, PrefillPlan};
 pub use ops::elementwise::{KvSource, PageTableLayout, RopeConfig, RopeLayout, RopeStyle};
 pub use ops::recall::DeviceCounters;

@@ -6,8 +6,8 @@ use half::bf16;
 
 use crate::KernelError;
 use crate::kernels::{
-    ATTENTION_HEAD_DIMS, DECODE_COMPACT_PAGES, Kernels, MAX_DECODE_GROUP_TILE, Strided,
-    check_align, check_len, decode_smem_bytes, grid_dim, mul, prefill_smem_bytes, u32_arg,
+    ATTENTION_HEAD_DIMS, Kernels, MAX_DECODE_GROUP_TILE, Strided, check_align, check_len,
+    decode_smem_bytes, grid_dim, masked_decode_compacts, mul, prefill_smem_bytes, u32_arg,
 };
 use crate::ops::select::HeadFilter;
 
@@ -384,7 +384,7 @@ impl Kernels {
         let f = &self.decode[di][gt - 1];
         // A masked launch compacts each KV head's attended pages (shared memory, one i32 per
         // table entry) when the table is short enough.
-        let compact: u32 = u32::from(pmp != 0 && shape.table_stride <= DECODE_COMPACT_PAGES);
+        let compact: u32 = u32::from(pmp != 0 && masked_decode_compacts(shape.table_stride));
         let smem = decode_smem_bytes(g.head_dim) + 4 * compact as usize * shape.table_stride;
         let cfg = LaunchConfig {
             grid_dim: (gx, gy, gz),

@@ -791,7 +791,7 @@ impl SparseState {
 /// (a page mask) each KV head attends only its budget's pages, which the kernel compacts when
 /// the table of `slots` entries is short enough; otherwise it walks every slot.
 fn attended_pages(budget_pages: usize, slots: usize, masked: bool) -> usize {
-    if masked && slots <= freekv_kernels::DECODE_COMPACT_PAGES {
+    if masked && freekv_kernels::masked_decode_compacts(slots) {
         budget_pages.min(slots)
     } else {
         slots
