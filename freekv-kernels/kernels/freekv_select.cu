@@ -150,20 +150,45 @@ extern "C" __global__ void __launch_bounds__(FKS_CORR_THREADS) freekv_correction
         // Every head is flagged and nobody reads the cosine: skip it.
         if (threadIdx.x == 0) flags[row] = 1;
     } else if (mode == 2) {
-        // freekv_select::cosine: three sums in index order, a = q_prev, b = q.
-        for (int j = threadIdx.x; j < group; j += blockDim.x) {
+        // freekv_select::cosine: each of the three sums in 8 lanes (thread 8 j + k holds lane k
+        // of head j, a = q_prev, b = q), combined by xor shuffles in the reference's order, then
+        // the tail (d % 8 terms, in order). Block-uniform trip count: every lane shuffles.
+        const int body = (head_dim / 8) * 8;
+        for (int base = 0; base < group * 8; base += blockDim.x) {
+            const int t = base + threadIdx.x;
+            const int j = min(t >> 3, group - 1), k = t & 7;
             const float* a = ps + j * head_dim;
             const bf16* c = qs + j * head_dim;
             float dot = 0.0f, na = 0.0f, nb = 0.0f;
-            for (int i = 0; i < head_dim; ++i) {
+            for (int i = k; i < body; i += 8) {
                 const float x = a[i];
                 const float y = bf2f(c[i]);
                 dot = __fadd_rn(dot, __fmul_rn(x, y));
                 na = __fadd_rn(na, __fmul_rn(x, x));
                 nb = __fadd_rn(nb, __fmul_rn(y, y));
             }
-            const float den = __fadd_rn(__fsqrt_rn(__fmul_rn(na, nb)), __uint_as_float(0x2b8cbcccu));
-            cos_s[j] = __fdiv_rn(dot, den);
+#pragma unroll
+            for (int o = 4; o > 0; o >>= 1) {
+                dot = __fadd_rn(dot, __shfl_xor_sync(0xffffffffu, dot, o, 8));
+                na = __fadd_rn(na, __shfl_xor_sync(0xffffffffu, na, o, 8));
+                nb = __fadd_rn(nb, __shfl_xor_sync(0xffffffffu, nb, o, 8));
+            }
+            if (t < group * 8 && k == 0) {
+                float td = 0.0f, ta = 0.0f, tb = 0.0f;
+                for (int i = body; i < head_dim; ++i) {
+                    const float x = a[i];
+                    const float y = bf2f(c[i]);
+                    td = __fadd_rn(td, __fmul_rn(x, y));
+                    ta = __fadd_rn(ta, __fmul_rn(x, x));
+                    tb = __fadd_rn(tb, __fmul_rn(y, y));
+                }
+                dot = __fadd_rn(dot, td);
+                na = __fadd_rn(na, ta);
+                nb = __fadd_rn(nb, tb);
+                const float den =
+                    __fadd_rn(__fsqrt_rn(__fmul_rn(na, nb)), __uint_as_float(0x2b8cbcccu));
+                cos_s[j] = __fdiv_rn(dot, den);
+            }
         }
         __syncthreads();
         if (threadIdx.x == 0) {
@@ -306,52 +331,71 @@ FKS_SCORE_KERNEL(256)
 // likely to be wanted again stay cached.
 //
 // Dynamic shared memory (ints): sel[cache], free_slots[cache], res[cache], att[k], fkey[cache],
-// ford[cache], hist[256], tmp[32], then floats: head_max[G], parts[G * 9], head_sum[G],
+// ford[cache], hist[512], tmp[32], then floats: head_max[G], parts[G * 9], head_sum[G],
 // tile[FKS_SOFTMAX_TILE].
 
 // Exact top-`kk` of the n keys of sc (ties to the lower index) compacted ascending into out:
-// out[j] = ns + i. Every thread must call it.
+// out[j] = ns + i. Every thread must call it. `hist` holds 512 ints (two histograms: a pass
+// counts into one while the other is cleared for the next pass).
+//
+// Radix select on 8-bit digits, most significant first; a pass stops the search early when
+// every key of the threshold bucket is taken (the compaction then compares masked keys), so
+// typical rows need two or three passes instead of four. Keys of one digit in a warp are
+// counted by one atomic (match_any), so clustered scores do not serialise on a shared bin.
 __device__ void fks_topk_compact(const float* __restrict__ sc, int n, int kk, int ns,
                                  int* __restrict__ out, int* hist, int* tmp, int* bcast) {
-    const int tid = threadIdx.x;
+    const int tid = threadIdx.x, lane = tid & 31;
     const bool take_all = kk >= n;
     u32 prefix = 0u, pmask = 0u;
     int rem = kk;
     if (!take_all) {
+        for (int t = tid; t < 256; t += blockDim.x) hist[t] = 0;
+        __syncthreads();
+        int cur = 0;
         for (int shift = 24; shift >= 0; shift -= 8) {
-            for (int t = tid; t < 256; t += blockDim.x) hist[t] = 0;
-            __syncthreads();
-            for (int i = tid; i < n; i += blockDim.x) {
-                const u32 key = fks_score_key(sc[i]);
-                if ((key & pmask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1);
+            int* h = hist + cur * 256;
+            int* hn = hist + (cur ^ 1) * 256;
+            // Block-uniform trip count: every lane reaches the match_any.
+            for (int base = 0; base < n; base += blockDim.x) {
+                const int i = base + tid;
+                const u32 key = (i < n) ? fks_score_key(sc[i]) : 0u;
+                const bool act = i < n && (key & pmask) == prefix;
+                const u32 d = act ? ((key >> shift) & 255u) : 256u;
+                const u32 peers = __match_any_sync(0xffffffffu, d);
+                if (act && lane == __ffs(peers) - 1) atomicAdd(&h[d], __popc(peers));
             }
+            for (int t = tid; t < 256; t += blockDim.x) hn[t] = 0;
             __syncthreads();
-            // Thread t < 256 owns digit 255 - t: an inclusive scan over t counts the keys whose
-            // digit is >= 255 - t.
-            const int cnt = (tid < 256) ? hist[255 - tid] : 0;
+            // Thread t < 256 owns digit 255 - t: an exclusive scan over t counts the keys whose
+            // digit is > 255 - t.
+            const int cnt = (tid < 256) ? h[255 - tid] : 0;
             int tot;
             const int excl = fks_block_exscan(cnt, tmp, tot);
             if (tid < 256 && excl < rem && rem <= excl + cnt) {
                 bcast[0] = 255 - tid;
                 bcast[1] = rem - excl;
+                bcast[2] = (rem - excl == cnt) ? 1 : 0;  // the whole bucket is taken
             }
             __syncthreads();
             prefix |= (u32)bcast[0] << shift;
             pmask |= 255u << shift;
             rem = bcast[1];
-            __syncthreads();
+            const bool done = bcast[2] != 0;
+            // bcast is written again only after the next pass's scan (two more barriers).
+            cur ^= 1;
+            if (done) break;
         }
     }
-    const u32 thr = prefix;
-    // Ordered compaction: selected = key > T, plus the first `rem` keys equal to T, ascending
-    // page. One packed scan per tile: equal-to-T count in the high half, greater in the low half.
+    // Ordered compaction: selected = masked key > T, plus the first `rem` masked keys equal to
+    // T, ascending page. One packed scan per tile: equal count in the high half, greater in the
+    // low half.
     int run_eq = 0, run_sel = 0;
     for (int base = 0; base < n; base += blockDim.x) {
         const int i = base + tid;
         const bool valid = i < n;
-        const u32 key = valid ? fks_score_key(sc[i]) : 0u;
-        const bool gt = valid && (take_all || key > thr);
-        const bool eq = valid && !take_all && key == thr;
+        const u32 key = valid ? (fks_score_key(sc[i]) & pmask) : 0u;
+        const bool gt = valid && (take_all || key > prefix);
+        const bool eq = valid && !take_all && key == prefix;
         int tot;
         const int excl = fks_block_exscan((eq ? 0x10000 : 0) + (gt ? 1 : 0), tmp, tot);
         const int gt_excl = excl & 0xffff, eq_excl = excl >> 16;
@@ -362,6 +406,32 @@ __device__ void fks_topk_compact(const float* __restrict__ sc, int n, int kk, in
         run_eq += eq_tot;
         run_sel += gt_tot + min(eq_tot, quota);
     }
+}
+
+// The top-`kk` of the `kw` pages of `sel` (ascending pages, kw <= blockDim.x), ranked by their
+// score keys with ties to the lower page, compacted ascending into out. The same pages as a
+// top-`kk` over all candidates: the top-`kw` is a prefix of the same total order. `key` holds
+// kw words. Every thread must call it.
+__device__ void fks_topk_of_subset(const float* __restrict__ sc, const int* __restrict__ sel,
+                                   int kw, int kk, int ns, int* __restrict__ out, u32* key,
+                                   int* tmp) {
+    const int j = threadIdx.x;
+    const bool valid = j < kw;
+    if (valid) key[j] = fks_score_key(sc[sel[j] - ns]);
+    __syncthreads();
+    bool take = false;
+    if (valid) {
+        const u32 kj = key[j];
+        int rank = 0;
+        for (int i = 0; i < kw; ++i) {
+            const u32 ki = key[i];
+            rank += (ki > kj || (ki == kj && i < j)) ? 1 : 0;
+        }
+        take = rank < kk;
+    }
+    int tot;
+    const int pos = fks_block_exscan(take ? 1 : 0, tmp, tot);
+    if (take) out[pos] = sel[j];
 }
 
 // Binary search of page p in the ascending list a[0..len).
@@ -388,12 +458,12 @@ extern "C" __global__ void __launch_bounds__(FKS_SELECT_THREADS) freekv_select_r
     u32* fkey = reinterpret_cast<u32*>(att + top_k);
     int* ford = reinterpret_cast<int*>(fkey + cache);
     int* hist = ford + cache;
-    int* tmp = hist + 256;
+    int* tmp = hist + 512;
     float* head_max = reinterpret_cast<float*>(tmp + 32);
     float* parts = head_max + group;
     float* head_sum = parts + group * 9;
     float* tile = head_sum + group;  // FKS_SOFTMAX_TILE floats
-    __shared__ int bcast[2];
+    __shared__ int bcast[3];
 
     const int tid = threadIdx.x;
     const int row = blockIdx.x;
@@ -495,7 +565,9 @@ extern "C" __global__ void __launch_bounds__(FKS_SELECT_THREADS) freekv_select_r
     const int kk = min(top_k, n);
     fks_topk_compact(sc, n, kw, ns, sel, hist, tmp, bcast);
     __syncthreads();
-    if (kw > kk) {
+    if (kw > kk && kw <= (int)blockDim.x) {
+        fks_topk_of_subset(sc, sel, kw, kk, ns, att, fkey, tmp);
+    } else if (kw > kk) {
         fks_topk_compact(sc, n, kk, ns, att, hist, tmp, bcast);
     } else {
         for (int j = tid; j < kk; j += blockDim.x) att[j] = sel[j];

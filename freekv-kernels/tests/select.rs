@@ -973,9 +973,15 @@ fn correction_matches_cpu_reference() {
     let (mut rows_checked, mut cos_checked, mut cos_exact, mut flagged) = (0, 0, 0, 0);
     let mut cos_nan = 0;
     let mut worst = 0.0f64;
-    for (si, &(d, g, hkv, bs)) in [(128, 4, 2, 4), (64, 7, 1, 3), (64, 1, 3, 2), (128, 8, 1, 3)]
-        .iter()
-        .enumerate()
+    for (si, &(d, g, hkv, bs)) in [
+        (128, 4, 2, 4),
+        (64, 7, 1, 3),
+        (64, 1, 3, 2),
+        (128, 8, 1, 3),
+        (64, 32, 1, 2),
+    ]
+    .iter()
+    .enumerate()
     {
         let shape = FreeKvShape {
             seqs: bs,

@@ -258,12 +258,12 @@ impl FreeKvShape {
 
     /// Dynamic shared memory of the per-row selection kernel, in bytes.
     fn select_smem_bytes(&self) -> usize {
-        // ints: sel[C] free[C] res[C] att[k] key[C] order[C] hist[256] tmp[32]; floats: max[G]
+        // ints: sel[C] free[C] res[C] att[k] key[C] order[C] hist[2][256] tmp[32]; floats: max[G]
         // parts[9G] sum[G] tile
         self.cache_pages()
             .saturating_mul(5)
             .saturating_add(self.top_k)
-            .saturating_add(256 + 32 + SOFTMAX_TILE)
+            .saturating_add(512 + 32 + SOFTMAX_TILE)
             .saturating_add(self.group.saturating_mul(11))
             .saturating_mul(4)
     }

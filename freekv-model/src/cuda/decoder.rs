@@ -1503,20 +1503,6 @@ impl CudaLlama {
         if n_layers == 0 && layers.end == 0 {
             k.rmsnorm(s, &b.x, &w.output_norm, &mut b.xn, t, h, eps)?;
         }
-        // A step that may be captured joins its speculative recalls before it ends.
-        if let (Phase::Decode, Some(st)) = (phase, b.sparse.as_mut()) {
-            if b.opts.use_graph && st.opts.graph_capturable() {
-                st.join_recalls_in_step(s)?;
-            }
-            if st.opts.collect_stats && st.opts.kv.kind == KvKind::FreeKv {
-                let fl = st.shape.rows();
-                for (si, layer) in st.layers.iter().enumerate() {
-                    let mut dst = st.flags_all.slice_mut(si * fl..(si + 1) * fl);
-                    s.memcpy_dtod(&layer.flags, &mut dst)
-                        .map_err(drv("gathering correction flags"))?;
-                }
-            }
-        }
         let v = cfg.vocab_size;
         match phase {
             Phase::Decode => match fused {
@@ -1536,6 +1522,22 @@ impl CudaLlama {
                 let last = b.xn.slice((n - 1) * h..n * h);
                 let mut row = b.logits.slice_mut(seq * v..(seq + 1) * v);
                 self.blas.linear(&last, w.head(), &mut row, 1, h, v)?
+            }
+        }
+        // A step that may be captured joins its speculative recalls before it ends: after the
+        // output head, which hides the last layers' speculative branches (they write only the
+        // sparse layers' slots and tables, which the head does not read).
+        if let (Phase::Decode, Some(st)) = (phase, b.sparse.as_mut()) {
+            if b.opts.use_graph && st.opts.graph_capturable() {
+                st.join_recalls_in_step(s)?;
+            }
+            if st.opts.collect_stats && st.opts.kv.kind == KvKind::FreeKv {
+                let fl = st.shape.rows();
+                for (si, layer) in st.layers.iter().enumerate() {
+                    let mut dst = st.flags_all.slice_mut(si * fl..(si + 1) * fl);
+                    s.memcpy_dtod(&layer.flags, &mut dst)
+                        .map_err(drv("gathering correction flags"))?;
+                }
             }
         }
         Ok(())
