@@ -6,7 +6,8 @@
 //! to [`GEMV_MAX_TOKENS`].
 //!
 //! Set `FREEKV_GEMV=0` to send every product to the GEMM backend (for before/after
-//! measurements).
+//! measurements), or `FREEKV_GEMV=N` (1 to [`GEMV_MAX_TOKENS`]) to send the decode steps of up
+//! to `N` rows to the `gemv` kernels (and their fused operations) whatever the backend.
 
 use std::sync::Arc;
 
@@ -34,14 +35,36 @@ pub(crate) struct Blas {
     mm: Matmul,
     /// `None` when disabled through [`GEMV_ENV`].
     gemv: Option<GemvKernels>,
+    /// Most token rows of a decode step the `gemv` kernels take, set through [`GEMV_ENV`]
+    /// (`None`: the backend's default).
+    gemv_tokens: Option<usize>,
+}
+
+/// [`GEMV_ENV`]: unset, empty or `1`.. as before (`None`: the default split; `Some(0)`: off;
+/// `Some(n)`: up to `n` rows, at most [`GEMV_MAX_TOKENS`]). Anything else is an error naming the
+/// variable.
+fn parse_gemv_setting(v: Option<&str>) -> Result<Option<usize>, ModelError> {
+    let Some(v) = v.map(str::trim).filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    match v.parse::<usize>() {
+        Ok(n) if n <= GEMV_MAX_TOKENS => Ok(Some(n)),
+        _ => Err(ModelError::Config(format!(
+            "{GEMV_ENV}=`{v}`: expected 0 (off) or up to {GEMV_MAX_TOKENS} token rows"
+        ))),
+    }
 }
 
 impl Blas {
     /// The products of `gpu`'s stream with `gpu`'s GEMM backend; `gemv` kernels unless
     /// `FREEKV_GEMV=0`.
     pub(crate) fn new(gpu: &Gpu) -> Result<Self, ModelError> {
-        let enabled = std::env::var(GEMV_ENV).map_or(true, |v| v.trim() != "0");
-        Self::with_options(gpu.stream().clone(), enabled, gpu.gemm_backend())
+        let setting = std::env::var(GEMV_ENV).ok();
+        let tokens = parse_gemv_setting(setting.as_deref())?;
+        let mut b =
+            Self::with_options(gpu.stream().clone(), tokens != Some(0), gpu.gemm_backend())?;
+        b.gemv_tokens = tokens.filter(|&n| n > 0);
+        Ok(b)
     }
 
     /// The products of `stream` with the `gemv` kernels on or off and the GEMM `backend`, both
@@ -60,6 +83,7 @@ impl Blas {
         Ok(Self {
             mm: Matmul::new(stream, backend.into(), WORKSPACE_BYTES)?,
             gemv,
+            gemv_tokens: None,
         })
     }
 
@@ -70,6 +94,9 @@ impl Blas {
 
     /// Most token rows a plain product sends to the `gemv` kernels (see the module docs).
     fn gemv_max_tokens(&self) -> usize {
+        if let Some(n) = self.gemv_tokens {
+            return n;
+        }
         match self.backend() {
             GemmBackend::Cublas => GEMV_PREFERRED_MAX_TOKENS,
             GemmBackend::Native => GEMV_MAX_TOKENS,
@@ -105,9 +132,9 @@ impl Blas {
     /// The `gemv` kernels when a decode step of `tokens` rows should use them, fused operations
     /// included (up to [`GEMV_PREFERRED_MAX_TOKENS`] rows; `None` when disabled).
     pub(crate) fn fused_kernels(&self, tokens: usize) -> Option<&GemvKernels> {
-        self.gemv
-            .as_ref()
-            .filter(|_| (1..=GEMV_PREFERRED_MAX_TOKENS).contains(&tokens))
+        self.gemv.as_ref().filter(|_| {
+            (1..=self.gemv_tokens.unwrap_or(GEMV_PREFERRED_MAX_TOKENS)).contains(&tokens)
+        })
     }
 
     /// Whether the `gemv` kernels serve this product (decided on the host: shape and alignment).
@@ -128,6 +155,18 @@ mod tests {
     use freekv_kernels::cudarc::driver::CudaSlice;
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn gemv_setting() {
+        assert_eq!(parse_gemv_setting(None).unwrap(), None);
+        assert_eq!(parse_gemv_setting(Some(" ")).unwrap(), None);
+        assert_eq!(parse_gemv_setting(Some("0")).unwrap(), Some(0));
+        assert_eq!(parse_gemv_setting(Some("4")).unwrap(), Some(4));
+        for bad in ["9", "on", "-1"] {
+            let e = parse_gemv_setting(Some(bad)).unwrap_err().to_string();
+            assert!(e.contains(GEMV_ENV) && e.contains(bad), "{e}");
+        }
+    }
 
     fn rand_bf16(r: &mut StdRng, n: usize, a: f32) -> Vec<bf16> {
         (0..n)
