@@ -439,6 +439,15 @@ impl Matmul {
         &self.stream
     }
 
+    /// With cuBLAS: size the products for `sms` multiprocessors (0: all), see
+    /// [`Gemm::set_sm_count_target`]. The native GEMM sizes its grid by the problem: no-op.
+    pub fn set_sm_count_target(&self, sms: u32) -> Result<(), KernelError> {
+        match &self.imp {
+            MatmulImpl::Cublas(g) => g.set_sm_count_target(sms),
+            MatmulImpl::Native(_) => Ok(()),
+        }
+    }
+
     /// The cuBLAS handle, with the cuBLAS backend.
     pub fn cublas(&self) -> Option<&Gemm> {
         match &self.imp {

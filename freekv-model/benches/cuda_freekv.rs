@@ -40,7 +40,8 @@
 //! A policy `freekv@T` is `freekv` with τ = T (a sweep maps the correction rate to the step
 //! time); modifiers `~serial` (the corrective path not overlapping the unflagged heads'
 //! attention), `~cbN` (blocks of the corrective gather) and `~gbN` (blocks of the speculative
-//! gather) give the ablations, e.g. `freekv@0.9~serial~cb8` is the session-5 path.
+//! gather) give the ablations, e.g. `freekv@0.9~serial~cb8` is the session-5 path; `~rsN` sets
+//! the SMs the decode products leave to the speculative branch (`GpuKvOptions::reserve_sms`).
 //! A scenario whose name starts with `prefill` runs the real prefill of `context` random token
 //! ids per sequence (timed; sparse policies stream it to the host layer by layer)
 //! instead of filling the context with random KV.
@@ -128,6 +129,9 @@ fn kv_options(policy: &str, scenario: &Scenario) -> Result<Option<GpuKvOptions>,
         o.spare_pages = Some(n);
     }
     o.spare_prefetch = spec.spare_prefetch;
+    if let Some(n) = spec.reserve_sms {
+        o.reserve_sms = n;
+    }
     if let Some(n) = spec.gather_blocks {
         o.gather_blocks = n;
     }

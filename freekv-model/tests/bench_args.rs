@@ -89,6 +89,11 @@ fn policies_parse_with_tau_and_modifiers() {
         args::parse_policy("freekv~sp0").unwrap().spare_pages,
         Some(0)
     );
+    assert_eq!(
+        args::parse_policy("freekv~rs8").unwrap().reserve_sms,
+        Some(8)
+    );
+    assert_eq!(args::parse_policy("freekv").unwrap().reserve_sms, None);
     let p = args::parse_policy(" oracle ").unwrap();
     assert_eq!(
         (p.base.as_str(), p.tau, p.overlap, p.correction_blocks),
@@ -104,6 +109,8 @@ fn policies_parse_with_tau_and_modifiers() {
         "freekv~fs2",
         "freekv~sp",
         "freekv~sp-1",
+        "freekv~rs",
+        "freekv~rsx",
     ] {
         let e = args::parse_policy(bad).unwrap_err();
         assert!(e.contains("policy"), "{bad}: {e}");

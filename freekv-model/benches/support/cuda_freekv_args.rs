@@ -103,6 +103,8 @@ pub struct PolicySpec {
     pub spare_pages: Option<usize>,
     /// `~pf`: the speculative selection prefetches into the spare slots.
     pub spare_prefetch: bool,
+    /// `~rsN`: SMs the decode products leave to the speculative branch (`~rs0`: none).
+    pub reserve_sms: Option<usize>,
 }
 
 /// Parses a [`PolicySpec`]; an unknown or malformed modifier is an error.
@@ -124,6 +126,7 @@ pub fn parse_policy(text: &str) -> Result<PolicySpec, String> {
         gather_blocks: None,
         spare_pages: None,
         spare_prefetch: false,
+        reserve_sms: None,
     };
     let blocks = |m: &str, v: &str| -> Result<usize, String> {
         match v.parse::<usize>() {
@@ -142,6 +145,11 @@ pub fn parse_policy(text: &str) -> Result<PolicySpec, String> {
             spec.correction_blocks = Some(blocks(m, v)?);
         } else if let Some(v) = m.strip_prefix("gb") {
             spec.gather_blocks = Some(blocks(m, v)?);
+        } else if let Some(v) = m.strip_prefix("rs") {
+            spec.reserve_sms =
+                Some(v.parse::<usize>().map_err(|_| {
+                    format!("policy {text:?}: modifier ~{m} needs an SM count ≥ 0")
+                })?);
         } else if let Some(v) = m.strip_prefix("sp") {
             spec.spare_pages =
                 Some(v.parse::<usize>().map_err(|_| {
@@ -149,7 +157,7 @@ pub fn parse_policy(text: &str) -> Result<PolicySpec, String> {
                 })?);
         } else {
             return Err(format!(
-                "policy {text:?}: unknown modifier ~{m} (serial, overlap, cbN, gbN, spN, pf)"
+                "policy {text:?}: unknown modifier ~{m} (serial, overlap, cbN, gbN, spN, pf, rsN)"
             ));
         }
     }

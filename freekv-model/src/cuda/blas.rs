@@ -87,6 +87,14 @@ impl Blas {
         })
     }
 
+    /// Sizes the GEMM backend's products for `sms` multiprocessors (0: all of them), leaving the
+    /// others to the kernels of other streams.
+    pub(crate) fn set_sm_target(&self, sms: usize) -> Result<(), ModelError> {
+        let n = u32::try_from(sms)
+            .map_err(|_| ModelError::Config(format!("SM target {sms} out of range")))?;
+        Ok(self.mm.set_sm_count_target(n)?)
+    }
+
     /// The GEMM backend of the products the `gemv` kernels do not take.
     pub(crate) fn backend(&self) -> GemmBackend {
         self.mm.backend()

@@ -644,6 +644,43 @@ impl CudaLlama {
                 .map_err(drv("uploading sparse step metadata"))?;
             st.last_plan = Some(plan);
         }
+        // freekv with reserved SMs: the products of an eager or captured step are sized for the
+        // other SMs (a replayed graph keeps the sizes it was captured with).
+        let reserve = b
+            .sparse
+            .as_ref()
+            .filter(|st| st.opts.kv.kind == KvKind::FreeKv)
+            .map_or(0, |st| st.opts.reserve_sms);
+        let sized = reserve > 0 && b.graph.is_none();
+        if sized {
+            let sms = self.gpu.info().sm_count as usize;
+            if reserve >= sms {
+                return Err(ModelError::Config(format!(
+                    "reserve_sms {reserve} leaves none of the device's {sms} SMs to the products"
+                )));
+            }
+            self.blas.set_sm_target(sms - reserve)?;
+        }
+        let mode = self.run_decode(b);
+        if sized {
+            self.blas.set_sm_target(0)?;
+        }
+        let mode = mode?;
+        for l in &mut b.lens {
+            *l += 1;
+        }
+        if let Some(st) = b.sparse.as_mut() {
+            st.account_step(s)?;
+        }
+        Ok(mode)
+    }
+
+    /// The forward pass of one decode step: the captured graph replayed, captured now, or eager.
+    fn run_decode(&self, b: &mut CudaBatch) -> Result<StepMode, ModelError> {
+        let graph_ok = b
+            .sparse
+            .as_ref()
+            .is_none_or(|st| st.opts.graph_capturable());
         let mode = if let Some(g) = &b.graph {
             g.launch().map_err(drv("launching the decode graph"))?;
             StepMode::Replayed
@@ -666,12 +703,6 @@ impl CudaLlama {
             b.eager_steps += 1;
             StepMode::Eager
         };
-        for l in &mut b.lens {
-            *l += 1;
-        }
-        if let Some(st) = b.sparse.as_mut() {
-            st.account_step(s)?;
-        }
         Ok(mode)
     }
 

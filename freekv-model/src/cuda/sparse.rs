@@ -137,6 +137,11 @@ pub struct GpuKvOptions {
     pub host_max_bytes: Option<usize>,
     /// Read back the correction flags after every step for [`GpuKvStats`] (one small copy).
     pub collect_stats: bool,
+    /// `freekv`: multiprocessors the decode step's cuBLAS products leave free (they are sized
+    /// for the device's SMs minus these), so that the speculative branch on the recall stream
+    /// does not hold an SM a one-wave product waits for. 0: products sized for every SM.
+    /// Ignored by the other policies and by the native GEMM.
+    pub reserve_sms: usize,
 }
 
 /// Default thread blocks of the gather kernel.
@@ -160,6 +165,7 @@ impl GpuKvOptions {
             max_prompt: None,
             host_max_bytes: None,
             collect_stats: true,
+            reserve_sms: 0,
         }
     }
 
