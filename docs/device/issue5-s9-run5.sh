@@ -1,5 +1,7 @@
 #!/bin/bash
 # Issue-5 device call (session 9), everything left in one call (device starts were scarce):
+# (0) the model tests (with reserved SMs: the same step results, and an error for a reserve that
+#     leaves no SM);
 # (1) is freekv's remaining gap the speculative branch delaying the products? cuBLAS sizes its
 #     decode products for one wave over every SM, so a product that starts while a selection or
 #     gather block holds an SM waits for it. A/B at a 16K context, batch 4, 512 steps each:
@@ -12,6 +14,8 @@
 # From the repository root: bash docs/device/issue5-s9-run5.sh [deadline s]
 DL=${1:-585}; . "$(dirname "$0")/common.sh"
 M=llama-3.1-8b+persistent=0.92
+t model 60 $D/cuda_freekv_test --test-threads=1
+grep -E "panicked|FAILED" $L/model.log | head -5
 ab() { # NAME POLICIES
     t "$1" 110 env FREEKV_BENCH_MODEL=$M FREEKV_BENCH_SCENARIOS=long-generation:16384:512 FREEKV_BENCH_BATCHES=4 FREEKV_BENCH_POLICIES=$2 FREEKV_BENCH_RUN_SECONDS=5 FREEKV_BENCH_JSON=$OUT/s9-rs-$1.json $D/cuda_freekv --bench
 }

@@ -452,6 +452,67 @@ fn restarted_sequence_with_spare_slots_matches_a_fresh_batch() {
 }
 
 #[test]
+fn reserved_sms_keep_the_step_results() {
+    let Some(g) = gpu() else { return };
+    let sms = g.info().sm_count as usize;
+    let gguf = tiny_gguf(29, 2);
+    let model = CudaLlama::from_gguf(g, &gguf).unwrap();
+    let vocab = model.config().vocab_size as u32;
+    let mut r = StdRng::seed_from_u64(17);
+    let mut toks = |n: usize| -> Vec<u32> { (0..n).map(|_| r.random_range(3..vocab)).collect() };
+    let prompts = vec![toks(150), toks(90)];
+    let feed: Vec<Vec<u32>> = (0..40).map(|_| toks(2)).collect();
+    let mut c = kv(KvKind::FreeKv, 64, 8, SummaryKind::MinMax);
+    c.set_tau("0.8").unwrap();
+    for use_graph in [true, false] {
+        let base = GpuKvOptions::new(c.clone());
+        let mut reserved = base.clone();
+        reserved.reserve_sms = sms / 4;
+        let (want, _, _) = run_gpu(
+            &model,
+            Some(base),
+            &prompts,
+            8,
+            feed.len(),
+            Some(&feed),
+            use_graph,
+        );
+        let (got, _, b) = run_gpu(
+            &model,
+            Some(reserved),
+            &prompts,
+            8,
+            feed.len(),
+            Some(&feed),
+            use_graph,
+        );
+        assert!(b.kv_stats().unwrap().sparse_seq_layer_steps > 0);
+        for (step, (x, y)) in got.iter().zip(&want).enumerate() {
+            let e = rel_l2(x, y);
+            assert!(
+                e < 1e-2,
+                "graphs {use_graph}, step {step}: rel L2 {e:.2e} with reserved SMs"
+            );
+        }
+    }
+    // A reserve that leaves no SM is an error of the step, not a panic.
+    let mut all = GpuKvOptions::new(c);
+    all.reserve_sms = sms;
+    let opts = BatchOptions {
+        max_seqs: 1,
+        max_seq_len: 200,
+        page_size: 8,
+        prefill_chunk: 64,
+        use_graph: true,
+    };
+    let mut b = model.new_batch_with_kv(opts, all).unwrap();
+    model.prefill(&mut b, 0, &prompts[1]).unwrap();
+    let e = model.decode_step(&mut b, &[5]).unwrap_err().to_string();
+    assert!(e.contains("reserve_sms"), "{e}");
+    assert_eq!(b.lens(), &[90]);
+}
+
+#[test]
 fn long_generation_keeps_gpu_memory_flat() {
     let Some(g) = gpu() else { return };
     let gguf = tiny_gguf(5, 2);
