@@ -45,3 +45,43 @@ for key in sorted({(r.get("scenario",""),r.get("context",0),r["batch"]) for r in
         print(f"bs{bs} {p:26s} first {w[0]:.2f} last-common {last:.2f} ms = {last/ro:.3f}x oracle, median {r['ms_median']:.2f}, corrective {r.get('corrective_mib_per_step') or 0:.1f} MiB/step, recall {r.get('recall_mib_per_step') or 0:.1f}, units/head/step {r.get('recall_units_per_head_step')}, gpu {r.get('gpu_used_gib'):.2f} GiB")
 PY
 }
+
+# prof NAME BINARY SCENARIO POLICY: ncu kernel by kernel (gpu__time_duration, clocks left alone)
+# over 3 decode steps at batch 4 through the bench's FREEKV_BENCH_PROFILE_STEPS hook; prints
+# calls, µs per step and µs per call by stream and kernel ($B: the bench model; PROF_LIMIT and
+# PROF_SECONDS: the time limit and the bench run seconds, default 100 and 30).
+prof() {
+    t "prof_$1" "${PROF_LIMIT:-100}" env FREEKV_BENCH_MODEL=$B FREEKV_BENCH_SCENARIOS="$3" FREEKV_BENCH_BATCHES=4 FREEKV_BENCH_POLICIES="$4" FREEKV_BENCH_PROFILE_STEPS=3 FREEKV_BENCH_RUN_SECONDS="${PROF_SECONDS:-30}" \
+        ncu --profile-from-start off --clock-control none --metrics gpu__time_duration.sum -o "/tmp/prof_$1" -f "$2" --bench
+    ncu -i "/tmp/prof_$1.ncu-rep" --csv --page raw --metrics gpu__time_duration.sum > "$L/prof_$1.csv" 2>&1
+    python3 - "$L/prof_$1.csv" "$1" <<'PY'
+import csv,sys,collections
+rows=list(csv.reader(open(sys.argv[1])))
+h=rows[0]; ki=h.index("Kernel Name"); si=h.index("Stream"); ti=h.index("gpu__time_duration.sum")
+unit=rows[1][ti]; scale={"nsecond":1e-3,"usecond":1,"msecond":1e3}.get(unit,1)
+agg=collections.defaultdict(lambda:[0,0.0])
+for r in rows[2:]:
+    if len(r)<=ti: continue
+    try: v=float(r[ti].replace(",",""))*scale
+    except ValueError: continue
+    k=(r[si],r[ki].split("(")[0][:48]); agg[k][0]+=1; agg[k][1]+=v
+tot=sum(v[1] for v in agg.values())/3
+print(f"== {sys.argv[2]}: {tot:.0f} us of kernels per step (3 steps), by stream and kernel: calls/step, us/step, us/call")
+for (s,k),(n,v) in sorted(agg.items(),key=lambda x:-x[1][1]):
+    print(f"  s{s:>3} {k:48s} {n/3:6.1f} {v/3:8.1f} {v/max(n,1):7.2f}")
+PY
+}
+
+# windows JSON...: a long generation's step time per 256-step window against oracle's at the same
+# positions (1K prompt), each policy of the files, with its correction rate and recall volumes.
+windows() {
+python3 - "$@" <<'PY'
+import json,sys,os
+rows=[r for f in sys.argv[1:] if os.path.exists(f) for r in json.load(open(f))["rows"] if r.get("ms_windows")]
+o=next(r for r in rows if r["policy"]=="oracle")["ms_windows"]
+for r in rows:
+    w=r["ms_windows"]; n=min(len(w),len(o))
+    pts=[i for i in (3,7,15,23,31,39,47,55,63) if i<n]+[n-1]
+    print(f'{r["policy"]:12s} steps {r["steps_measured"]:5d} corrected {100*(r.get("stats") or {}).get("head_correction_rate",0):.1f}% recall {r.get("recall_mib_per_step") or 0:.1f} MiB/step, corrective {r.get("corrective_mib_per_step") or 0:.1f}; window(context) ms x oracle: '+"  ".join(f'{1024+256*(i+1)}:{w[i]:.2f}/{w[i]/o[i]:.3f}' for i in pts))
+PY
+}

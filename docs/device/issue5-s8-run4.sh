@@ -11,13 +11,5 @@ cp .device/m1/part /tmp/m.part1 && echo "model part 1: $(stat -c %s /tmp/m.part1
 M=llama-3.1-8b+persistent=0.92
 t gen16k 345 env FREEKV_BENCH_MODEL=$M FREEKV_BENCH_SCENARIOS=long-generation:1024:16384 FREEKV_BENCH_BATCHES=4 FREEKV_BENCH_POLICIES=oracle,freekv FREEKV_BENCH_RUN_SECONDS=160 FREEKV_BENCH_JSON=$OUT/s8-gen16k-bs4.json $D/cuda_freekv --bench
 t gen16k_sp96 130 env FREEKV_BENCH_MODEL=$M FREEKV_BENCH_SCENARIOS=long-generation:1024:16384 FREEKV_BENCH_BATCHES=4 FREEKV_BENCH_POLICIES=freekv~sp96 FREEKV_BENCH_RUN_SECONDS=100 FREEKV_BENCH_JSON=$OUT/s8-gen16k-bs4-sp96.json $D/cuda_freekv --bench
-python3 - $OUT/s8-gen16k-bs4.json $OUT/s8-gen16k-bs4-sp96.json <<'PY'
-import json,sys
-rows=[r for f in sys.argv[1:] for r in json.load(open(f))["rows"] if r.get("ms_windows")]
-o=next(r for r in rows if r["policy"]=="oracle")["ms_windows"]
-for r in rows:
-    w=r["ms_windows"]; n=min(len(w),len(o))
-    pts=[i for i in (3,7,15,23,31,39,47,55,63) if i<n]+[n-1]
-    print(f'{r["policy"]:12s} steps {r["steps_measured"]:5d} corrected {100*(r.get("stats") or {}).get("head_correction_rate",0):.1f}% recall {r.get("recall_mib_per_step") or 0:.1f} MiB/step, corrective {r.get("corrective_mib_per_step") or 0:.1f}; window(context) ms x oracle: '+"  ".join(f'{1024+256*(i+1)}:{w[i]:.2f}/{w[i]/o[i]:.3f}' for i in pts))
-PY
+windows $OUT/s8-gen16k-bs4.json $OUT/s8-gen16k-bs4-sp96.json
 tar czf $OUT/logs.tgz -C $OUT logs && rm -rf $L

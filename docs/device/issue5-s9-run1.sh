@@ -12,27 +12,6 @@ DL=${1:-560}; . "$(dirname "$0")/common.sh"
 B=llama-3.1-8b+persistent=0.92
 t select 120 $D/select --test-threads=1
 t model 200 $D/cuda_freekv_test --test-threads=1
-prof() { # NAME BINARY SCENARIO POLICY
-    t "prof_$1" 100 env FREEKV_BENCH_MODEL=$B FREEKV_BENCH_SCENARIOS="$3" FREEKV_BENCH_BATCHES=4 FREEKV_BENCH_POLICIES="$4" FREEKV_BENCH_PROFILE_STEPS=3 FREEKV_BENCH_RUN_SECONDS=30 \
-        ncu --profile-from-start off --clock-control none --metrics gpu__time_duration.sum -o "/tmp/prof_$1" -f "$2" --bench
-    ncu -i "/tmp/prof_$1.ncu-rep" --csv --page raw --metrics gpu__time_duration.sum > "$L/prof_$1.csv" 2>&1
-    python3 - "$L/prof_$1.csv" "$1" <<'PY'
-import csv,sys,collections
-rows=list(csv.reader(open(sys.argv[1])))
-h=rows[0]; ki=h.index("Kernel Name"); si=h.index("Stream"); ti=h.index("gpu__time_duration.sum")
-unit=rows[1][ti]; scale={"nsecond":1e-3,"usecond":1,"msecond":1e3}.get(unit,1)
-agg=collections.defaultdict(lambda:[0,0.0])
-for r in rows[2:]:
-    if len(r)<=ti: continue
-    try: v=float(r[ti].replace(",",""))*scale
-    except ValueError: continue
-    k=(r[si],r[ki].split("(")[0][:48]); agg[k][0]+=1; agg[k][1]+=v
-tot=sum(v[1] for v in agg.values())/3
-print(f"== {sys.argv[2]}: {tot:.0f} us of kernels per step (3 steps), by stream and kernel: calls/step, us/step, us/call")
-for (s,k),(n,v) in sorted(agg.items(),key=lambda x:-x[1][1]):
-    print(f"  s{s:>3} {k:48s} {n/3:6.1f} {v/3:8.1f} {v/max(n,1):7.2f}")
-PY
-}
 prof old_freekv .device/old/cuda_freekv long-generation:16384:16 freekv
 prof new_freekv $D/cuda_freekv long-generation:16384:16 freekv
 prof new_oracle $D/cuda_freekv long-generation:16384:16 oracle

@@ -39,15 +39,7 @@ MEM=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -
 LI=0; [ "${MEM:-0}" -gt 100000 ] && LI=75
 GEN=$(( $(left) - LI - 40 ))
 t gen16k $GEN env FREEKV_BENCH_MODEL=$M FREEKV_BENCH_SCENARIOS=long-generation:1024:16384 FREEKV_BENCH_BATCHES=4 FREEKV_BENCH_POLICIES=oracle,$BEST FREEKV_BENCH_RUN_SECONDS=$(( GEN / 2 - 8 )) FREEKV_BENCH_JSON=$OUT/s9-gen16k-bs4.json $D/cuda_freekv --bench
-python3 - $OUT/s9-gen16k-bs4.json <<'PY'
-import json,sys
-rows=[r for r in json.load(open(sys.argv[1]))["rows"] if r.get("ms_windows")]
-o=next(r for r in rows if r["policy"]=="oracle")["ms_windows"]
-for r in rows:
-    w=r["ms_windows"]; n=min(len(w),len(o))
-    pts=[i for i in (3,7,15,23,31,39,47,55,63) if i<n]+[n-1]
-    print(f'{r["policy"]:12s} steps {r["steps_measured"]:5d} corrected {100*(r.get("stats") or {}).get("head_correction_rate",0):.1f}% recall {r.get("recall_mib_per_step") or 0:.1f} MiB/step, corrective {r.get("corrective_mib_per_step") or 0:.1f}; window(context) ms x oracle: '+"  ".join(f'{1024+256*(i+1)}:{w[i]:.2f}/{w[i]/o[i]:.3f}' for i in pts))
-PY
+windows $OUT/s9-gen16k-bs4.json
 if [ "$LI" -gt 0 ]; then
     t li16 $(( $(left) - 10 )) env FREEKV_BENCH_MODEL=llama-3.1-8b+persistent=0.84 FREEKV_BENCH_SCENARIOS=long-input:32768:512 FREEKV_BENCH_BATCHES=16 FREEKV_BENCH_POLICIES=oracle,$BEST,full FREEKV_BENCH_RUN_SECONDS=8 FREEKV_BENCH_JSON=$OUT/s9-li32k-bs16.json $D/cuda_freekv --bench
     report $OUT/s9-li32k-bs16.json
