@@ -20,7 +20,7 @@ ab() { # NAME POLICIES
     t "$1" 110 env FREEKV_BENCH_MODEL=$M FREEKV_BENCH_SCENARIOS=long-generation:16384:512 FREEKV_BENCH_BATCHES=4 FREEKV_BENCH_POLICIES=$2 FREEKV_BENCH_RUN_SECONDS=5 FREEKV_BENCH_JSON=$OUT/s9-rs-$1.json $D/cuda_freekv --bench
 }
 ab fwd oracle,freekv,freekv~rs8,freekv~rs16,freekv~rs32,freekv-spec
-ab rev freekv~rs32,freekv~rs16,freekv~rs8,freekv,oracle
+[ "$(left)" -gt 250 ] && ab rev freekv~rs32,freekv~rs16,freekv~rs8,freekv,oracle
 BEST=$(python3 - $OUT <<'PY'
 import json,sys,glob,os,collections
 r=collections.defaultdict(list)
@@ -38,9 +38,9 @@ echo "best freekv variant at 16K: $BEST"
 MEM=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
 LI=0; [ "${MEM:-0}" -gt 100000 ] && LI=75
 GEN=$(( $(left) - LI - 40 ))
-t gen16k $GEN env FREEKV_BENCH_MODEL=$M FREEKV_BENCH_SCENARIOS=long-generation:1024:16384 FREEKV_BENCH_BATCHES=4 FREEKV_BENCH_POLICIES=oracle,$BEST FREEKV_BENCH_RUN_SECONDS=$(( GEN / 2 - 8 )) FREEKV_BENCH_JSON=$OUT/s9-gen16k-bs4.json $D/cuda_freekv --bench
-windows $OUT/s9-gen16k-bs4.json
-if [ "$LI" -gt 0 ]; then
+[ "$GEN" -gt 60 ] && t gen16k $GEN env FREEKV_BENCH_MODEL=$M FREEKV_BENCH_SCENARIOS=long-generation:1024:16384 FREEKV_BENCH_BATCHES=4 FREEKV_BENCH_POLICIES=oracle,$BEST FREEKV_BENCH_RUN_SECONDS=$(( GEN / 2 - 8 )) FREEKV_BENCH_JSON=$OUT/s9-gen16k-bs4.json $D/cuda_freekv --bench
+[ -f $OUT/s9-gen16k-bs4.json ] && windows $OUT/s9-gen16k-bs4.json
+if [ "$LI" -gt 0 ] && [ "$(left)" -gt 40 ]; then
     t li16 $(( $(left) - 10 )) env FREEKV_BENCH_MODEL=llama-3.1-8b+persistent=0.84 FREEKV_BENCH_SCENARIOS=long-input:32768:512 FREEKV_BENCH_BATCHES=16 FREEKV_BENCH_POLICIES=oracle,$BEST,full FREEKV_BENCH_RUN_SECONDS=8 FREEKV_BENCH_JSON=$OUT/s9-li32k-bs16.json $D/cuda_freekv --bench
     report $OUT/s9-li32k-bs16.json
 fi
