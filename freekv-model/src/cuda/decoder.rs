@@ -283,6 +283,13 @@ impl CudaLlama {
                 kv.kv.page_size, opts.page_size
             )));
         }
+        let sms = self.gpu.info().sm_count as usize;
+        if kv.reserve_sms >= sms.max(1) {
+            return Err(ModelError::Config(format!(
+                "reserve_sms {} leaves none of the device's {sms} SMs to the products",
+                kv.reserve_sms
+            )));
+        }
         CudaBatch::new(self, opts, Some(kv))
     }
 
@@ -653,13 +660,10 @@ impl CudaLlama {
             .map_or(0, |st| st.opts.reserve_sms);
         let sized = reserve > 0 && b.graph.is_none();
         if sized {
+            // new_batch_with_kv checked that the reserve leaves SMs to the products.
             let sms = self.gpu.info().sm_count as usize;
-            if reserve >= sms {
-                return Err(ModelError::Config(format!(
-                    "reserve_sms {reserve} leaves none of the device's {sms} SMs to the products"
-                )));
-            }
-            self.blas.set_sm_target(sms - reserve)?;
+            self.blas
+                .set_sm_target(sms.saturating_sub(reserve).max(1))?;
         }
         let mode = self.run_decode(b);
         if sized {

@@ -140,7 +140,8 @@ pub struct GpuKvOptions {
     /// `freekv`: multiprocessors the decode step's cuBLAS products leave free (they are sized
     /// for the device's SMs minus these), so that the speculative branch on the recall stream
     /// does not hold an SM a one-wave product waits for. 0: products sized for every SM.
-    /// Ignored by the other policies and by the native GEMM.
+    /// Below the device's SM count (checked when the batch is made). Ignored by the other
+    /// policies and by the native GEMM.
     pub reserve_sms: usize,
 }
 
