@@ -45,31 +45,6 @@ impl LinearDims {
     }
 }
 
-/// Environment variable: the number of SMs cuBLAS sizes its kernels for (unset or 0: all).
-pub const CUBLAS_SM_TARGET_ENV: &str = "FREEKV_CUBLAS_SM_TARGET";
-
-/// [`CUBLAS_SM_TARGET_ENV`] parsed: `None` when unset or empty, an error naming the variable when
-/// it is not a number.
-fn sm_target_from_env() -> Result<Option<u32>, KernelError> {
-    match std::env::var(CUBLAS_SM_TARGET_ENV) {
-        Ok(v) => parse_sm_target(&v),
-        Err(_) => Ok(None),
-    }
-}
-
-fn parse_sm_target(v: &str) -> Result<Option<u32>, KernelError> {
-    let v = v.trim();
-    if v.is_empty() {
-        return Ok(None);
-    }
-    v.parse::<u32>().map(Some).map_err(|_| {
-        KernelError::arg(
-            CUBLAS_SM_TARGET_ENV,
-            format!("`{v}` is not a number of SMs"),
-        )
-    })
-}
-
 /// A cuBLAS handle bound to one stream, optionally with a fixed workspace of its own.
 #[derive(Debug)]
 pub struct Gemm {
@@ -88,15 +63,11 @@ impl Gemm {
             what: "creating the cuBLAS handle".into(),
             source,
         })?;
-        let g = Self {
+        Ok(Self {
             blas,
             stream,
             workspace: None,
-        };
-        if let Some(n) = sm_target_from_env()? {
-            g.set_sm_count_target(n)?;
-        }
-        Ok(g)
+        })
     }
 
     /// Asks cuBLAS to size its kernels for `sms` multiprocessors (0: all of them), leaving the
@@ -488,15 +459,6 @@ impl Matmul {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sm_target_setting() {
-        assert_eq!(parse_sm_target("").unwrap(), None);
-        assert_eq!(parse_sm_target(" 124 ").unwrap(), Some(124));
-        assert_eq!(parse_sm_target("0").unwrap(), Some(0));
-        let e = parse_sm_target("all").unwrap_err().to_string();
-        assert!(e.contains(CUBLAS_SM_TARGET_ENV) && e.contains("all"), "{e}");
-    }
 
     #[test]
     fn choices_parse_and_print() {
