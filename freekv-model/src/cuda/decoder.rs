@@ -665,7 +665,7 @@ impl CudaLlama {
             self.blas
                 .set_sm_target(sms.saturating_sub(reserve).max(1))?;
         }
-        let mode = self.run_decode(b);
+        let mode = self.run_decode(b, graph_ok);
         if sized {
             self.blas.set_sm_target(0)?;
         }
@@ -679,12 +679,9 @@ impl CudaLlama {
         Ok(mode)
     }
 
-    /// The forward pass of one decode step: the captured graph replayed, captured now, or eager.
-    fn run_decode(&self, b: &mut CudaBatch) -> Result<StepMode, ModelError> {
-        let graph_ok = b
-            .sparse
-            .as_ref()
-            .is_none_or(|st| st.opts.graph_capturable());
+    /// The forward pass of one decode step: the captured graph replayed, captured now (when
+    /// `graph_ok`: the batch's KV policy is capturable), or eager.
+    fn run_decode(&self, b: &mut CudaBatch, graph_ok: bool) -> Result<StepMode, ModelError> {
         let mode = if let Some(g) = &b.graph {
             g.launch().map_err(drv("launching the decode graph"))?;
             StepMode::Replayed
