@@ -85,3 +85,18 @@ for r in rows:
     print(f'{r["policy"]:12s} steps {r["steps_measured"]:5d} corrected {100*(r.get("stats") or {}).get("head_correction_rate",0):.1f}% recall {r.get("recall_mib_per_step") or 0:.1f} MiB/step, corrective {r.get("corrective_mib_per_step") or 0:.1f}; window(context) ms x oracle: '+"  ".join(f'{1024+256*(i+1)}:{w[i]:.2f}/{w[i]/o[i]:.3f}' for i in pts))
 PY
 }
+
+# onerun LONG_INPUT_GEN MAX_SECONDS MAX_MINUTES: the one-run report, `xtask bench --prebuilt
+# .device/bench --gpu-only --no-criterion`: long generation 1K + 2048 (S = 0.92) and long input
+# 32K + LONG_INPUT_GEN (S = 0.84), batch 1, 4, 16, policies full / oracle / arkvale / freekv, 14 s
+# of steps each; prints the table rows and any skip or error.
+onerun() {
+    export FREEKV_BENCH_SCENARIOS=long-generation:1024:2048:llama-3.1-8b+persistent=0.92,long-input:32768:$1:llama-3.1-8b+persistent=0.84
+    export FREEKV_BENCH_MODEL=llama-3.1-8b+persistent=0.92 FREEKV_BENCH_BATCHES=1,4,16
+    export FREEKV_BENCH_POLICIES=full,oracle,arkvale,freekv FREEKV_BENCH_RUN_SECONDS=14
+    export FREEKV_BENCH_MAX_SECONDS=$2
+    ./.device/bench/xtask bench --prebuilt .device/bench --gpu-only --no-criterion --out "$OUT/bench" --max-minutes "$3" > "$OUT/xtask.log" 2>&1
+    echo "xtask rc=$?"
+    grep -E "\| (full|oracle|arkvale|freekv) \|" "$OUT/xtask.log" | cut -d'|' -f3,4,5,6,8,9,10,11,12,13,14,15,16 | head -40
+    grep -iE "skipped|stopped|error|failed" "$OUT/xtask.log" | head -10
+}

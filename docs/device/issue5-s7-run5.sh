@@ -9,18 +9,10 @@
 # at 14 s of steps (freekv-spec, an ablation, left out for time).
 # Needs .device/bench and .device/t/{select,attention,cuda_freekv_test}. Run from the repository
 # root: bash docs/device/issue5-s7-run5.sh
-export CUDA_HOME=/usr/local/cuda FREEKV_REQUIRE_GPU=1
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+. "$(dirname "$0")/common.sh"  # environment, GPU name, onerun
 for b in select attention cuda_freekv_test; do
     timeout 90 .device/t/$b --test-threads=1 > "$OUT/${b}_test.log" 2>&1
     echo "$b rc=$? $(grep -E '^test result' "$OUT/${b}_test.log")"
 done
 if grep -qE "FAILED|panicked" "$OUT"/*_test.log 2>/dev/null; then grep -E "FAILED|panicked" "$OUT"/*_test.log | head; echo "tests failed: no report"; exit 1; fi
-export FREEKV_BENCH_SCENARIOS=long-generation:1024:2048:llama-3.1-8b+persistent=0.92,long-input:32768:256:llama-3.1-8b+persistent=0.84
-export FREEKV_BENCH_MODEL=llama-3.1-8b+persistent=0.92 FREEKV_BENCH_BATCHES=1,4,16
-export FREEKV_BENCH_POLICIES=full,oracle,arkvale,freekv FREEKV_BENCH_RUN_SECONDS=14
-export FREEKV_BENCH_MAX_SECONDS=${MAXS:-400}
-./.device/bench/xtask bench --prebuilt .device/bench --gpu-only --no-criterion --out "$OUT/bench" --max-minutes 7.6 > "$OUT/xtask.log" 2>&1
-echo "xtask rc=$?"
-grep -E "\| (full|oracle|arkvale|freekv) \|" "$OUT/xtask.log" | cut -d'|' -f3,4,5,6,8,9,10,11,12,13,14,15,16 | head -40
-grep -iE "skipped|stopped|error|failed" "$OUT/xtask.log" | head -10
+onerun 256 ${MAXS:-400} 7.6

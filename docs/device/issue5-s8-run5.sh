@@ -9,8 +9,7 @@
 # 14 s of steps. Needs .device/m2/part, .device/ref/text_1k.json, .device/t/{select,attention,
 # cuda_freekv_test}, .device/bench. From the repository root:
 #   bash docs/device/issue5-s8-run5.sh SHA256
-export CUDA_HOME=/usr/local/cuda FREEKV_REQUIRE_GPU=1
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+. "$(dirname "$0")/common.sh"  # environment, GPU name, onerun
 cat /tmp/m.part1 .device/m2/part > /tmp/model.gguf 2>/dev/null
 [ "$(sha256sum /tmp/model.gguf | cut -d' ' -f1)" = "$1" ] && echo "default model joined, checksum ok" || { echo "model checksum differs: the default-model test will skip"; rm -f /tmp/model.gguf; }
 export FREEKV_MODEL=/tmp/model.gguf FREEKV_REFERENCE_DIR=$PWD/.device/ref
@@ -20,11 +19,4 @@ for b in select attention cuda_freekv_test; do
 done
 grep -hE "default model, freekv|skipped" "$OUT"/cuda_freekv_test_test.log | cut -c1-400
 if grep -qE "FAILED|panicked" "$OUT"/*_test.log; then grep -hE "FAILED|panicked" "$OUT"/*_test.log | head; echo "tests failed: no report"; exit 1; fi
-export FREEKV_BENCH_SCENARIOS=long-generation:1024:2048:llama-3.1-8b+persistent=0.92,long-input:32768:512:llama-3.1-8b+persistent=0.84
-export FREEKV_BENCH_MODEL=llama-3.1-8b+persistent=0.92 FREEKV_BENCH_BATCHES=1,4,16
-export FREEKV_BENCH_POLICIES=full,oracle,arkvale,freekv FREEKV_BENCH_RUN_SECONDS=14
-export FREEKV_BENCH_MAX_SECONDS=${MAXS:-430}
-./.device/bench/xtask bench --prebuilt .device/bench --gpu-only --no-criterion --out "$OUT/bench" --max-minutes 8 > "$OUT/xtask.log" 2>&1
-echo "xtask rc=$?"
-grep -E "\| (full|oracle|arkvale|freekv) \|" "$OUT/xtask.log" | cut -d'|' -f3,4,5,6,8,9,10,11,12,13,14,15,16 | head -40
-grep -iE "skipped|stopped|error|failed" "$OUT/xtask.log" | head -10
+onerun 512 ${MAXS:-430} 8
