@@ -13,7 +13,7 @@
 use std::sync::Arc;
 
 use freekv_kernels::testing::gpu;
-use freekv_model::cuda::{BatchOptions, CudaBatch, CudaLlama, GpuKvOptions, GpuRecall};
+use freekv_model::cuda::{BatchOptions, CudaBatch, CudaLlama, GpuKvOptions, GpuRecall, StepMode};
 use freekv_model::kv::{KvConfig, KvKind};
 use freekv_model::testing::{TinyConfig, default_model_path, tiny_random_model};
 use freekv_model::{GgufFile, LlamaModel};
@@ -448,6 +448,81 @@ fn restarted_sequence_with_spare_slots_matches_a_fresh_batch() {
                 rel_l2(x, y)
             );
         }
+    }
+}
+
+/// The all-dense steps of a sparse batch (no selection or recall to launch) run in a graph of
+/// their own: a batch that starts dense captures it at its second step and captures the sparse
+/// graph at its first sparse step; both replay bit for bit what eager steps compute, for every
+/// policy, with the same recall volumes and statistics.
+#[test]
+fn all_dense_steps_have_their_own_graph() {
+    let Some(g) = gpu() else { return };
+    let gguf = tiny_gguf(31, 2);
+    let model = CudaLlama::from_gguf(g, &gguf).unwrap();
+    let vocab = model.config().vocab_size as u32;
+    let mut r = StdRng::seed_from_u64(41);
+    let mut toks = |n: usize| -> Vec<u32> { (0..n).map(|_| r.random_range(3..vocab)).collect() };
+    // Budget 16 pages of 8: the 70-token prompt turns sparse after about 58 steps, the
+    // 40-token one 30 steps later.
+    let prompts = [toks(70), toks(40)];
+    let steps = 110;
+    let feed: Vec<Vec<u32>> = (0..steps).map(|_| toks(2)).collect();
+    let page = 8;
+    for (kind, tau) in [
+        (KvKind::FreeKv, "0.8"),
+        (KvKind::FreeKv, "always"),
+        (KvKind::Quest, "0.8"),
+    ] {
+        let mut c = kv(kind, 128, page, SummaryKind::MinMax);
+        c.set_tau(tau).unwrap();
+        let budget = c.budget_pages().unwrap();
+        let first_sparse = (0..steps)
+            .find(|s| budget.is_sparse((70 + s) / page + 1))
+            .unwrap();
+        assert!(first_sparse > 2 && first_sparse + 30 < steps);
+        let mut runs = Vec::new();
+        for use_graph in [true, false] {
+            let opts = BatchOptions {
+                max_seqs: 2,
+                max_seq_len: 70 + steps + 1,
+                page_size: page,
+                prefill_chunk: 64,
+                use_graph,
+            };
+            let mut b = model
+                .new_batch_with_kv(opts, GpuKvOptions::new(c.clone()))
+                .unwrap();
+            for (i, p) in prompts.iter().enumerate() {
+                model.prefill(&mut b, i, p).unwrap();
+            }
+            let mut modes = Vec::new();
+            let mut logits = Vec::new();
+            for t in &feed {
+                modes.push(model.decode_step(&mut b, t).unwrap());
+                logits.push(model.logits(&b).unwrap());
+            }
+            let st = b.kv_stats().unwrap().clone();
+            assert!(st.sparse_seq_layer_steps > 0, "{kind}: {st:?}");
+            let recalled = model.kv_recall_totals(&mut b).unwrap();
+            runs.push((modes, logits, st, recalled));
+        }
+        let (graph, eager) = (&runs[0], &runs[1]);
+        assert!(eager.0.iter().all(|&m| m == StepMode::Eager));
+        let mut want = vec![StepMode::Eager, StepMode::Captured];
+        want.resize(first_sparse, StepMode::Replayed);
+        want.push(StepMode::Captured);
+        want.resize(steps, StepMode::Replayed);
+        assert_eq!(graph.0, want, "{kind} τ={tau}: step modes");
+        for (step, (x, y)) in graph.1.iter().zip(&eager.1).enumerate() {
+            assert!(
+                x == y,
+                "{kind} τ={tau}: graph differs from eager at step {step} (rel L2 {:.2e})",
+                rel_l2(x, y)
+            );
+        }
+        assert_eq!(graph.2, eager.2, "{kind} τ={tau}: statistics");
+        assert_eq!(graph.3, eager.3, "{kind} τ={tau}: recall totals");
     }
 }
 

@@ -649,8 +649,11 @@ impl CudaLlama {
                 .map_err(drv("uploading sparse step metadata"))?;
             s.memcpy_htod(&plan.fill, &mut st.fill[st.cur])
                 .map_err(drv("uploading sparse step metadata"))?;
+            st.all_dense = plan.all_dense();
             st.last_plan = Some(plan);
         }
+        // All-dense steps of a sparse batch launch no selection or recall: a graph of their own.
+        let key = usize::from(b.sparse.as_ref().is_some_and(|st| st.all_dense));
         // freekv with reserved SMs: the products of an eager or captured step are sized for the
         // other SMs (a replayed graph keeps the sizes it was captured with).
         let reserve = b
@@ -658,14 +661,14 @@ impl CudaLlama {
             .as_ref()
             .filter(|st| st.opts.kv.kind == KvKind::FreeKv)
             .map_or(0, |st| st.opts.reserve_sms);
-        let sized = reserve > 0 && b.graph.is_none();
+        let sized = reserve > 0 && b.graphs[key].is_none();
         if sized {
             // new_batch_with_kv checked that the reserve leaves SMs to the products.
             let sms = self.gpu.info().sm_count as usize;
             self.blas
                 .set_sm_target(sms.saturating_sub(reserve).max(1))?;
         }
-        let mode = self.run_decode(b, graph_ok);
+        let mode = self.run_decode(b, graph_ok, key);
         if sized {
             self.blas.set_sm_target(0)?;
         }
@@ -679,17 +682,23 @@ impl CudaLlama {
         Ok(mode)
     }
 
-    /// The forward pass of one decode step: the captured graph replayed, captured now (when
-    /// `graph_ok`: the batch's KV policy is capturable), or eager.
-    fn run_decode(&self, b: &mut CudaBatch, graph_ok: bool) -> Result<StepMode, ModelError> {
-        let mode = if let Some(g) = &b.graph {
+    /// The forward pass of one decode step: graph `key` (1: the all-dense steps of a sparse
+    /// batch, 0: the others) replayed, captured now (when `graph_ok`: the batch's KV policy is
+    /// capturable), or eager.
+    fn run_decode(
+        &self,
+        b: &mut CudaBatch,
+        graph_ok: bool,
+        key: usize,
+    ) -> Result<StepMode, ModelError> {
+        let mode = if let Some(g) = &b.graphs[key] {
             g.launch().map_err(drv("launching the decode graph"))?;
             StepMode::Replayed
         } else if b.opts.use_graph && graph_ok && b.graph_error.is_none() && b.eager_steps > 0 {
             match self.capture(b) {
                 Ok(g) => {
                     g.launch().map_err(drv("launching the decode graph"))?;
-                    b.graph = Some(g);
+                    b.graphs[key] = Some(g);
                     StepMode::Captured
                 }
                 Err(e) => {
@@ -1027,6 +1036,10 @@ impl CudaLlama {
         let summary = st.opts.kv.summary;
         let policy = st.opts.kv.group_policy;
         let eager_overlap = !(st.opts.graph_capturable() && st.use_graph);
+        // A step where every sequence is dense has nothing to select or recall (see
+        // `SparseState::all_dense`): only the append, the offload, the correction flags (zero,
+        // read by the statistics) and the attention run.
+        let dense = st.all_dense;
         let o = st.meta_offsets();
         let meta = &st.smeta[st.cur];
         let spos = meta.slice(o[0]..o[1]);
@@ -1105,6 +1118,7 @@ impl CudaLlama {
         // unflagged heads attend (their slots are not written by it), and the flagged heads
         // attend once their pages are in.
         let overlap = kind == KvKind::FreeKv
+            && !dense
             && trigger.is_some()
             && st.opts.overlap_correction
             && st.per_page.is_none()
@@ -1120,51 +1134,53 @@ impl CudaLlama {
         } else {
             s
         };
-        k.freekv_select(
-            cs,
-            &st.shape,
-            policy,
-            summary,
-            &layer.q_prev,
-            &layer.summaries,
-            &seq_info,
-            &layer.flags,
-            HeadFilter::Flagged,
-            &mut layer.mid_page,
-            &mut layer.page_mid,
-            &mut layer.recall_count,
-            &mut layer.recall_list,
-            Some(&mut layer.selected),
-            &mut st.scratch[0],
-            layer.page_mask.as_mut().map(|m| SelectCache {
-                want: top_k,
-                page_mask: m,
-            }),
-        )?;
-        {
-            let lists = RecallLists {
-                count: &layer.recall_count,
-                list: &layer.recall_list,
-                flags: &layer.flags,
-                filter: HeadFilter::Flagged,
-            };
-            match (&st.per_page, &st.streamed) {
-                (Some(pp), _) => {
-                    pp.recall(s, &st.pool, si, &lists, &mut layer.slots)?;
-                }
-                (None, Some(streamed)) => {
-                    streamed.recall_blocking(s, &st.pool, si, &lists, &mut layer.slots)?;
-                }
-                (None, None) => {
-                    st.corr_gather.recall(
-                        k,
-                        cs,
-                        &st.shape,
-                        &st.pool,
-                        si,
-                        &lists,
-                        &mut layer.slots,
-                    )?;
+        if !dense {
+            k.freekv_select(
+                cs,
+                &st.shape,
+                policy,
+                summary,
+                &layer.q_prev,
+                &layer.summaries,
+                &seq_info,
+                &layer.flags,
+                HeadFilter::Flagged,
+                &mut layer.mid_page,
+                &mut layer.page_mid,
+                &mut layer.recall_count,
+                &mut layer.recall_list,
+                Some(&mut layer.selected),
+                &mut st.scratch[0],
+                layer.page_mask.as_mut().map(|m| SelectCache {
+                    want: top_k,
+                    page_mask: m,
+                }),
+            )?;
+            {
+                let lists = RecallLists {
+                    count: &layer.recall_count,
+                    list: &layer.recall_list,
+                    flags: &layer.flags,
+                    filter: HeadFilter::Flagged,
+                };
+                match (&st.per_page, &st.streamed) {
+                    (Some(pp), _) => {
+                        pp.recall(s, &st.pool, si, &lists, &mut layer.slots)?;
+                    }
+                    (None, Some(streamed)) => {
+                        streamed.recall_blocking(s, &st.pool, si, &lists, &mut layer.slots)?;
+                    }
+                    (None, None) => {
+                        st.corr_gather.recall(
+                            k,
+                            cs,
+                            &st.shape,
+                            &st.pool,
+                            si,
+                            &lists,
+                            &mut layer.slots,
+                        )?;
+                    }
                 }
             }
         }
@@ -1206,8 +1222,9 @@ impl CudaLlama {
             attend(None, att, workspace)?;
         }
         // 5. freekv: the speculative selection with q_t and its recall, off the critical path,
-        //    ordered after this attention by an event.
-        if kind == KvKind::FreeKv {
+        //    ordered after this attention by an event (none in an all-dense step, where the
+        //    selection would only write zero recall counts and the recall copy nothing).
+        if kind == KvKind::FreeKv && !dense {
             let (Some(attn_done), Some(recall_done)) =
                 (st.attn_done.get(si), st.recall_done.get(si))
             else {
@@ -1560,7 +1577,7 @@ impl CudaLlama {
         // output head, which hides the last layers' speculative branches (they write only the
         // sparse layers' slots and tables, which the head does not read).
         if let (Phase::Decode, Some(st)) = (phase, b.sparse.as_mut()) {
-            if b.opts.use_graph && st.opts.graph_capturable() {
+            if b.opts.use_graph && st.opts.graph_capturable() && !st.all_dense {
                 st.join_recalls_in_step(s)?;
             }
             if st.opts.collect_stats && st.opts.kv.kind == KvKind::FreeKv {
@@ -1681,8 +1698,10 @@ fn model_key(cfg: &LlamaConfig) -> (usize, usize, usize, usize, usize) {
 /// `[pages][2][page_size][kv_heads][head_dim]` bf16 (K then V), and one page table row of
 /// `pages_per_seq` page ids per sequence, shared by every layer.
 pub struct CudaBatch {
-    /// Declared first so that it is destroyed before the buffers its nodes point to.
-    graph: Option<CudaGraph>,
+    /// The captured decode graphs: `[0]` for the steps of a batch without sparse KV and for
+    /// the steps where some sequence is sparse, `[1]` for the all-dense steps of a sparse batch.
+    /// Declared first so that they are destroyed before the buffers their nodes point to.
+    graphs: [Option<CudaGraph>; 2],
     opts: BatchOptions,
     model_key: (usize, usize, usize, usize, usize),
     geom: PageGeometry,
@@ -1727,7 +1746,7 @@ impl std::fmt::Debug for CudaBatch {
         f.debug_struct("CudaBatch")
             .field("opts", &self.opts)
             .field("lens", &self.lens)
-            .field("graph", &self.graph.is_some())
+            .field("graphs", &self.graphs.each_ref().map(Option::is_some))
             .field("graph_error", &self.graph_error)
             .finish_non_exhaustive()
     }
@@ -1876,7 +1895,7 @@ impl CudaBatch {
                 )
                 .map_err(oom("allocating the attention workspace".into()))?,
             plan,
-            graph: None,
+            graphs: [None, None],
             graph_error: None,
             eager_steps: 0,
             sparse,
@@ -1943,9 +1962,10 @@ impl CudaBatch {
         self.sparse.as_ref().map_or(0, |st| st.device_bytes())
     }
 
-    /// Whether a decode graph has been captured.
+    /// Whether a decode graph has been captured (for the all-dense steps of a sparse batch, or
+    /// for the others).
     pub fn has_graph(&self) -> bool {
-        self.graph.is_some()
+        self.graphs.iter().any(Option::is_some)
     }
 
     /// Why capturing the decode graph failed, if it did (decoding then stays eager).

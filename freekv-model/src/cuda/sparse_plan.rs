@@ -75,6 +75,15 @@ impl StepPlan {
         v
     }
 
+    /// Whether every sequence of the step is dense (mode "skip", also in the speculative rows):
+    /// no selection or recall has anything to do.
+    pub fn all_dense(&self) -> bool {
+        self.seq_info
+            .chunks(SEQ_INFO_WIDTH)
+            .chain(self.seq_info_spec.chunks(SEQ_INFO_WIDTH))
+            .all(|r| r.get(1) == Some(&MODE_SKIP))
+    }
+
     /// Element offsets of the parts in [`flatten`](Self::flatten)'s order, for `bs` sequences
     /// and `nb` slots: `[spos, att_len, seq_info, seq_info_spec, fill, att_table, end]`.
     pub fn offsets(bs: usize, nb: usize) -> [usize; 7] {
@@ -221,6 +230,8 @@ mod tests {
                 assert_eq!(info[0] as usize, n);
                 let home = table.current_slot().unwrap();
                 assert_eq!(plan.spos[0] as usize, home * 4 + pos % 4);
+                // the row that is never active keeps no step from being all-dense
+                assert_eq!(plan.all_dense(), n <= nb);
                 if n <= nb {
                     assert_eq!(info[1], MODE_SKIP);
                     assert_eq!(plan.att_len[0] as usize, pos + 1);
