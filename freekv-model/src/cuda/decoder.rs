@@ -12,8 +12,7 @@ use freekv_kernels::ops::gemv::QkvRows;
 use freekv_kernels::ops::init::InitKernels;
 use freekv_kernels::{
     AttentionShape, DecodePlan, Gpu, HeadFilter, HeadMask, KernelError, KvSource, LinearDims,
-    PageTableLayout, PrefillPlan, RopeConfig, RopeLayout, RopeStyle, SamplingInputs, SelectCache,
-    Strided,
+    PageTableLayout, PrefillPlan, RopeConfig, RopeLayout, RopeStyle, SamplingInputs, Strided,
 };
 use freekv_layout::PageGeometry;
 
@@ -1034,7 +1033,6 @@ impl CudaLlama {
         };
         let kind = st.opts.kv.kind;
         let summary = st.opts.kv.summary;
-        let policy = st.opts.kv.group_policy;
         let eager_overlap = !(st.opts.graph_capturable() && st.use_graph);
         // A step where every sequence is dense has nothing to select or recall (see
         // `SparseState::all_dense`): only the append, the offload, the correction flags (zero,
@@ -1135,26 +1133,15 @@ impl CudaLlama {
             s
         };
         if !dense {
-            k.freekv_select(
+            layer.select(
+                k,
                 cs,
                 &st.shape,
-                policy,
-                summary,
-                &layer.q_prev,
-                &layer.summaries,
+                &st.opts.kv,
                 &seq_info,
-                &layer.flags,
                 HeadFilter::Flagged,
-                &mut layer.mid_page,
-                &mut layer.page_mid,
-                &mut layer.recall_count,
-                &mut layer.recall_list,
-                Some(&mut layer.selected),
                 &mut st.scratch[0],
-                layer.page_mask.as_mut().map(|m| SelectCache {
-                    want: top_k,
-                    page_mask: m,
-                }),
+                top_k,
             )?;
             {
                 let lists = RecallLists {
@@ -1236,26 +1223,15 @@ impl CudaLlama {
                 .map_err(drv("recording attention done"))?;
             r.wait(attn_done)
                 .map_err(drv("ordering the speculative recall"))?;
-            k.freekv_select(
+            layer.select(
+                k,
                 r,
                 &st.shape,
-                policy,
-                summary,
-                &layer.q_prev,
-                &layer.summaries,
+                &st.opts.kv,
                 &spec_info,
-                &layer.flags,
                 HeadFilter::All,
-                &mut layer.mid_page,
-                &mut layer.page_mid,
-                &mut layer.recall_count,
-                &mut layer.recall_list,
-                Some(&mut layer.selected),
                 &mut st.scratch[1],
-                layer.page_mask.as_mut().map(|m| SelectCache {
-                    want: spec_want,
-                    page_mask: m,
-                }),
+                spec_want,
             )?;
             let lists = RecallLists {
                 count: &layer.recall_count,

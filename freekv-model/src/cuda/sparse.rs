@@ -48,9 +48,11 @@
 use std::str::FromStr;
 use std::sync::Arc;
 
-use freekv_kernels::cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DriverError};
+use freekv_kernels::cudarc::driver::{CudaEvent, CudaSlice, CudaStream, CudaView, DriverError};
 use freekv_kernels::half::bf16;
-use freekv_kernels::{DecodePlan, FreeKvShape, Gpu, KernelError, Strided};
+use freekv_kernels::{
+    DecodePlan, FreeKvShape, Gpu, HeadFilter, KernelError, Kernels, SelectCache, Strided,
+};
 use freekv_layout::Budget;
 use freekv_recall::cuda::{
     Backing, GatherRecall, HostKvPool, HostPoolConfig, PerPageRecall, StreamedRecall,
@@ -281,6 +283,46 @@ pub(crate) struct SparseLayer {
     /// With spare slots: the attention's per-head page skip mask `[bs · nb][Hkv]` (1 = a cached
     /// page outside the head's top-k), written by the selections.
     pub(crate) page_mask: Option<CudaSlice<i32>>,
+}
+
+impl SparseLayer {
+    /// The fused selection of this layer on `stream` for the rows of `info` that pass `filter`
+    /// (`q_prev` against the page summaries; `want` middle pages kept with a page mask): it
+    /// updates the slot tables and writes the recall lists.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn select(
+        &mut self,
+        k: &Kernels,
+        stream: &CudaStream,
+        shape: &FreeKvShape,
+        kv: &KvConfig,
+        info: &CudaView<'_, i32>,
+        filter: HeadFilter,
+        scratch: &mut CudaSlice<f32>,
+        want: usize,
+    ) -> Result<(), ModelError> {
+        k.freekv_select(
+            stream,
+            shape,
+            kv.group_policy,
+            kv.summary,
+            &self.q_prev,
+            &self.summaries,
+            info,
+            &self.flags,
+            filter,
+            &mut self.mid_page,
+            &mut self.page_mid,
+            &mut self.recall_count,
+            &mut self.recall_list,
+            Some(&mut self.selected),
+            scratch,
+            self.page_mask
+                .as_mut()
+                .map(|page_mask| SelectCache { want, page_mask }),
+        )?;
+        Ok(())
+    }
 }
 
 /// The sparse part of a CUDA batch.
