@@ -100,3 +100,21 @@ onerun() {
     grep -E "\| (full|oracle|arkvale|freekv) \|" "$OUT/xtask.log" | cut -d'|' -f3,4,5,6,8,9,10,11,12,13,14,15,16 | head -40
     grep -iE "skipped|stopped|error|failed" "$OUT/xtask.log" | head -10
 }
+
+# best_variant GLOB: of the freekv variants (not freekv-spec) in the bench JSON files matching
+# GLOB, the one with the lowest mean ratio of median step time to oracle's in the same file
+# ("freekv" when none); the ratios go to stderr.
+best_variant() {
+python3 - "$1" <<'PY'
+import json,sys,glob,os,collections
+r=collections.defaultdict(list)
+for f in sorted(glob.glob(sys.argv[1]), key=os.path.getmtime):
+    rows={x["policy"]:x for x in json.load(open(f))["rows"] if x.get("ms_windows")}
+    o=rows.get("oracle")
+    if not o: continue
+    for p,x in rows.items(): r[p].append(x["ms_median"]/o["ms_median"])
+c={p:sum(v)/len(v) for p,v in r.items() if p.startswith("freekv") and p!="freekv-spec"}
+print("  ".join(f"{p} {v:.3f}x" for p,v in sorted(c.items())), file=sys.stderr)
+print(min(c,key=c.get) if c else "freekv")
+PY
+}

@@ -26,19 +26,7 @@ ab() { # NAME POLICIES
 }
 ab fwd oracle,freekv,freekv~rs8,freekv~rs16,freekv~rs32,freekv-spec
 [ "$(left)" -gt 250 ] && ab rev freekv~rs32,freekv~rs16,freekv~rs8,freekv,oracle
-BEST=$(python3 - $OUT <<'PY'
-import json,sys,glob,os,collections
-r=collections.defaultdict(list)
-for f in sorted(glob.glob(sys.argv[1]+"/s10-rs-*.json"), key=os.path.getmtime):
-    rows={x["policy"]:x for x in json.load(open(f))["rows"] if x.get("ms_windows")}
-    o=rows.get("oracle")
-    if not o: continue
-    for p,x in rows.items(): r[p].append(x["ms_median"]/o["ms_median"])
-c={p:sum(v)/len(v) for p,v in r.items() if p.startswith("freekv") and p!="freekv-spec"}
-print("  ".join(f"{p} {v:.3f}x" for p,v in sorted(c.items())), file=sys.stderr)
-print(min(c,key=c.get) if c else "freekv")
-PY
-)
+BEST=$(best_variant "$OUT/s10-rs-*.json")
 echo "best freekv variant at 16K: $BEST"
 GEN=$(( $(left) - 25 ))
 [ "$GEN" -gt 60 ] && t gen16k $GEN env FREEKV_BENCH_MODEL=$M FREEKV_BENCH_SCENARIOS=long-generation:1024:16384 FREEKV_BENCH_BATCHES=4 FREEKV_BENCH_POLICIES=oracle,$BEST FREEKV_BENCH_RUN_SECONDS=$(( GEN / 2 - 8 )) FREEKV_BENCH_JSON=$OUT/s10-gen16k-bs4.json $D/cuda_freekv --bench

@@ -21,19 +21,7 @@ ab() { # NAME POLICIES
 }
 ab fwd oracle,freekv,freekv~rs8,freekv~rs16,freekv~rs32,freekv-spec
 [ "$(left)" -gt 250 ] && ab rev freekv~rs32,freekv~rs16,freekv~rs8,freekv,oracle
-BEST=$(python3 - $OUT <<'PY'
-import json,sys,glob,os,collections
-r=collections.defaultdict(list)
-for f in sorted(glob.glob(sys.argv[1]+"/s9-rs-*.json"), key=os.path.getmtime):
-    rows={x["policy"]:x for x in json.load(open(f))["rows"] if x.get("ms_windows")}
-    o=rows.get("oracle")
-    if not o: continue
-    print(os.path.basename(f), "  ".join(f'{p} {x["ms_median"]:.3f} ({x["ms_median"]/o["ms_median"]:.3f}x)' for p,x in rows.items()), file=sys.stderr)
-    for p,x in rows.items(): r[p].append(x["ms_median"]/o["ms_median"])
-c={p:sum(v)/len(v) for p,v in r.items() if p.startswith("freekv") and p!="freekv-spec"}
-print(min(c,key=c.get) if c else "freekv")
-PY
-)
+BEST=$(best_variant "$OUT/s9-rs-*.json")
 echo "best freekv variant at 16K: $BEST"
 MEM=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
 LI=0; [ "${MEM:-0}" -gt 100000 ] && LI=75
