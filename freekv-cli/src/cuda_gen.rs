@@ -143,24 +143,41 @@ pub fn run(
     Ok(result.cancelled())
 }
 
+/// The GPU KV flags of `generate`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GpuKvArgs {
+    /// freekv's spare slots per KV head (`None`: the default).
+    pub spare_pages: Option<usize>,
+    /// SMs the step's products leave to freekv's speculative recall (0: none).
+    pub reserve_sms: usize,
+    /// Upper bound on the pinned host pool, GiB.
+    pub max_host_kv_gib: Option<f64>,
+}
+
 /// The GPU KV options of a run: `None` for `full` (everything on the device), otherwise the
-/// policy (`quest` runs as `oracle`) with the recall mode, freekv's spare slots (`None`: the
-/// default) and the host pool bound.
+/// policy (`quest` runs as `oracle`) with the recall mode, freekv's spare slots and reserved
+/// SMs, and the host pool bound.
 pub fn kv_options(
     kv: freekv_model::kv::KvConfig,
     recall: freekv_model::cuda::GpuRecall,
-    spare_pages: Option<usize>,
-    max_host_kv_gib: Option<f64>,
+    args: GpuKvArgs,
 ) -> Result<Option<GpuKvOptions>> {
     if kv.kind == freekv_model::kv::KvKind::Full {
         return Ok(None);
     }
+    if args.reserve_sms > 0 && kv.kind != freekv_model::kv::KvKind::FreeKv {
+        bail!(
+            "--reserve-sms applies to --kv freekv (its speculative recall), not to {}",
+            kv.kind
+        );
+    }
     let mut o = GpuKvOptions::new(kv);
     o.recall = recall;
-    if spare_pages.is_some() {
-        o.spare_pages = spare_pages;
+    o.reserve_sms = args.reserve_sms;
+    if args.spare_pages.is_some() {
+        o.spare_pages = args.spare_pages;
     }
-    if let Some(g) = max_host_kv_gib {
+    if let Some(g) = args.max_host_kv_gib {
         if !(g.is_finite() && g > 0.0) {
             bail!("--max-host-kv-gib must be a positive number of GiB, got {g}");
         }
@@ -193,4 +210,67 @@ pub fn cancel_flag() -> &'static AtomicBool {
         }
     });
     &CANCEL
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use freekv_model::cuda::GpuRecall;
+    use freekv_model::kv::{KvConfig, KvKind};
+
+    fn kv(kind: KvKind) -> KvConfig {
+        KvConfig {
+            kind,
+            ..KvConfig::default()
+        }
+    }
+
+    #[test]
+    fn gpu_kv_flags_reach_the_options() {
+        let args = GpuKvArgs {
+            spare_pages: Some(3),
+            reserve_sms: 8,
+            max_host_kv_gib: Some(0.5),
+        };
+        let o = kv_options(kv(KvKind::FreeKv), GpuRecall::Gather, args)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (o.spare_pages, o.reserve_sms, o.host_max_bytes),
+            (Some(3), 8, Some(1 << 29))
+        );
+        // The defaults leave the library's defaults alone; full needs no GPU KV options.
+        let d = kv_options(kv(KvKind::FreeKv), GpuRecall::Gather, GpuKvArgs::default())
+            .unwrap()
+            .unwrap();
+        let lib = GpuKvOptions::new(kv(KvKind::FreeKv));
+        assert_eq!((d.spare_pages, d.reserve_sms), (lib.spare_pages, 0));
+        assert!(
+            kv_options(kv(KvKind::Full), GpuRecall::Gather, args)
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn bad_gpu_kv_flags_are_refused() {
+        let reserve = GpuKvArgs {
+            reserve_sms: 4,
+            ..GpuKvArgs::default()
+        };
+        let e = kv_options(kv(KvKind::ArkVale), GpuRecall::Gather, reserve)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--reserve-sms") && e.contains("arkvale"), "{e}");
+        for g in [0.0, -1.0, f64::NAN] {
+            let a = GpuKvArgs {
+                max_host_kv_gib: Some(g),
+                ..GpuKvArgs::default()
+            };
+            let e = kv_options(kv(KvKind::FreeKv), GpuRecall::Gather, a)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("--max-host-kv-gib"), "{e}");
+        }
+    }
 }

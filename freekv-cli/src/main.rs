@@ -113,10 +113,30 @@ struct GenerateArgs {
     /// them off [default: as many as the retrieved pages].
     #[arg(long, value_name = "PAGES", allow_negative_numbers = true)]
     spare_pages: Option<usize>,
+    /// CUDA backend, `--kv freekv`: size the step's matrix products for the device's SMs minus
+    /// this many, leaving them to the speculative recall that runs beside the products. 0 (the
+    /// default) sizes them for every SM.
+    #[arg(
+        long,
+        value_name = "SMS",
+        default_value_t = 0,
+        allow_negative_numbers = true
+    )]
+    reserve_sms: usize,
     #[command(flatten)]
     kv: eval::KvArgs,
     #[command(flatten)]
     model: ModelArgs,
+}
+
+impl GenerateArgs {
+    fn gpu_kv_args(&self) -> cuda_gen::GpuKvArgs {
+        cuda_gen::GpuKvArgs {
+            spare_pages: self.spare_pages,
+            reserve_sms: self.reserve_sms,
+            max_host_kv_gib: self.max_host_kv_gib,
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -418,8 +438,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         let kv = cuda_gen::kv_options(
             a.kv.single(model.config().n_layers)?,
             gpu_recall,
-            a.spare_pages,
-            a.max_host_kv_gib,
+            a.gpu_kv_args(),
         )?;
         let mut opts = cuda_gen::options(a.max_new_tokens, sampling);
         opts.stop_at_eog = !a.ignore_eos;
@@ -488,8 +507,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     )?;
     if let Some(gpu) = gpu {
         let model = freekv_model::cuda::CudaLlama::from_gguf(gpu, &gguf)?;
-        let kv =
-            cuda_gen::kv_options(kv_cfg.clone(), gpu_recall, a.spare_pages, a.max_host_kv_gib)?;
+        let kv = cuda_gen::kv_options(kv_cfg.clone(), gpu_recall, a.gpu_kv_args())?;
         let mut opts = cuda_gen::options(a.max_new_tokens, sampling);
         opts.stop_at_eog = !a.ignore_eos;
         let out = cuda_gen::Output {

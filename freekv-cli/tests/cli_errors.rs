@@ -139,6 +139,8 @@ fn bad_generation_flags_give_one_clear_line() {
         (&["--max-host-kv-gib", "nan", "hi"], "--max-host-kv-gib"),
         (&["--spare-pages", "some", "hi"], "--spare-pages"),
         (&["--spare-pages", "-1", "hi"], "--spare-pages"),
+        (&["--reserve-sms", "-1", "hi"], "--reserve-sms"),
+        (&["--reserve-sms", "half", "hi"], "--reserve-sms"),
         (&[""], "the prompt is empty"),
         (
             &["--prompt-ids", "1,2,99999"],
