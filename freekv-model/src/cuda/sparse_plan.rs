@@ -212,6 +212,21 @@ mod tests {
     }
 
     #[test]
+    fn one_sparse_sequence_keeps_a_step_from_being_all_dense() {
+        let b = Budget::new(2, 3, 4, 4).unwrap(); // 9 pages of 4 tokens
+        let mut started = vec![false; 3];
+        let dense = plan_step(&b, 0, &[0, 20, 35], &[true, true, true], &mut started).unwrap();
+        assert!(dense.all_dense());
+        // 36 tokens + the new one: 10 pages, one more than the budget.
+        let ragged = plan_step(&b, 0, &[0, 20, 36], &[true, true, true], &mut started).unwrap();
+        assert!(!ragged.all_dense());
+        assert!(started[2] && !started[0] && !started[1]);
+        // A padding row (inactive) is dense whatever its length says.
+        let padded = plan_step(&b, 0, &[5, 0, 0], &[true, false, false], &mut started).unwrap();
+        assert!(padded.all_dense());
+    }
+
+    #[test]
     fn plan_walks_a_sequence_through_dense_and_sparse() {
         let b = Budget::new(2, 3, 4, 4).unwrap(); // nb = 9 pages of 4 tokens
         let nb = b.total_pages();
