@@ -118,3 +118,18 @@ print("  ".join(f"{p} {v:.3f}x" for p,v in sorted(c.items())), file=sys.stderr)
 print(min(c,key=c.get) if c else "freekv")
 PY
 }
+
+# model_tests: the model's GPU tests (`$D/cuda_freekv_test`), with each test's line and any
+# failure printed.
+model_tests() {
+    t model 75 $D/cuda_freekv_test --test-threads=1
+    grep -E "panicked|FAILED|^test .*(ok|FAILED)$" $L/model.log | head -12
+}
+
+# dense_ab NAME BINARY LIMIT RUN_SECONDS: the dense phase of a long generation (1K prompt + 512,
+# budget 2K: every step dense) at batch 4, oracle and freekv, with BINARY (a cuda_freekv bench);
+# rows to $OUT/s10-dense-NAME.json, the report printed.
+dense_ab() {
+    t "dense_$1" "$3" env FREEKV_BENCH_MODEL=llama-3.1-8b+persistent=0.92 FREEKV_BENCH_SCENARIOS=long-generation:1024:512 FREEKV_BENCH_BATCHES=4 FREEKV_BENCH_POLICIES=oracle,freekv FREEKV_BENCH_RUN_SECONDS="$4" FREEKV_BENCH_JSON=$OUT/s10-dense-$1.json "$2" --bench
+    report $OUT/s10-dense-$1.json
+}

@@ -12,12 +12,8 @@
 # From the repository root: bash docs/device/issue5-s10-run1.sh [deadline s]
 DL=${1:-585}; . "$(dirname "$0")/common.sh"
 M=llama-3.1-8b+persistent=0.92
-t model 75 $D/cuda_freekv_test --test-threads=1
-grep -E "panicked|FAILED|^test .*(ok|FAILED)$" $L/model.log | head -12
-dense() { # NAME BINARY
-    t "dense_$1" 60 env FREEKV_BENCH_MODEL=$M FREEKV_BENCH_SCENARIOS=long-generation:1024:512 FREEKV_BENCH_BATCHES=4 FREEKV_BENCH_POLICIES=oracle,freekv FREEKV_BENCH_RUN_SECONDS=4 FREEKV_BENCH_JSON=$OUT/s10-dense-$1.json $2 --bench
-    report $OUT/s10-dense-$1.json
-}
+model_tests
+dense() { dense_ab "$1" "$2" 60 4; }
 dense old1 .device/old/cuda_freekv; dense new1 $D/cuda_freekv
 dense new2 $D/cuda_freekv; dense old2 .device/old/cuda_freekv
 ab() { # NAME POLICIES

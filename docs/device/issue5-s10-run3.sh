@@ -6,12 +6,8 @@
 # From the repository root: bash docs/device/issue5-s10-run3.sh [deadline s]
 DL=${1:-300}; . "$(dirname "$0")/common.sh"
 M=llama-3.1-8b+persistent=0.92
-t model 75 $D/cuda_freekv_test --test-threads=1
-grep -E "panicked|FAILED|^test .*(ok|FAILED)$" $L/model.log | head -12
-dense() { # NAME BINARY
-    t "dense_$1" 45 env FREEKV_BENCH_MODEL=$M FREEKV_BENCH_SCENARIOS=long-generation:1024:512 FREEKV_BENCH_BATCHES=4 FREEKV_BENCH_POLICIES=oracle,freekv FREEKV_BENCH_RUN_SECONDS=3 FREEKV_BENCH_JSON=$OUT/s10-dense-$1.json $2 --bench
-    report $OUT/s10-dense-$1.json
-}
+model_tests
+dense() { dense_ab "$1" "$2" 45 3; }
 dense new1 $D/cuda_freekv; dense old1 .device/old/cuda_freekv
 [ "$(left)" -gt 100 ] && { t rs 80 env FREEKV_BENCH_MODEL=$M FREEKV_BENCH_SCENARIOS=long-generation:16384:512 FREEKV_BENCH_BATCHES=4 FREEKV_BENCH_POLICIES=oracle,freekv,freekv~rs16 FREEKV_BENCH_RUN_SECONDS=4 FREEKV_BENCH_JSON=$OUT/s10-rs.json $D/cuda_freekv --bench; report $OUT/s10-rs.json; }
 tar czf $OUT/logs.tgz -C $OUT logs && rm -rf $L
