@@ -648,11 +648,10 @@ impl CudaLlama {
                 .map_err(drv("uploading sparse step metadata"))?;
             s.memcpy_htod(&plan.fill, &mut st.fill[st.cur])
                 .map_err(drv("uploading sparse step metadata"))?;
-            st.all_dense = plan.all_dense();
             st.last_plan = Some(plan);
         }
         // All-dense steps of a sparse batch launch no selection or recall: a graph of their own.
-        let key = usize::from(b.sparse.as_ref().is_some_and(|st| st.all_dense));
+        let key = usize::from(b.sparse.as_ref().is_some_and(SparseState::all_dense));
         // freekv with reserved SMs: the products of an eager or captured step are sized for the
         // other SMs (a replayed graph keeps the sizes it was captured with).
         let reserve = b
@@ -1037,7 +1036,7 @@ impl CudaLlama {
         // A step where every sequence is dense has nothing to select or recall (see
         // `SparseState::all_dense`): only the append, the offload, the correction flags (zero,
         // read by the statistics) and the attention run.
-        let dense = st.all_dense;
+        let dense = st.all_dense();
         let o = st.meta_offsets();
         let meta = &st.smeta[st.cur];
         let spos = meta.slice(o[0]..o[1]);
@@ -1143,31 +1142,29 @@ impl CudaLlama {
                 &mut st.scratch[0],
                 top_k,
             )?;
-            {
-                let lists = RecallLists {
-                    count: &layer.recall_count,
-                    list: &layer.recall_list,
-                    flags: &layer.flags,
-                    filter: HeadFilter::Flagged,
-                };
-                match (&st.per_page, &st.streamed) {
-                    (Some(pp), _) => {
-                        pp.recall(s, &st.pool, si, &lists, &mut layer.slots)?;
-                    }
-                    (None, Some(streamed)) => {
-                        streamed.recall_blocking(s, &st.pool, si, &lists, &mut layer.slots)?;
-                    }
-                    (None, None) => {
-                        st.corr_gather.recall(
-                            k,
-                            cs,
-                            &st.shape,
-                            &st.pool,
-                            si,
-                            &lists,
-                            &mut layer.slots,
-                        )?;
-                    }
+            let lists = RecallLists {
+                count: &layer.recall_count,
+                list: &layer.recall_list,
+                flags: &layer.flags,
+                filter: HeadFilter::Flagged,
+            };
+            match (&st.per_page, &st.streamed) {
+                (Some(pp), _) => {
+                    pp.recall(s, &st.pool, si, &lists, &mut layer.slots)?;
+                }
+                (None, Some(streamed)) => {
+                    streamed.recall_blocking(s, &st.pool, si, &lists, &mut layer.slots)?;
+                }
+                (None, None) => {
+                    st.corr_gather.recall(
+                        k,
+                        cs,
+                        &st.shape,
+                        &st.pool,
+                        si,
+                        &lists,
+                        &mut layer.slots,
+                    )?;
                 }
             }
         }
@@ -1553,7 +1550,7 @@ impl CudaLlama {
         // output head, which hides the last layers' speculative branches (they write only the
         // sparse layers' slots and tables, which the head does not read).
         if let (Phase::Decode, Some(st)) = (phase, b.sparse.as_mut()) {
-            if b.opts.use_graph && st.opts.graph_capturable() && !st.all_dense {
+            if b.opts.use_graph && st.opts.graph_capturable() && !st.all_dense() {
                 st.join_recalls_in_step(s)?;
             }
             if st.opts.collect_stats && st.opts.kv.kind == KvKind::FreeKv {

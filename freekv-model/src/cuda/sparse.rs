@@ -386,11 +386,6 @@ pub(crate) struct SparseState {
     pub(crate) mask_stale: Vec<bool>,
     /// Whether the batch replays captured steps (then every step joins its recalls).
     pub(crate) use_graph: bool,
-    /// Whether every sequence of the step being run is dense (mode "skip": its whole context
-    /// fits the budget). Such a step launches no selection or recall, corrective or
-    /// speculative, and is captured into a graph of its own: those launches would only write
-    /// zero recall counts, which the next selection overwrites before any recall reads them.
-    pub(crate) all_dense: bool,
     pub(crate) stats: GpuKvStats,
     /// Host copy of the last step's plan (statistics).
     pub(crate) last_plan: Option<StepPlan>,
@@ -642,12 +637,20 @@ impl SparseState {
             started: vec![false; bs],
             mask_stale: vec![false; bs],
             use_graph: dims.use_graph,
-            all_dense: false,
             stats: GpuKvStats::default(),
             last_plan: None,
             last_plan_info: None,
             opts,
         })
+    }
+
+    /// Whether every sequence of the step being run is dense (mode "skip": its whole context
+    /// fits the budget; false outside a decode step). Such a step launches no selection or
+    /// recall, corrective or speculative, and is captured into a graph of its own: those
+    /// launches would only write zero recall counts, which the next selection overwrites
+    /// before any recall reads them.
+    pub(crate) fn all_dense(&self) -> bool {
+        self.last_plan.as_ref().is_some_and(StepPlan::all_dense)
     }
 
     /// Sequence `seq` starts over (a prefill, a truncation to 0): its next sparse step selects
