@@ -1550,10 +1550,11 @@ impl CudaLlama {
         // output head, which hides the last layers' speculative branches (they write only the
         // sparse layers' slots and tables, which the head does not read).
         if let (Phase::Decode, Some(st)) = (phase, b.sparse.as_mut()) {
-            if b.opts.use_graph && st.opts.graph_capturable() && !st.all_dense() {
+            let dense = st.all_dense();
+            if b.opts.use_graph && st.opts.graph_capturable() && !dense {
                 st.join_recalls_in_step(s)?;
             }
-            if st.opts.collect_stats && st.opts.kv.kind == KvKind::FreeKv {
+            if st.opts.collect_stats && st.opts.kv.kind == KvKind::FreeKv && !dense {
                 let fl = st.shape.rows();
                 for (si, layer) in st.layers.iter().enumerate() {
                     let mut dst = st.flags_all.slice_mut(si * fl..(si + 1) * fl);

@@ -779,8 +779,15 @@ impl SparseState {
         let bs = self.shape.seqs;
         let hkv = self.shape.kv_heads;
         let n_sparse = self.layers.len() as u64;
+        // The flags count for the sequences in the sparse phase (not at their first sparse
+        // step): a step without one reads nothing back (the all-dense steps do not even gather
+        // the flags).
+        let checked = plan
+            .seq_info
+            .chunks(SEQ_INFO_WIDTH)
+            .any(|r| r.get(1) == Some(&MODE_SPARSE));
         let freekv = self.opts.kv.kind == KvKind::FreeKv && self.opts.collect_stats;
-        if freekv {
+        if freekv && checked {
             let mut flags = vec![0i32; self.flags_all.len()];
             s.memcpy_dtoh(&self.flags_all, &mut flags)
                 .map_err(drv("reading correction flags"))?;
