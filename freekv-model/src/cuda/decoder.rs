@@ -1034,8 +1034,8 @@ impl CudaLlama {
         let summary = st.opts.kv.summary;
         let eager_overlap = !(st.opts.graph_capturable() && st.use_graph);
         // A step where every sequence is dense has nothing to select or recall (see
-        // `SparseState::all_dense`): only the append, the offload, the correction flags (zero,
-        // read by the statistics) and the attention run.
+        // `SparseState::all_dense`): only the append, the offload, the correction kernel (zero
+        // flags) and the attention run.
         let dense = st.all_dense();
         let o = st.meta_offsets();
         let meta = &st.smeta[st.cur];
