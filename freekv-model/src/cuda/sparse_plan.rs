@@ -75,12 +75,12 @@ impl StepPlan {
         v
     }
 
-    /// Whether every sequence of the step is dense (mode "skip", also in the speculative rows):
-    /// no selection or recall has anything to do.
+    /// Whether every sequence of the step is dense (mode "skip"; the speculative rows then are
+    /// too, they differ only in "first" becoming "sparse"): no selection or recall has anything
+    /// to do.
     pub fn all_dense(&self) -> bool {
         self.seq_info
             .chunks(SEQ_INFO_WIDTH)
-            .chain(self.seq_info_spec.chunks(SEQ_INFO_WIDTH))
             .all(|r| r.get(1) == Some(&MODE_SKIP))
     }
 
