@@ -441,7 +441,10 @@ fn run_one(
             (percentile(part, 0.5) * 1000.0).round() / 1000.0
         })
         .collect();
-    let stats = b.kv_stats().map(|s| s.to_json());
+    let stats = b
+        .kv_stats()
+        .map_err(|e| e.to_string())?
+        .map(|s| s.to_json());
     let recall = model.kv_recall_totals(&mut b).map_err(|e| e.to_string())?;
     let corrective = model
         .kv_corrective_totals(&mut b)

@@ -228,7 +228,7 @@ fn tiny_model_sparse_policies_on_the_gpu() {
             "{summary}: sparse prefill logits differ from full (rel L2 {:.2e})",
             rel_l2(&l_free[0], &l_full0[0])
         );
-        let st = b.kv_stats().unwrap();
+        let st = b.kv_stats().unwrap().unwrap();
         assert!(
             st.sparse_seq_layer_steps > 0 && st.first_sparse > 0,
             "{st:?}"
@@ -283,7 +283,7 @@ fn tiny_model_sparse_policies_on_the_gpu() {
             true,
         );
         check_selections_exact(&model, &mut b3, &c);
-        let st = b3.kv_stats().unwrap().clone();
+        let st = b3.kv_stats().unwrap().unwrap().clone();
         println!(
             "{summary}: freekv τ=0.8 on the tiny model: {:?}",
             st.to_json()
@@ -438,7 +438,7 @@ fn restarted_sequence_with_spare_slots_matches_a_fresh_batch() {
         for t in feed.iter().take(40) {
             model.decode_step(&mut b, t).unwrap();
         }
-        assert!(b.kv_stats().unwrap().sparse_seq_layer_steps > 0);
+        assert!(b.kv_stats().unwrap().unwrap().sparse_seq_layer_steps > 0);
         b.truncate(0, 0).unwrap();
         let got = run(&mut b);
         for (step, (x, y)) in got.iter().zip(&want).enumerate() {
@@ -502,7 +502,7 @@ fn all_dense_steps_have_their_own_graph() {
                 modes.push(model.decode_step(&mut b, t).unwrap());
                 logits.push(model.logits(&b).unwrap());
             }
-            let st = b.kv_stats().unwrap().clone();
+            let st = b.kv_stats().unwrap().unwrap().clone();
             assert!(st.sparse_seq_layer_steps > 0, "{kind}: {st:?}");
             let recalled = model.kv_recall_totals(&mut b).unwrap();
             runs.push((modes, logits, st, recalled));
@@ -552,7 +552,7 @@ fn reserved_sms_keep_the_step_results() {
             Some(&feed),
             use_graph,
         );
-        let (got, _, b) = run_gpu(
+        let (got, _, mut b) = run_gpu(
             &model,
             Some(reserved),
             &prompts,
@@ -561,7 +561,7 @@ fn reserved_sms_keep_the_step_results() {
             Some(&feed),
             use_graph,
         );
-        assert!(b.kv_stats().unwrap().sparse_seq_layer_steps > 0);
+        assert!(b.kv_stats().unwrap().unwrap().sparse_seq_layer_steps > 0);
         for (step, (x, y)) in got.iter().zip(&want).enumerate() {
             let e = rel_l2(x, y);
             assert!(
@@ -694,7 +694,7 @@ fn default_model_freekv_matches_the_cpu_policy() {
     errs.sort_by(f64::total_cmp);
     let median = errs[errs.len() / 2];
     let p90 = errs[errs.len() * 9 / 10];
-    let st = b.kv_stats().unwrap();
+    let st = b.kv_stats().unwrap().unwrap();
     println!(
         "default model, freekv budget 256 (page 8), {steps} steps: GPU vs CPU policy rel L2 median {median:.3e}, p90 {p90:.3e}, max {:.3e}; argmax agreement {agree}/{checked} where the CPU margin > 0.5; {rows} GPU selections exact vs the CPU selector at the end; stats {}",
         errs.last().unwrap(),
@@ -737,7 +737,7 @@ fn persistent_share_makes_queries_coherent() {
             true,
         );
         assert!(logits.iter().flatten().all(|v| v.is_finite()), "{name}");
-        let st = b.kv_stats().unwrap().clone();
+        let st = b.kv_stats().unwrap().unwrap().clone();
         let units = model.kv_recall_totals(&mut b).unwrap().map_or(0, |r| r.0);
         println!(
             "{name}: {:.1} % of KV heads corrected over {} checks, {units} units recalled",

@@ -1919,9 +1919,17 @@ impl CudaBatch {
             .map_or("full", |st| st.opts.policy_name())
     }
 
-    /// Statistics of a sparse KV policy (`None` for `full`).
-    pub fn kv_stats(&self) -> Option<&GpuKvStats> {
-        self.sparse.as_ref().map(|st| &st.stats)
+    /// Statistics of a sparse KV policy (`None` for `full`), up to the last decode step: counts
+    /// the last step's correction flags first if that was not done yet (they are copied back
+    /// without a wait and counted at the next step), so this may wait for the last step.
+    pub fn kv_stats(&mut self) -> Result<Option<&GpuKvStats>, ModelError> {
+        match self.sparse.as_mut() {
+            Some(st) => {
+                st.settle_stats()?;
+                Ok(Some(&st.stats))
+            }
+            None => Ok(None),
+        }
     }
 
     /// Pinned host bytes reserved for the KV history of the sparse layers (0 for `full`).

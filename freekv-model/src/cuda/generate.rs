@@ -154,7 +154,7 @@ impl CudaLlama {
         if let Some(e) = batch.graph_error() {
             tracing::warn!("decoded without a CUDA graph: {e}");
         }
-        let stats = batch.kv_stats().cloned();
+        let stats = batch.kv_stats()?.cloned();
         Ok((
             Generation {
                 prompt_ids: prompt_ids.to_vec(),

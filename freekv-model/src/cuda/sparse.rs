@@ -48,7 +48,9 @@
 use std::str::FromStr;
 use std::sync::Arc;
 
-use freekv_kernels::cudarc::driver::{CudaEvent, CudaSlice, CudaStream, CudaView, DriverError};
+use freekv_kernels::cudarc::driver::{
+    CudaEvent, CudaSlice, CudaStream, CudaView, DriverError, PinnedHostSlice,
+};
 use freekv_kernels::half::bf16;
 use freekv_kernels::{
     DecodePlan, FreeKvShape, Gpu, HeadFilter, KernelError, Kernels, SelectCache, Strided,
@@ -362,6 +364,12 @@ pub(crate) struct SparseState {
     /// Correction flags of every sparse layer gathered at the end of a step, `[layer][bs][Hkv]`
     /// (one read-back per step for the statistics).
     pub(crate) flags_all: CudaSlice<i32>,
+    /// Where `flags_all` is copied after a step for the statistics (`freekv` with statistics
+    /// on), and the event recorded after that copy: the host counts the flags at the next
+    /// step or when the statistics are read, so a step does not wait for itself.
+    pub(crate) flags_host: Option<FlagsReadback>,
+    /// The `seq_info` rows of the step whose flags are in `flags_host` and not yet counted.
+    pub(crate) flags_pending: Option<Vec<i32>>,
     pub(crate) streamed: Option<StreamedRecall>,
     pub(crate) tickets: Vec<Option<StreamedTicket>>,
     pub(crate) per_page: Option<PerPageRecall>,
@@ -616,6 +624,21 @@ impl SparseState {
             flags_all: s
                 .alloc_zeros::<i32>((n_sparse * bs * hkv).max(1))
                 .map_err(drv("allocating correction flags"))?,
+            flags_host: if kv.kind == KvKind::FreeKv && opts.collect_stats {
+                // Read by the host: plain page-locked memory, not write-combined.
+                // SAFETY: the buffer is only read after a copy into all of it completed (its
+                // event is recorded after the copy and synchronised before the read).
+                let host =
+                    unsafe { ctx.alloc_pinned_with_flags::<i32>((n_sparse * bs * hkv).max(1), 0) }
+                        .map_err(drv("allocating the host copy of the correction flags"))?;
+                Some(FlagsReadback {
+                    host,
+                    copied: ctx.new_event(None).map_err(drv("creating an event"))?,
+                })
+            } else {
+                None
+            },
+            flags_pending: None,
             streamed,
             tickets: (0..n_sparse).map(|_| None).collect(),
             per_page,
@@ -768,52 +791,76 @@ impl SparseState {
         StepPlan::offsets(self.shape.seqs, self.shape.slots())
     }
 
-    /// After a decode step ran (and its stream was synchronised by the caller or not), account
-    /// the step: reads the correction flags back when statistics are on.
+    /// After a decode step was launched, account it: counts the previous step's correction
+    /// flags (their copy is done by now, or soon) and starts the copy of this step's, which the
+    /// next step or [`SparseState::settle_stats`] counts. No host wait on the step itself.
     pub(crate) fn account_step(&mut self, s: &Arc<CudaStream>) -> Result<(), ModelError> {
+        self.settle_stats()?;
         self.stats.steps += 1;
         let Some(plan) = self.last_plan.take() else {
             return Ok(());
         };
-        self.last_plan_info = Some(plan.seq_info.clone());
-        let bs = self.shape.seqs;
-        let hkv = self.shape.kv_heads;
         let n_sparse = self.layers.len() as u64;
         // The flags count for the sequences in the sparse phase (not at their first sparse
-        // step): a step without one reads nothing back (the all-dense steps do not even gather
-        // the flags).
+        // step): a step without one copies nothing back (the all-dense steps do not even
+        // gather the flags).
         let checked = plan
             .seq_info
             .chunks(SEQ_INFO_WIDTH)
             .any(|r| r.get(1) == Some(&MODE_SPARSE));
-        let freekv = self.opts.kv.kind == KvKind::FreeKv && self.opts.collect_stats;
-        if freekv && checked {
-            let mut flags = vec![0i32; self.flags_all.len()];
-            s.memcpy_dtoh(&self.flags_all, &mut flags)
+        if checked && let Some(rb) = self.flags_host.as_mut() {
+            s.memcpy_dtoh(&self.flags_all, &mut rb.host)
                 .map_err(drv("reading correction flags"))?;
-            for layer_flags in flags.chunks_exact(bs * hkv) {
-                for seq in 0..bs {
-                    if plan.seq_info[SEQ_INFO_WIDTH * seq + 1] != MODE_SPARSE {
-                        continue;
-                    }
-                    let f = &layer_flags[seq * hkv..(seq + 1) * hkv];
-                    let n = f.iter().filter(|&&x| x != 0).count() as u64;
-                    self.stats.heads_checked += hkv as u64;
-                    self.stats.heads_flagged += n;
-                    if n > 0 {
-                        self.stats.corrected_seq_layer_steps += 1;
-                    }
-                }
-            }
+            rb.copied
+                .record(s)
+                .map_err(drv("recording the flags read-back"))?;
+            self.flags_pending = Some(plan.seq_info.clone());
         }
-        for seq in 0..bs {
-            match plan.seq_info[SEQ_INFO_WIDTH * seq + 1] {
+        for r in plan.seq_info.chunks(SEQ_INFO_WIDTH) {
+            match r.get(1).copied().unwrap_or(0) {
                 0 => {}
                 m => {
                     self.stats.sparse_seq_layer_steps += n_sparse;
                     if m == MODE_FIRST {
                         self.stats.first_sparse += n_sparse;
                     }
+                }
+            }
+        }
+        self.last_plan_info = Some(plan.seq_info);
+        Ok(())
+    }
+
+    /// Count the correction flags copied back after the last step, if not counted yet (waits
+    /// for that copy, not for later work): the statistics are complete after this.
+    pub(crate) fn settle_stats(&mut self) -> Result<(), ModelError> {
+        let Some(info) = self.flags_pending.take() else {
+            return Ok(());
+        };
+        let Some(rb) = self.flags_host.as_ref() else {
+            return Ok(());
+        };
+        rb.copied
+            .synchronize()
+            .map_err(drv("waiting for the flags read-back"))?;
+        // The copy into the buffer completed (synchronised above), and no other is enqueued
+        // before the next `account_step`, which needs `&mut self`.
+        let flags = rb
+            .host
+            .as_slice()
+            .map_err(drv("reading correction flags"))?;
+        let bs = self.shape.seqs;
+        let hkv = self.shape.kv_heads;
+        for layer_flags in flags.chunks_exact(bs * hkv) {
+            for (seq, f) in layer_flags.chunks_exact(hkv).enumerate() {
+                if info.get(SEQ_INFO_WIDTH * seq + 1) != Some(&MODE_SPARSE) {
+                    continue;
+                }
+                let n = f.iter().filter(|&&x| x != 0).count() as u64;
+                self.stats.heads_checked += hkv as u64;
+                self.stats.heads_flagged += n;
+                if n > 0 {
+                    self.stats.corrected_seq_layer_steps += 1;
                 }
             }
         }
@@ -848,6 +895,22 @@ impl SparseState {
         Strided {
             offset: 0,
             stride: qkv_width,
+        }
+    }
+}
+
+/// The page-locked host copy of a step's correction flags and the event recorded after the
+/// copy into it.
+pub(crate) struct FlagsReadback {
+    host: PinnedHostSlice<i32>,
+    copied: CudaEvent,
+}
+
+impl Drop for FlagsReadback {
+    /// A copy into the buffer may still be in flight: wait for it before the buffer is freed.
+    fn drop(&mut self) {
+        if let Err(e) = self.copied.synchronize() {
+            tracing::warn!("waiting for the flags read-back before freeing its buffer: {e}");
         }
     }
 }
