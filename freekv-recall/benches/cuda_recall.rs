@@ -78,6 +78,7 @@ fn setup(g: &Gpu, seqs: usize, per_row: usize, rng: &mut StdRng) -> Setup {
             chunk_pages: 256,
             max_bytes: None,
             backing: Backing::MappedHost,
+            grow_ahead: false,
         },
     )
     .unwrap();

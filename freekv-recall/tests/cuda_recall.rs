@@ -87,7 +87,93 @@ fn pool_cfg(
         chunk_pages,
         max_bytes,
         backing,
+        grow_ahead: false,
     }
+}
+
+#[test]
+fn pool_grows_ahead_within_the_limit() {
+    let Some(g) = gpu() else { return };
+    let s = g.stream();
+    let sh = shape(3, 3, 64, 8, 4);
+    let pb = geom(&sh).page_elems() * 2;
+    let cfg = HostPoolConfig {
+        grow_ahead: true,
+        ..pool_cfg(&sh, 2, 4, Some(20 * pb), Backing::MappedHost)
+    };
+    let mut pool = HostKvPool::new(s, cfg).unwrap();
+    pool.ensure_pages(s, 0, 3).unwrap(); // 6 pages: two chunks in line, 2 free: one ahead
+    assert_eq!(
+        (pool.bytes_reserved(), pool.pages_allocated()),
+        (12 * pb, 6)
+    );
+    pool.ensure_pages(s, 1, 2).unwrap(); // 4 pages: 2 free + the chunk ahead; another ahead
+    assert_eq!(
+        (pool.bytes_reserved(), pool.pages_allocated()),
+        (16 * pb, 10)
+    );
+    pool.ensure_pages(s, 2, 2).unwrap(); // the last chunk ahead reaches the limit
+    assert_eq!(
+        (pool.bytes_reserved(), pool.pages_allocated()),
+        (20 * pb, 14)
+    );
+    pool.ensure_pages(s, 0, 4).unwrap(); // 2 pages: no growth past the limit
+    assert_eq!(
+        (pool.bytes_reserved(), pool.pages_allocated()),
+        (20 * pb, 16)
+    );
+    // 6 more pages than the 4 free would pass the limit: an error, and nothing changes.
+    let e = pool.ensure_pages(s, 1, 5).unwrap_err();
+    assert!(matches!(e, RecallError::HostPoolFull { .. }), "{e:?}");
+    assert_eq!(
+        (pool.bytes_reserved(), pool.pages_allocated()),
+        (20 * pb, 16)
+    );
+    assert_eq!(pool.seq_pages(1), 2);
+    assert_eq!(pool.pages_free(), 4, "the last chunk ahead was taken in");
+    // Every allocated page has its own address, in both layers' tables, and reads as zeros.
+    let mut seen = std::collections::HashSet::new();
+    for l in 0..2 {
+        let t = down(s, pool.device_table(l).unwrap());
+        for (seq, n) in [(0, 4), (1, 2), (2, 2)] {
+            for p in 0..sh.max_pages {
+                let a = t[seq * sh.max_pages + p];
+                if p < n {
+                    assert!(
+                        a != 0 && seen.insert(a),
+                        "layer {l} seq {seq} page {p}: {a:#x}"
+                    );
+                    let u = pool.read_unit(l, seq, p, 0).unwrap();
+                    assert!(u.iter().all(|x| x.to_f32() == 0.0));
+                } else {
+                    assert_eq!(a, 0, "layer {l} seq {seq} page {p}");
+                }
+            }
+        }
+    }
+    // A pool dropped while a chunk is being pinned ahead waits for it and frees it.
+    let mut early = HostKvPool::new(
+        s,
+        HostPoolConfig {
+            grow_ahead: true,
+            ..pool_cfg(&sh, 2, 4, None, Backing::MappedHost)
+        },
+    )
+    .unwrap();
+    early.ensure_pages(s, 0, 1).unwrap();
+    assert_eq!(early.bytes_reserved(), 8 * pb);
+    drop(early);
+    // Device backing never grows ahead.
+    let mut dev = HostKvPool::new(
+        s,
+        HostPoolConfig {
+            grow_ahead: true,
+            ..pool_cfg(&sh, 2, 4, None, Backing::Device)
+        },
+    )
+    .unwrap();
+    dev.ensure_pages(s, 0, 1).unwrap();
+    assert_eq!(dev.bytes_reserved(), 4 * pb);
 }
 
 #[test]

@@ -537,6 +537,8 @@ impl SparseState {
                 chunk_pages: 1024,
                 max_bytes: opts.host_max_bytes,
                 backing,
+                // Pinning a 128 MiB chunk (Llama-3.1-8B pages) takes ~75 ms: not in a step.
+                grow_ahead: true,
             },
         )?;
         let prefill_table: Vec<i32> = (0..prefill_pages as i32).collect();

@@ -3,10 +3,11 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 
 use freekv_kernels::cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
 use freekv_kernels::half::bf16;
-use freekv_kernels::{DeviceCounters, FreeKvShape, Kernels, MappedHostBuffer};
+use freekv_kernels::{DeviceCounters, FreeKvShape, KernelError, Kernels, MappedHostBuffer};
 use freekv_select::SummaryKind;
 
 use crate::RecallError;
@@ -42,6 +43,12 @@ pub struct HostPoolConfig {
     pub max_bytes: Option<usize>,
     /// Host (mapped pinned) or device memory.
     pub backing: Backing,
+    /// Keep one chunk allocated ahead ([`Backing::MappedHost`] only): when fewer than
+    /// `chunk_pages` pages are free, the next chunk is pinned on a helper thread, so the
+    /// stream of work that needs the pages (a decode step at a page boundary) does not wait
+    /// tens of milliseconds for `cuMemHostAlloc`. The chunk counts in
+    /// [`HostKvPool::bytes_reserved`] (and against `max_bytes`) from the moment it is asked for.
+    pub grow_ahead: bool,
 }
 
 /// One page's addresses: as the host names it (for `cuMemcpy*`; equal to `device` for device
@@ -105,6 +112,18 @@ pub struct HostKvPool {
     bytes_reserved: usize,
     pages_allocated: usize,
     counters: DeviceCounters,
+    /// The chunk being pinned ahead on a helper thread ([`HostPoolConfig::grow_ahead`]).
+    ahead: Option<AheadChunk>,
+    /// A chunk pinned ahead failed: no more are asked for (the pool grows in line, where a
+    /// failure is an error of the call that needs the pages).
+    ahead_failed: bool,
+}
+
+/// A chunk of `pages` pages (`bytes` bytes) being allocated on a helper thread.
+struct AheadChunk {
+    pages: usize,
+    bytes: usize,
+    thread: JoinHandle<Result<MappedHostBuffer<u8>, KernelError>>,
 }
 
 impl std::fmt::Debug for HostKvPool {
@@ -122,8 +141,12 @@ impl Drop for HostKvPool {
     fn drop(&mut self) {
         // Kernels or copies may still read the pages or the tables on some stream: finish them
         // before the memory goes (errors cannot be reported from drop). Streamed-recall jobs keep
-        // the page memory alive on their own.
+        // the page memory alive on their own. A chunk still being pinned ahead is waited for and
+        // freed.
         let _ = self.ctx.synchronize();
+        if let Some(a) = self.ahead.take() {
+            let _ = a.thread.join();
+        }
     }
 }
 
@@ -198,6 +221,8 @@ impl HostKvPool {
             bytes_reserved: 0,
             pages_allocated: 0,
             counters: DeviceCounters::new(stream)?,
+            ahead: None,
+            ahead_failed: false,
             cfg,
         })
     }
@@ -285,31 +310,38 @@ impl HostKvPool {
             .checked_mul(self.page_bytes)
             .ok_or_else(|| invalid("chunk size overflows (lower chunk_pages)"))?;
         let _s = tracing::debug_span!("host_pool_grow", pages, bytes).entered();
-        let (chunk, host_base, dev_base) =
-            match self.cfg.backing {
-                Backing::MappedHost => {
-                    let buf = MappedHostBuffer::<u8>::new(&self.ctx, bytes)?;
-                    let (h, d) = (buf.host_ptr() as u64, buf.device_ptr());
-                    (Chunk::Host(buf), h, d)
-                }
-                Backing::Device => {
-                    let buf = stream.alloc_zeros::<u8>(bytes).map_err(RecallError::driver(format!(
+        let chunk = match self.cfg.backing {
+            Backing::MappedHost => Chunk::Host(MappedHostBuffer::<u8>::new(&self.ctx, bytes)?),
+            Backing::Device => Chunk::Device(stream.alloc_zeros::<u8>(bytes).map_err(
+                RecallError::driver(format!(
                     "allocating {bytes} bytes of device memory for the KV history (lower the \
                      batch size or the context length)"
-                )))?;
-                    let d = {
-                        let (p, _g) = buf.device_ptr(stream);
-                        p
-                    };
-                    (Chunk::Device(buf), d, d)
-                }
-            };
+                )),
+            )?),
+        };
+        self.bytes_reserved += bytes;
+        self.add_chunk(chunk, stream, pages)
+    }
+
+    /// Put a new chunk of `pages` pages (already counted in `bytes_reserved`) in the free list.
+    fn add_chunk(
+        &mut self,
+        chunk: Chunk,
+        stream: &Arc<CudaStream>,
+        pages: usize,
+    ) -> Result<(), RecallError> {
+        let (host_base, dev_base) = match &chunk {
+            Chunk::Host(buf) => (buf.host_ptr() as u64, buf.device_ptr()),
+            Chunk::Device(buf) => {
+                let (p, _g) = buf.device_ptr(stream);
+                (p, p)
+            }
+        };
         self.shared
             .chunks
             .lock()
             .map_err(|_| RecallError::LockPoisoned("host pool chunks".into()))?
             .push(chunk);
-        self.bytes_reserved += bytes;
         // Reverse order: pops hand out ascending addresses.
         for i in (0..pages).rev() {
             let off = (i * self.page_bytes) as u64;
@@ -319,6 +351,78 @@ impl HostKvPool {
             });
         }
         Ok(())
+    }
+
+    /// Take the chunk pinned ahead into the free list if it is ready (or, with `wait`, once it
+    /// is). A failed one is given up with a warning: its bytes are no longer reserved and no
+    /// chunk is pinned ahead any more.
+    fn harvest_ahead(&mut self, stream: &Arc<CudaStream>, wait: bool) -> Result<(), RecallError> {
+        let ready = self
+            .ahead
+            .as_ref()
+            .is_some_and(|a| wait || a.thread.is_finished());
+        if !ready {
+            return Ok(());
+        }
+        let Some(a) = self.ahead.take() else {
+            return Ok(());
+        };
+        let failed = match a.thread.join() {
+            Ok(Ok(buf)) => return self.add_chunk(Chunk::Host(buf), stream, a.pages),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "the allocating thread panicked".to_string(),
+        };
+        self.bytes_reserved -= a.bytes;
+        self.ahead_failed = true;
+        tracing::warn!(
+            "pinning a host KV chunk ahead failed ({failed}); the pool grows when pages are \
+             needed from now on"
+        );
+        Ok(())
+    }
+
+    /// Ask for the next chunk ahead when fewer than a chunk of pages is free
+    /// ([`HostPoolConfig::grow_ahead`]), within `max_bytes`.
+    fn grow_ahead(&mut self) {
+        if !self.cfg.grow_ahead
+            || self.cfg.backing != Backing::MappedHost
+            || self.ahead_failed
+            || self.ahead.is_some()
+            || self.free.len() >= self.cfg.chunk_pages
+        {
+            return;
+        }
+        let allowed = match self.cfg.max_bytes {
+            None => usize::MAX,
+            Some(m) => m.saturating_sub(self.bytes_reserved) / self.page_bytes,
+        };
+        let pages = self.cfg.chunk_pages.min(allowed);
+        if pages == 0 {
+            return;
+        }
+        // `new` checked that a whole chunk's bytes do not overflow.
+        let bytes = pages * self.page_bytes;
+        let ctx = self.ctx.clone();
+        let spawned = std::thread::Builder::new()
+            .name("freekv-pool-ahead".into())
+            .spawn(move || {
+                let _s = tracing::debug_span!("host_pool_grow_ahead", bytes).entered();
+                MappedHostBuffer::<u8>::new(&ctx, bytes)
+            });
+        match spawned {
+            Ok(thread) => {
+                self.bytes_reserved += bytes;
+                self.ahead = Some(AheadChunk {
+                    pages,
+                    bytes,
+                    thread,
+                });
+            }
+            Err(e) => {
+                self.ahead_failed = true;
+                tracing::warn!("no thread to pin host KV chunks ahead ({e})");
+            }
+        }
     }
 
     /// Make pages `0..n_pages` of `seq` exist in every layer: new pages come from the free list
@@ -348,6 +452,7 @@ impl HostKvPool {
         }
         let new = n_pages - have;
         let need = new * self.cfg.layers;
+        self.harvest_ahead(stream, need > self.free.len())?;
         if need > self.free.len() {
             let missing = need - self.free.len();
             if let Some(m) = self.cfg.max_bytes {
@@ -397,6 +502,7 @@ impl HostKvPool {
         if let Some(s) = self.seq_pages.get_mut(seq) {
             *s = n_pages;
         }
+        self.grow_ahead();
         Ok(())
     }
 
