@@ -133,3 +133,16 @@ dense_ab() {
     t "dense_$1" "$3" env FREEKV_BENCH_MODEL=llama-3.1-8b+persistent=0.92 FREEKV_BENCH_SCENARIOS=long-generation:1024:512 FREEKV_BENCH_BATCHES=4 FREEKV_BENCH_POLICIES=oracle,freekv FREEKV_BENCH_RUN_SECONDS="$4" FREEKV_BENCH_JSON=$OUT/s10-dense-$1.json "$2" --bench
     report $OUT/s10-dense-$1.json
 }
+
+# means JSON...: per row, the mean, median and p90 step time (a gap between mean and median is
+# the rare slow steps: e.g. a host chunk pinned inside a step), the prefill seconds and the host
+# KV GiB.
+means() {
+python3 - "$@" <<'PY'
+import json,sys
+for f in sys.argv[1:]:
+    for r in json.load(open(f))["rows"]:
+        if not r.get("ms_mean"): continue
+        print(f"{f.split('/')[-1]:28s} bs{r['batch']} {r['policy']:12s} mean {r['ms_mean']:.3f} median {r['ms_median']:.3f} p90 {r['ms_p90']:.3f} (mean-median {r['ms_mean']-r['ms_median']:+.3f} ms) prefill {r.get('prefill_s') or 0:.2f} s host {r.get('host_kv_gib') or 0:.2f} GiB")
+PY
+}
