@@ -93,7 +93,7 @@ PY
 onerun() {
     export FREEKV_BENCH_SCENARIOS=long-generation:1024:2048:llama-3.1-8b+persistent=0.92,long-input:32768:$1:llama-3.1-8b+persistent=0.84
     export FREEKV_BENCH_MODEL=llama-3.1-8b+persistent=0.92 FREEKV_BENCH_BATCHES=1,4,16
-    export FREEKV_BENCH_POLICIES=full,oracle,arkvale,freekv FREEKV_BENCH_RUN_SECONDS=14
+    export FREEKV_BENCH_POLICIES=full,oracle,arkvale,freekv FREEKV_BENCH_RUN_SECONDS=${RUNSEC:-14}
     export FREEKV_BENCH_MAX_SECONDS=$2
     ./.device/bench/xtask bench --prebuilt .device/bench --gpu-only --no-criterion --out "$OUT/bench" --max-minutes "$3" > "$OUT/xtask.log" 2>&1
     echo "xtask rc=$?"
