@@ -5,6 +5,11 @@
 //! can read and write it through [`MappedHostBuffer::device_ptr`]), usable from every context,
 //! and **never write-combined** (the CPU reads offloaded KV back at normal speed).
 //!
+//! [`MappedHostBuffer::new_registered`] gives the same kind of buffer from the process's own
+//! memory (anonymous, transparent huge pages asked for, faulted in before the driver is called)
+//! page-locked with `cuMemHostRegister` in pieces: page-locking holds driver-global locks that
+//! stall every other CUDA call of the process, and this keeps each hold short (see its docs).
+//!
 //! Synchronisation is the caller's: values a kernel or copy writes become visible to the host
 //! slice after a synchronisation that orders that work (stream, event or context sync), and host
 //! writes must not race with device work that reads the same bytes.
@@ -29,7 +34,31 @@ pub struct MappedHostBuffer<T: Pod> {
     host: *mut T,
     device: u64,
     len: usize,
+    /// The registered pieces and the mapping behind them ([`MappedHostBuffer::new_registered`]);
+    /// `None`: allocated by `cuMemHostAlloc`.
+    registered: Option<Registered>,
     _marker: PhantomData<T>,
+}
+
+/// Memory of the process page-locked by `cuMemHostRegister`, one registration per piece.
+struct Registered {
+    pieces: Vec<(*mut std::ffi::c_void, usize)>,
+    /// Unmapped after the pieces are unregistered (fields drop after `Drop::drop`).
+    _map: memmap2::MmapMut,
+}
+
+/// Bytes page-locked by one `cuMemHostRegister` call of [`MappedHostBuffer::new_registered`].
+pub const REGISTER_PIECE_BYTES: usize = 16 << 20;
+
+/// Alignment of a registered buffer (a transparent huge page).
+const HUGE_PAGE: usize = 2 << 20;
+
+/// Unregister pieces (errors cannot be reported here: a failure leaves them locked).
+fn unregister(pieces: &[(*mut std::ffi::c_void, usize)]) {
+    for &(p, _) in pieces {
+        // SAFETY: each piece was registered once by `new_registered` and is unregistered once.
+        let _ = unsafe { sys::cuMemHostUnregister(p) }.result();
+    }
 }
 
 // SAFETY: the buffer owns its allocation exclusively (like a `Box<[T]>`); the raw pointer is only
@@ -102,6 +131,108 @@ impl<T: Pod> MappedHostBuffer<T> {
             host: host.cast::<T>(),
             device,
             len,
+            registered: None,
+            _marker: PhantomData,
+        })
+    }
+
+    /// Like [`MappedHostBuffer::new`] (zeroed, pinned, device-mapped, portable, not
+    /// write-combined), from memory of the process: an anonymous mapping aligned to 2 MiB with
+    /// transparent huge pages asked for (`MADV_HUGEPAGE`, where the kernel allows it), every
+    /// page faulted in here, then page-locked and mapped by `cuMemHostRegister` in pieces of
+    /// [`REGISTER_PIECE_BYTES`].
+    ///
+    /// Page-locking holds driver-global locks: every CUDA call of the process (a kernel or
+    /// graph launch on another thread included) waits while `cuMemHostAlloc` pins a large
+    /// buffer. Here the slow part (faulting and zeroing the pages) runs without the driver, and
+    /// each lock hold covers one piece of resident memory; meant for a helper thread that
+    /// allocates ahead of need. Errors as for `new`, and an error when the pieces' device
+    /// addresses are not contiguous (never under unified addressing).
+    #[tracing::instrument(level = "debug", skip(ctx))]
+    pub fn new_registered(ctx: &Arc<CudaContext>, len: usize) -> Result<Self, KernelError> {
+        const K: &str = "MappedHostBuffer::new_registered";
+        let bytes = len
+            .checked_mul(size_of::<T>())
+            .filter(|&b| b <= MAX_MAPPED_BYTES)
+            .ok_or_else(|| {
+                KernelError::arg(
+                    K,
+                    format!(
+                        "{len} values of {} bytes exceed the {} GiB limit of one mapped host \
+                         buffer: lower the requested length",
+                        size_of::<T>(),
+                        MAX_MAPPED_BYTES >> 30
+                    ),
+                )
+            })?
+            .max(1);
+        let os = |what: &str, e: std::io::Error| {
+            KernelError::arg(K, format!("{what} of {bytes} bytes of host memory: {e}"))
+        };
+        let mut map = memmap2::MmapMut::map_anon(bytes + HUGE_PAGE)
+            .map_err(|e| os("an anonymous mapping", e))?;
+        let skip = map.as_ptr().align_offset(HUGE_PAGE).min(HUGE_PAGE);
+        // Best effort: without transparent huge pages the buffer is made of 4 KiB pages.
+        let _ = map.advise_range(memmap2::Advice::HugePage, skip, bytes);
+        let region = map
+            .get_mut(skip..skip + bytes)
+            .ok_or_else(|| KernelError::arg(K, "huge-page alignment past the mapping"))?;
+        // Fault every page in now (writing zeros keeps the buffer zeroed).
+        for b in region.iter_mut().step_by(4096) {
+            // SAFETY: `b` is a valid byte of the mapping; volatile so the store is kept.
+            unsafe { std::ptr::write_volatile(b, 0) };
+        }
+        let host = region.as_mut_ptr().cast::<std::ffi::c_void>();
+        ctx.bind_to_thread().map_err(KernelError::driver(
+            "binding the context for cuMemHostRegister",
+        ))?;
+        let flags = sys::CU_MEMHOSTREGISTER_DEVICEMAP | sys::CU_MEMHOSTREGISTER_PORTABLE;
+        let mut pieces: Vec<(*mut std::ffi::c_void, usize)> = Vec::new();
+        let mut device: sys::CUdeviceptr = 0;
+        let mut off = 0;
+        while off < bytes {
+            let n = REGISTER_PIECE_BYTES.min(bytes - off);
+            // SAFETY: `off < bytes`: inside the region.
+            let p = unsafe { host.cast::<u8>().add(off) }.cast::<std::ffi::c_void>();
+            // SAFETY: `p..p + n` is mapped memory of this process that outlives the
+            // registration (unregistered before the mapping is dropped).
+            let r = unsafe { sys::cuMemHostRegister_v2(p, n, flags) }.result();
+            let mut d: sys::CUdeviceptr = 0;
+            let mapped = r.and_then(|()| {
+                pieces.push((p, n));
+                // SAFETY: `p` was just registered with DEVICEMAP.
+                unsafe { sys::cuMemHostGetDevicePointer_v2(&mut d, p, 0) }.result()
+            });
+            let failed = match mapped {
+                Err(source) => Some(KernelError::Driver {
+                    what: format!(
+                        "cuMemHostRegister of {n} bytes of host memory (lower the host KV \
+                         budget or the buffer size)"
+                    ),
+                    source,
+                }),
+                Ok(()) if off == 0 => {
+                    device = d;
+                    None
+                }
+                Ok(()) if d != device + off as u64 => Some(KernelError::arg(
+                    K,
+                    "the device addresses of the registered pieces are not contiguous",
+                )),
+                Ok(()) => None,
+            };
+            if let Some(e) = failed {
+                unregister(&pieces);
+                return Err(e);
+            }
+            off += n;
+        }
+        Ok(Self {
+            ctx: ctx.clone(),
+            host: host.cast::<T>(),
+            device,
+            len,
+            registered: Some(Registered { pieces, _map: map }),
             _marker: PhantomData,
         })
     }
@@ -154,8 +285,14 @@ impl<T: Pod> Drop for MappedHostBuffer<T> {
     fn drop(&mut self) {
         // Errors cannot be reported from drop; a failed free leaks the pinned pages.
         if self.ctx.bind_to_thread().is_ok() {
-            // SAFETY: allocated by cuMemHostAlloc in `new`, freed exactly once.
-            let _ = unsafe { cudarc::driver::result::free_host(self.host.cast()) };
+            match &self.registered {
+                // The mapping itself is dropped after this.
+                Some(r) => unregister(&r.pieces),
+                // SAFETY: allocated by cuMemHostAlloc in `new`, freed exactly once.
+                None => {
+                    let _ = unsafe { cudarc::driver::result::free_host(self.host.cast()) };
+                }
+            }
         }
     }
 }

@@ -42,7 +42,7 @@ pub mod testing;
 pub use error::KernelError;
 pub use gemm::{Gemm, GemmBackend, GemmChoice, LinearDims, Matmul};
 pub use gpu::Gpu;
-pub use host::MappedHostBuffer;
+pub use host::{MAX_MAPPED_BYTES, MappedHostBuffer, REGISTER_PIECE_BYTES};
 pub use kernels::{DECODE_COMPACT_PAGES, Kernels, Strided, masked_decode_compacts};
 pub use ops::attention::{AttentionShape, DecodePlan, HeadMask, PrefillPlan};
 pub use ops::elementwise::{KvSource, PageTableLayout, RopeConfig, RopeLayout, RopeStyle};

@@ -504,27 +504,85 @@ fn launchers_reject_bad_arguments() {
 #[test]
 fn mapped_host_buffer_sizes_and_addresses() {
     let Some(g) = gpu() else { return };
+    type New<T> = fn(
+        &Arc<freekv_kernels::cudarc::driver::CudaContext>,
+        usize,
+    ) -> Result<MappedHostBuffer<T>, freekv_kernels::KernelError>;
+    let ctors: [(&str, New<u32>); 2] = [
+        ("cuMemHostAlloc", MappedHostBuffer::<u32>::new),
+        ("registered", MappedHostBuffer::<u32>::new_registered),
+    ];
     // Overflowing and oversized requests are errors that say what to lower, never panics.
-    let e = MappedHostBuffer::<u64>::new(g.ctx(), usize::MAX).unwrap_err();
-    assert!(e.to_string().contains("lower"), "{e}");
-    let e = MappedHostBuffer::<u8>::new(g.ctx(), (1usize << 40) + 1).unwrap_err();
-    assert!(e.to_string().contains("lower"), "{e}");
-    let mut b = MappedHostBuffer::<u32>::new(g.ctx(), 1000).unwrap();
-    assert_eq!(b.len(), 1000);
-    assert_eq!(b.bytes(), 4000);
-    assert!(b.as_slice().iter().all(|&x| x == 0), "zero-initialised");
-    assert_ne!(b.device_ptr(), 0);
-    assert_eq!(b.device_ptr() % 16, 0);
-    // Host writes reach the device: a (pinned, asynchronous) copy out of the buffer returns them.
-    // Kernel reads through `device_ptr` are exercised by the gather tests.
-    for (i, x) in b.as_mut_slice().iter_mut().enumerate() {
-        *x = (i as u32).wrapping_mul(2_654_435_761);
+    for (name, e) in [
+        (
+            "alloc",
+            MappedHostBuffer::<u64>::new(g.ctx(), usize::MAX).unwrap_err(),
+        ),
+        (
+            "alloc",
+            MappedHostBuffer::<u8>::new(g.ctx(), (1usize << 40) + 1).unwrap_err(),
+        ),
+        (
+            "registered",
+            MappedHostBuffer::<u64>::new_registered(g.ctx(), usize::MAX).unwrap_err(),
+        ),
+        (
+            "registered",
+            MappedHostBuffer::<u8>::new_registered(g.ctx(), (1usize << 40) + 1).unwrap_err(),
+        ),
+    ] {
+        assert!(e.to_string().contains("lower"), "{name}: {e}");
     }
     let s = g.stream();
-    let mut d: CudaSlice<u32> = s.alloc_zeros(1000).unwrap();
-    s.memcpy_htod(&b, &mut d).unwrap();
-    let back = down(s, &d);
-    assert_eq!(back, b.as_slice());
-    let empty = MappedHostBuffer::<bf16>::new(g.ctx(), 0).unwrap();
-    assert!(empty.is_empty());
+    for (name, new) in ctors {
+        let mut b = new(g.ctx(), 1000).unwrap();
+        assert_eq!(b.len(), 1000);
+        assert_eq!(b.bytes(), 4000);
+        assert!(
+            b.as_slice().iter().all(|&x| x == 0),
+            "{name}: zero-initialised"
+        );
+        assert_ne!(b.device_ptr(), 0);
+        assert_eq!(b.device_ptr() % 16, 0);
+        // Host writes reach the device: a (pinned, asynchronous) copy out of the buffer returns
+        // them. Kernel reads through `device_ptr` are exercised by the gather tests.
+        for (i, x) in b.as_mut_slice().iter_mut().enumerate() {
+            *x = (i as u32).wrapping_mul(2_654_435_761);
+        }
+        let mut d: CudaSlice<u32> = s.alloc_zeros(1000).unwrap();
+        s.memcpy_htod(&b, &mut d).unwrap();
+        let back = down(s, &d);
+        assert_eq!(back, b.as_slice(), "{name}");
+        let empty = new(g.ctx(), 0).unwrap();
+        assert!(empty.is_empty());
+    }
+    // A registered buffer of several pieces: one device address range, read through it across
+    // the pieces' boundaries by the gather kernel's kind of access (a device-side copy from the
+    // mapped address).
+    let piece = freekv_kernels::REGISTER_PIECE_BYTES / 4;
+    let n = 2 * piece + 1000;
+    let mut big = MappedHostBuffer::<u32>::new_registered(g.ctx(), n).unwrap();
+    assert!(big.as_slice().iter().all(|&x| x == 0), "zero-initialised");
+    for (i, x) in big.as_mut_slice().iter_mut().enumerate() {
+        *x = i as u32 ^ 0x5a5a_5a5a;
+    }
+    for start in [piece - 300, 2 * piece - 300, n - 600] {
+        let mut d: CudaSlice<u32> = s.alloc_zeros(600).unwrap();
+        {
+            let (dst, _g) = freekv_kernels::cudarc::driver::DevicePtrMut::device_ptr_mut(&mut d, s);
+            // SAFETY: 2400 bytes inside the mapped buffer (device address) into a 600-value slice.
+            unsafe {
+                freekv_kernels::cudarc::driver::sys::cuMemcpyDtoDAsync_v2(
+                    dst,
+                    big.device_ptr() + 4 * start as u64,
+                    2400,
+                    s.cu_stream(),
+                )
+            }
+            .result()
+            .unwrap();
+        }
+        let back = down(s, &d);
+        assert_eq!(back, big.as_slice()[start..start + 600], "values {start}..");
+    }
 }

@@ -44,9 +44,10 @@ pub struct HostPoolConfig {
     /// Host (mapped pinned) or device memory.
     pub backing: Backing,
     /// Keep one chunk allocated ahead ([`Backing::MappedHost`] only): when fewer than
-    /// `chunk_pages` pages are free, the next chunk is pinned on a helper thread, so the
-    /// stream of work that needs the pages (a decode step at a page boundary) does not wait
-    /// tens of milliseconds for `cuMemHostAlloc`. The chunk counts in
+    /// `chunk_pages` pages are free, the next chunk is allocated on a helper thread
+    /// ([`MappedHostBuffer::new_registered`]: faulted in without the driver, then page-locked
+    /// piece by piece), so the work that needs the pages (a decode step at a page boundary)
+    /// neither allocates it nor waits long for the driver's lock while it is pinned. The chunk counts in
     /// [`HostKvPool::bytes_reserved`] (and against `max_bytes`) from the moment it is asked for.
     pub grow_ahead: bool,
 }
@@ -407,7 +408,12 @@ impl HostKvPool {
             .name("freekv-pool-ahead".into())
             .spawn(move || {
                 let _s = tracing::debug_span!("host_pool_grow_ahead", bytes).entered();
-                MappedHostBuffer::<u8>::new(&ctx, bytes)
+                // Faulted in without the driver, then locked piece by piece: the decode steps
+                // launched meanwhile wait for the driver's lock only briefly.
+                MappedHostBuffer::<u8>::new_registered(&ctx, bytes).or_else(|e| {
+                    tracing::debug!("registering a chunk failed ({e}); cuMemHostAlloc instead");
+                    MappedHostBuffer::<u8>::new(&ctx, bytes)
+                })
             });
         match spawned {
             Ok(thread) => {
