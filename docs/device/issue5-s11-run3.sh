@@ -14,6 +14,7 @@ t kernels 40 $D/kernels_recall_test mapped_host_buffer --test-threads=1
 grep -E "panicked|FAILED|^test .*(ok|FAILED)$" $L/kernels.log | head -5
 t recall 40 $D/cuda_recall_test pool --test-threads=1
 grep -E "panicked|FAILED|^test .*(ok|FAILED)$" $L/recall.log | head -5
+model_tests
 t pin 40 python3 docs/device/pin_stall.py; cat $L/pin.log | tail -8
 dense() { dense_ab "$1" "$2" 45 4; }
 dense new1 $D/cuda_freekv; dense prev1 .device/prev/cuda_freekv; dense new2 $D/cuda_freekv
