@@ -140,7 +140,12 @@ impl<T: Pod> MappedHostBuffer<T> {
     /// write-combined), from memory of the process: an anonymous mapping aligned to 2 MiB with
     /// transparent huge pages asked for (`MADV_HUGEPAGE`, where the kernel allows it), every
     /// page faulted in here, then page-locked and mapped by `cuMemHostRegister` in pieces of
-    /// [`REGISTER_PIECE_BYTES`].
+    /// [`REGISTER_PIECE_BYTES`] rounded down to a multiple of `granule` bytes (at least one
+    /// granule).
+    ///
+    /// A copy (`cuMemcpy*`) must not span two registrations, while kernels read and write across
+    /// them freely (one contiguous device range): with `granule` the size of the blocks that
+    /// are copied (a KV page), no block straddles two pieces.
     ///
     /// Page-locking holds driver-global locks: every CUDA call of the process (a kernel or
     /// graph launch on another thread included) waits while `cuMemHostAlloc` pins a large
@@ -149,7 +154,11 @@ impl<T: Pod> MappedHostBuffer<T> {
     /// allocates ahead of need. Errors as for `new`, and an error when the pieces' device
     /// addresses are not contiguous (never under unified addressing).
     #[tracing::instrument(level = "debug", skip(ctx))]
-    pub fn new_registered(ctx: &Arc<CudaContext>, len: usize) -> Result<Self, KernelError> {
+    pub fn new_registered(
+        ctx: &Arc<CudaContext>,
+        len: usize,
+        granule: usize,
+    ) -> Result<Self, KernelError> {
         const K: &str = "MappedHostBuffer::new_registered";
         let bytes = len
             .checked_mul(size_of::<T>())
@@ -166,6 +175,10 @@ impl<T: Pod> MappedHostBuffer<T> {
                 )
             })?
             .max(1);
+        if granule == 0 {
+            return Err(KernelError::arg(K, "granule must be at least one byte"));
+        }
+        let piece = (REGISTER_PIECE_BYTES / granule).max(1) * granule;
         let os = |what: &str, e: std::io::Error| {
             KernelError::arg(K, format!("{what} of {bytes} bytes of host memory: {e}"))
         };
@@ -191,7 +204,7 @@ impl<T: Pod> MappedHostBuffer<T> {
         let mut device: sys::CUdeviceptr = 0;
         let mut off = 0;
         while off < bytes {
-            let n = REGISTER_PIECE_BYTES.min(bytes - off);
+            let n = piece.min(bytes - off);
             // SAFETY: `off < bytes`: inside the region.
             let p = unsafe { host.cast::<u8>().add(off) }.cast::<std::ffi::c_void>();
             // SAFETY: `p..p + n` is mapped memory of this process that outlives the
@@ -260,6 +273,11 @@ impl<T: Pod> MappedHostBuffer<T> {
     /// The host address of value 0 (what `cuMemcpy*` takes as a host source or destination).
     pub fn host_ptr(&self) -> *const T {
         self.host
+    }
+
+    /// How many `cuMemHostRegister` pieces the buffer is made of (0: one `cuMemHostAlloc`).
+    pub fn registered_pieces(&self) -> usize {
+        self.registered.as_ref().map_or(0, |r| r.pieces.len())
     }
 
     /// The context the buffer was allocated in.

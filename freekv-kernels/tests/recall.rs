@@ -510,7 +510,9 @@ fn mapped_host_buffer_sizes_and_addresses() {
     ) -> Result<MappedHostBuffer<T>, freekv_kernels::KernelError>;
     let ctors: [(&str, New<u32>); 2] = [
         ("cuMemHostAlloc", MappedHostBuffer::<u32>::new),
-        ("registered", MappedHostBuffer::<u32>::new_registered),
+        ("registered", |c, n| {
+            MappedHostBuffer::<u32>::new_registered(c, n, 4)
+        }),
     ];
     // Overflowing and oversized requests are errors that say what to lower, never panics.
     for (name, e) in [
@@ -524,11 +526,11 @@ fn mapped_host_buffer_sizes_and_addresses() {
         ),
         (
             "registered",
-            MappedHostBuffer::<u64>::new_registered(g.ctx(), usize::MAX).unwrap_err(),
+            MappedHostBuffer::<u64>::new_registered(g.ctx(), usize::MAX, 8).unwrap_err(),
         ),
         (
             "registered",
-            MappedHostBuffer::<u8>::new_registered(g.ctx(), (1usize << 40) + 1).unwrap_err(),
+            MappedHostBuffer::<u8>::new_registered(g.ctx(), (1usize << 40) + 1, 1).unwrap_err(),
         ),
     ] {
         assert!(e.to_string().contains("lower"), "{name}: {e}");
@@ -556,26 +558,42 @@ fn mapped_host_buffer_sizes_and_addresses() {
         let empty = new(g.ctx(), 0).unwrap();
         assert!(empty.is_empty());
     }
-    // A registered buffer of several pieces: one device address range, read through it across
-    // the pieces' boundaries by the gather kernel's kind of access (a device-side copy from the
-    // mapped address).
-    let piece = freekv_kernels::REGISTER_PIECE_BYTES / 4;
-    let n = 2 * piece + 1000;
-    let mut big = MappedHostBuffer::<u32>::new_registered(g.ctx(), n).unwrap();
+    assert!(
+        MappedHostBuffer::<u8>::new_registered(g.ctx(), 10, 0)
+            .unwrap_err()
+            .to_string()
+            .contains("granule")
+    );
+    // A registered buffer of several pieces, each a whole number of 3 MiB granules (15 MiB):
+    // one device address range; every granule (what the pool copies: a page) lies in one piece,
+    // so device-side copies of the granules next to the pieces' boundaries work.
+    let granule = 3 << 20;
+    let n = (40 << 20) / 4;
+    let mut big = MappedHostBuffer::<u32>::new_registered(g.ctx(), n, granule).unwrap();
+    assert_eq!(big.registered_pieces(), 3);
+    assert_eq!(
+        MappedHostBuffer::<u32>::new(g.ctx(), 4)
+            .unwrap()
+            .registered_pieces(),
+        0
+    );
     assert!(big.as_slice().iter().all(|&x| x == 0), "zero-initialised");
     for (i, x) in big.as_mut_slice().iter_mut().enumerate() {
         *x = i as u32 ^ 0x5a5a_5a5a;
     }
-    for start in [piece - 300, 2 * piece - 300, n - 600] {
-        let mut d: CudaSlice<u32> = s.alloc_zeros(600).unwrap();
+    let gv = granule / 4;
+    for block in [4, 5, 9, 10, 13] {
+        let len = gv.min(n - block * gv);
+        let mut d: CudaSlice<u32> = s.alloc_zeros(len).unwrap();
         {
             let (dst, _g) = freekv_kernels::cudarc::driver::DevicePtrMut::device_ptr_mut(&mut d, s);
-            // SAFETY: 2400 bytes inside the mapped buffer (device address) into a 600-value slice.
+            // SAFETY: `len` values of granule `block`, inside the mapped buffer (device address),
+            // into a slice of `len` values.
             unsafe {
                 freekv_kernels::cudarc::driver::sys::cuMemcpyDtoDAsync_v2(
                     dst,
-                    big.device_ptr() + 4 * start as u64,
-                    2400,
+                    big.device_ptr() + (4 * block * gv) as u64,
+                    4 * len,
                     s.cu_stream(),
                 )
             }
@@ -583,6 +601,10 @@ fn mapped_host_buffer_sizes_and_addresses() {
             .unwrap();
         }
         let back = down(s, &d);
-        assert_eq!(back, big.as_slice()[start..start + 600], "values {start}..");
+        assert_eq!(
+            back,
+            big.as_slice()[block * gv..block * gv + len],
+            "granule {block}"
+        );
     }
 }

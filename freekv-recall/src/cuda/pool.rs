@@ -404,13 +404,15 @@ impl HostKvPool {
         // `new` checked that a whole chunk's bytes do not overflow.
         let bytes = pages * self.page_bytes;
         let ctx = self.ctx.clone();
+        let page_bytes = self.page_bytes;
         let spawned = std::thread::Builder::new()
             .name("freekv-pool-ahead".into())
             .spawn(move || {
                 let _s = tracing::debug_span!("host_pool_grow_ahead", bytes).entered();
-                // Faulted in without the driver, then locked piece by piece: the decode steps
+                // Faulted in without the driver, then locked piece by piece (whole pages: the
+                // streamed and per-page recalls copy units of one page): the decode steps
                 // launched meanwhile wait for the driver's lock only briefly.
-                MappedHostBuffer::<u8>::new_registered(&ctx, bytes).or_else(|e| {
+                MappedHostBuffer::<u8>::new_registered(&ctx, bytes, page_bytes).or_else(|e| {
                     tracing::debug!("registering a chunk failed ({e}); cuMemHostAlloc instead");
                     MappedHostBuffer::<u8>::new(&ctx, bytes)
                 })
