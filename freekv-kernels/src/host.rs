@@ -79,18 +79,14 @@ impl<T: Pod> std::fmt::Debug for MappedHostBuffer<T> {
 }
 
 impl<T: Pod> MappedHostBuffer<T> {
-    /// Allocates `len` zeroed values (at least one byte is always allocated, so even an empty
-    /// buffer has valid addresses). Sizes above [`MAX_MAPPED_BYTES`] or that overflow, and a
-    /// failed allocation (not enough pinnable memory), are errors naming the size to lower.
-    #[tracing::instrument(level = "debug", skip(ctx))]
-    pub fn new(ctx: &Arc<CudaContext>, len: usize) -> Result<Self, KernelError> {
-        const K: &str = "MappedHostBuffer";
-        let bytes = len
-            .checked_mul(size_of::<T>())
+    /// Bytes of `len` values, or an error naming the length to lower past
+    /// [`MAX_MAPPED_BYTES`] (or an overflow).
+    fn checked_bytes(k: &'static str, len: usize) -> Result<usize, KernelError> {
+        len.checked_mul(size_of::<T>())
             .filter(|&b| b <= MAX_MAPPED_BYTES)
             .ok_or_else(|| {
                 KernelError::arg(
-                    K,
+                    k,
                     format!(
                         "{len} values of {} bytes exceed the {} GiB limit of one mapped host \
                          buffer: lower the requested length",
@@ -98,7 +94,16 @@ impl<T: Pod> MappedHostBuffer<T> {
                         MAX_MAPPED_BYTES >> 30
                     ),
                 )
-            })?;
+            })
+    }
+
+    /// Allocates `len` zeroed values (at least one byte is always allocated, so even an empty
+    /// buffer has valid addresses). Sizes above [`MAX_MAPPED_BYTES`] or that overflow, and a
+    /// failed allocation (not enough pinnable memory), are errors naming the size to lower.
+    #[tracing::instrument(level = "debug", skip(ctx))]
+    pub fn new(ctx: &Arc<CudaContext>, len: usize) -> Result<Self, KernelError> {
+        const K: &str = "MappedHostBuffer";
+        let bytes = Self::checked_bytes(K, len)?;
         ctx.bind_to_thread().map_err(KernelError::driver(
             "binding the context for cuMemHostAlloc",
         ))?;
@@ -160,21 +165,7 @@ impl<T: Pod> MappedHostBuffer<T> {
         granule: usize,
     ) -> Result<Self, KernelError> {
         const K: &str = "MappedHostBuffer::new_registered";
-        let bytes = len
-            .checked_mul(size_of::<T>())
-            .filter(|&b| b <= MAX_MAPPED_BYTES)
-            .ok_or_else(|| {
-                KernelError::arg(
-                    K,
-                    format!(
-                        "{len} values of {} bytes exceed the {} GiB limit of one mapped host \
-                         buffer: lower the requested length",
-                        size_of::<T>(),
-                        MAX_MAPPED_BYTES >> 30
-                    ),
-                )
-            })?
-            .max(1);
+        let bytes = Self::checked_bytes(K, len)?.max(1);
         if granule == 0 {
             return Err(KernelError::arg(K, "granule must be at least one byte"));
         }
