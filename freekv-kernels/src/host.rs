@@ -53,6 +53,15 @@ pub const REGISTER_PIECE_BYTES: usize = 16 << 20;
 /// Alignment of a registered buffer (a transparent huge page).
 const HUGE_PAGE: usize = 2 << 20;
 
+/// Bytes registered per piece for blocks of `granule` bytes: [`REGISTER_PIECE_BYTES`] rounded
+/// down to whole granules, at least one granule (`None` for a zero granule).
+fn piece_bytes(granule: usize) -> Option<usize> {
+    (REGISTER_PIECE_BYTES / granule.max(1))
+        .max(1)
+        .checked_mul(granule)
+        .filter(|&p| p > 0)
+}
+
 /// Unregister pieces (errors cannot be reported here: a failure leaves them locked).
 fn unregister(pieces: &[(*mut std::ffi::c_void, usize)]) {
     for &(p, _) in pieces {
@@ -166,10 +175,9 @@ impl<T: Pod> MappedHostBuffer<T> {
     ) -> Result<Self, KernelError> {
         const K: &str = "MappedHostBuffer::new_registered";
         let bytes = Self::checked_bytes(K, len)?.max(1);
-        if granule == 0 {
-            return Err(KernelError::arg(K, "granule must be at least one byte"));
-        }
-        let piece = (REGISTER_PIECE_BYTES / granule).max(1) * granule;
+        let piece = piece_bytes(granule).ok_or_else(|| {
+            KernelError::arg(K, "granule must be at least one byte (and not overflow)")
+        })?;
         let os = |what: &str, e: std::io::Error| {
             KernelError::arg(K, format!("{what} of {bytes} bytes of host memory: {e}"))
         };
@@ -333,6 +341,17 @@ mod tests {
     use super::*;
 
     fn send_sync<X: Send + Sync>() {}
+
+    #[test]
+    fn registered_pieces_are_whole_granules() {
+        let m = 1 << 20;
+        assert_eq!(piece_bytes(128 << 10), Some(16 * m)); // a Llama-3.1-8B page
+        assert_eq!(piece_bytes(3 * m), Some(15 * m));
+        assert_eq!(piece_bytes(1000), Some(16 * m / 1000 * 1000));
+        assert_eq!(piece_bytes(32 * m), Some(32 * m)); // one granule at least
+        assert_eq!(piece_bytes(1), Some(16 * m));
+        assert_eq!(piece_bytes(0), None);
+    }
 
     #[test]
     fn mapped_buffers_are_send_and_sync() {
