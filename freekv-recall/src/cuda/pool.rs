@@ -47,8 +47,9 @@ pub struct HostPoolConfig {
     /// `chunk_pages` pages are free, the next chunk is allocated on a helper thread
     /// ([`MappedHostBuffer::new_registered`]: faulted in without the driver, then page-locked
     /// piece by piece), so the work that needs the pages (a decode step at a page boundary)
-    /// neither allocates it nor waits long for the driver's lock while it is pinned. The chunk counts in
-    /// [`HostKvPool::bytes_reserved`] (and against `max_bytes`) from the moment it is asked for.
+    /// neither allocates it nor waits long for the driver's lock while it is pinned. The chunk
+    /// counts in [`HostKvPool::bytes_reserved`] (and against `max_bytes`) from the moment it is
+    /// asked for.
     pub grow_ahead: bool,
 }
 
