@@ -42,7 +42,7 @@ pub struct MappedHostBuffer<T: Pod> {
 
 /// Memory of the process page-locked by `cuMemHostRegister`, one registration per piece.
 struct Registered {
-    pieces: Vec<(*mut std::ffi::c_void, usize)>,
+    pieces: Vec<*mut std::ffi::c_void>,
     /// Unmapped after the pieces are unregistered (fields drop after `Drop::drop`).
     _map: memmap2::MmapMut,
 }
@@ -63,8 +63,8 @@ fn piece_bytes(granule: usize) -> Option<usize> {
 }
 
 /// Unregister pieces (errors cannot be reported here: a failure leaves them locked).
-fn unregister(pieces: &[(*mut std::ffi::c_void, usize)]) {
-    for &(p, _) in pieces {
+fn unregister(pieces: &[*mut std::ffi::c_void]) {
+    for &p in pieces {
         // SAFETY: each piece was registered once by `new_registered` and is unregistered once.
         let _ = unsafe { sys::cuMemHostUnregister(p) }.result();
     }
@@ -199,7 +199,7 @@ impl<T: Pod> MappedHostBuffer<T> {
             "binding the context for cuMemHostRegister",
         ))?;
         let flags = sys::CU_MEMHOSTREGISTER_DEVICEMAP | sys::CU_MEMHOSTREGISTER_PORTABLE;
-        let mut pieces: Vec<(*mut std::ffi::c_void, usize)> = Vec::new();
+        let mut pieces: Vec<*mut std::ffi::c_void> = Vec::new();
         let mut device: sys::CUdeviceptr = 0;
         let mut off = 0;
         while off < bytes {
@@ -211,7 +211,7 @@ impl<T: Pod> MappedHostBuffer<T> {
             let r = unsafe { sys::cuMemHostRegister_v2(p, n, flags) }.result();
             let mut d: sys::CUdeviceptr = 0;
             let mapped = r.and_then(|()| {
-                pieces.push((p, n));
+                pieces.push(p);
                 // SAFETY: `p` was just registered with DEVICEMAP.
                 unsafe { sys::cuMemHostGetDevicePointer_v2(&mut d, p, 0) }.result()
             });

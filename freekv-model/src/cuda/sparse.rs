@@ -365,11 +365,9 @@ pub(crate) struct SparseState {
     /// (one read-back per step for the statistics).
     pub(crate) flags_all: CudaSlice<i32>,
     /// Where `flags_all` is copied after a step for the statistics (`freekv` with statistics
-    /// on), and the event recorded after that copy: the host counts the flags at the next
-    /// step or when the statistics are read, so a step does not wait for itself.
+    /// on): the host counts the flags at the next step or when the statistics are read, so a
+    /// step does not wait for itself.
     pub(crate) flags_host: Option<FlagsReadback>,
-    /// The `seq_info` rows of the step whose flags are in `flags_host` and not yet counted.
-    pub(crate) flags_pending: Option<Vec<i32>>,
     pub(crate) streamed: Option<StreamedRecall>,
     pub(crate) tickets: Vec<Option<StreamedTicket>>,
     pub(crate) per_page: Option<PerPageRecall>,
@@ -636,11 +634,11 @@ impl SparseState {
                 Some(FlagsReadback {
                     host,
                     copied: ctx.new_event(None).map_err(drv("creating an event"))?,
+                    pending: None,
                 })
             } else {
                 None
             },
-            flags_pending: None,
             streamed,
             tickets: (0..n_sparse).map(|_| None).collect(),
             per_page,
@@ -816,7 +814,7 @@ impl SparseState {
             rb.copied
                 .record(s)
                 .map_err(drv("recording the flags read-back"))?;
-            self.flags_pending = Some(plan.seq_info.clone());
+            rb.pending = Some(plan.seq_info.clone());
         }
         for r in plan.seq_info.chunks(SEQ_INFO_WIDTH) {
             match r.get(1).copied().unwrap_or(0) {
@@ -836,10 +834,10 @@ impl SparseState {
     /// Count the correction flags copied back after the last step, if not counted yet (waits
     /// for that copy, not for later work): the statistics are complete after this.
     pub(crate) fn settle_stats(&mut self) -> Result<(), ModelError> {
-        let Some(info) = self.flags_pending.take() else {
+        let Some(rb) = self.flags_host.as_mut() else {
             return Ok(());
         };
-        let Some(rb) = self.flags_host.as_ref() else {
+        let Some(info) = rb.pending.take() else {
             return Ok(());
         };
         rb.copied
@@ -901,11 +899,12 @@ impl SparseState {
     }
 }
 
-/// The page-locked host copy of a step's correction flags and the event recorded after the
-/// copy into it.
+/// The page-locked host copy of a step's correction flags, the event recorded after the copy
+/// into it, and that step's `seq_info` rows while its flags are not counted yet.
 pub(crate) struct FlagsReadback {
     host: PinnedHostSlice<i32>,
     copied: CudaEvent,
+    pending: Option<Vec<i32>>,
 }
 
 impl Drop for FlagsReadback {
