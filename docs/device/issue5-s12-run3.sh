@@ -7,7 +7,7 @@
 # in the time left, the 16K generation at batch BS (issue5-s12-run2.sh). Carry .device/sanitize
 # and .device/t. From the repository root: bash docs/device/issue5-s12-run3.sh BS [deadline s]
 BS=${1:-1}; DL=${2:-590}; S0=$(date +%s)
-./.device/sanitize/xtask sanitize --prebuilt .device/sanitize --out "$OUT/sanitize" --kv freekv --model synthetic:smollm2-135m --no-kernel-benches --timeout-s 150 > "$OUT/sanitize.log" 2>&1
+./.device/sanitize/xtask sanitize --prebuilt .device/sanitize --out "$OUT/sanitize" --kv freekv --model synthetic:smollm2-135m --no-kernel-benches --timeout-s 120 > "$OUT/sanitize.log" 2>&1
 echo "sanitize rc=$? $(( $(date +%s) - S0 ))s"; tail -12 "$OUT/sanitize.log"
 LEFT=$(( DL - ($(date +%s) - S0) ))
 # oracle and freekv each get just under half the time left, less prefill and start-up
