@@ -119,11 +119,13 @@ print(min(c,key=c.get) if c else "freekv")
 PY
 }
 
-# model_tests: the model's GPU tests (`$D/cuda_freekv_test`), with each test's line and any
-# failure printed.
+# model_tests: the model's GPU tests (`$D/cuda_freekv_test`), with each test's line, any
+# failure and any skip printed (a test that skips passes: until session 12 the default-model
+# test skipped unseen in calls that did not carry the model; `default_model_tests` carries it).
 model_tests() {
-    t model 75 $D/cuda_freekv_test --test-threads=1
+    t model 75 $D/cuda_freekv_test --test-threads=1 --show-output
     grep -E "panicked|FAILED|^test .*(ok|FAILED)$" $L/model.log | head -12
+    grep -E "skipped|^default model, freekv" $L/model.log | cut -c1-400
 }
 
 # dense_ab NAME BINARY LIMIT RUN_SECONDS: the dense phase of a long generation (1K prompt + 512,

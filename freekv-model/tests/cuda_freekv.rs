@@ -629,16 +629,23 @@ fn long_generation_keeps_gpu_memory_flat() {
 #[test]
 fn default_model_freekv_matches_the_cpu_policy() {
     let Some(g) = gpu() else { return };
+    // A device call that carries the model sets FREEKV_REQUIRE_DEFAULT_MODEL=1, so that a
+    // missing model or reference fails there instead of passing as a skip.
+    let skip = |why: &str| {
+        assert!(
+            std::env::var_os("FREEKV_REQUIRE_DEFAULT_MODEL").is_none(),
+            "FREEKV_REQUIRE_DEFAULT_MODEL is set but {why}"
+        );
+        println!("skipped: {why}");
+    };
     let Some(path) = default_model_path() else {
-        println!("skipped: default model not cached");
-        return;
+        return skip("default model not cached");
     };
     let refdir = std::env::var_os("FREEKV_REFERENCE_DIR")
         .map(std::path::PathBuf::from)
         .or_else(|| freekv_model::reference_dir!());
     let Some(refdir) = refdir else {
-        println!("skipped: reference outputs not present");
-        return;
+        return skip("reference outputs not present");
     };
     let prompt: Vec<u32> = match std::fs::read_to_string(refdir.join("text_1k.json")) {
         Ok(s) => {
@@ -650,10 +657,7 @@ fn default_model_freekv_matches_the_cpu_policy() {
                 .map(|x| x.as_u64().unwrap() as u32)
                 .collect()
         }
-        Err(_) => {
-            println!("skipped: reference outputs not present");
-            return;
-        }
+        Err(_) => return skip("reference outputs not present"),
     };
     let gguf = Arc::new(GgufFile::open(&path).unwrap());
     let steps = 210;

@@ -1,0 +1,15 @@
+#!/bin/bash
+# Issue-5 device call (prepared in session 12), call 2 of 2, on the machine call 1 left warm:
+# joins the default model from call 1's part and the one carried now (sha256 checked), then the
+# model's GPU tests with FREEKV_REQUIRE_DEFAULT_MODEL=1, so that the default-model test
+# (`default_model_freekv_matches_the_cpu_policy`: 210 freekv decode steps, GPU selections and
+# logits against the CPU reference policy) fails rather than skips when the model is missing.
+# Carry .device/m2, .device/ref and .device/t. From the repository root:
+#   bash docs/device/issue5-s13-run2.sh [deadline s]
+DL=${1:-150}; . "$(dirname "$0")/common.sh"
+SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+cat /tmp/m.part1 .device/m2/part > /tmp/model.gguf 2>/dev/null
+[ "$(sha256sum /tmp/model.gguf | cut -d' ' -f1)" = "$SHA" ] && echo "default model joined, checksum ok" || echo "model checksum differs: the default-model test will fail"
+export FREEKV_MODEL=/tmp/model.gguf FREEKV_REFERENCE_DIR=$PWD/.device/ref FREEKV_REQUIRE_DEFAULT_MODEL=1
+model_tests
+tar czf $OUT/logs.tgz -C $OUT logs && rm -rf $L
