@@ -83,6 +83,8 @@ for r in rows:
     w=r["ms_windows"]; n=min(len(w),len(o))
     pts=[i for i in (3,7,15,23,31,39,47,55,63) if i<n]+[n-1]
     print(f'{r["policy"]:12s} steps {r["steps_measured"]:5d} corrected {100*(r.get("stats") or {}).get("head_correction_rate",0):.1f}% recall {r.get("recall_mib_per_step") or 0:.1f} MiB/step, corrective {r.get("corrective_mib_per_step") or 0:.1f}; window(context) ms x oracle: '+"  ".join(f'{1024+256*(i+1)}:{w[i]:.2f}/{w[i]/o[i]:.3f}' for i in pts))
+    rw,cw,kw=(r.get(k) or [] for k in ("recall_mib_windows","corrective_mib_windows","correction_rate_windows"))
+    if cw: print(f'{"":12s} per window (FREEKV_BENCH_WINDOW_COUNTERS) context:recall/corrective MiB per step/corrected: '+"  ".join(f'{1024+256*(i+1)}:{rw[i]:.1f}/{cw[i]:.1f}/{kw[i]:.2f}' for i in pts if i<len(cw)))
 PY
 }
 

@@ -36,7 +36,9 @@
 //! 0.8 for long input and 0.9 for long generation, the paper's), `FREEKV_BENCH_MAX_SECONDS`
 //! (skip what would start after this budget), `FREEKV_BENCH_JSON` (write the results there),
 //! `FREEKV_BENCH_PROFILE_STEPS` (profile that many steps after the warm-up of each
-//! configuration under `ncu --profile-from-start off`).
+//! configuration under `ncu --profile-from-start off`), `FREEKV_BENCH_WINDOW_COUNTERS=1`
+//! (also the recalled and corrective MiB per step and the correction rate of every window:
+//! `recall_mib_windows`, `corrective_mib_windows`, `correction_rate_windows`).
 //! A policy `freekv@T` is `freekv` with τ = T (a sweep maps the correction rate to the step
 //! time); modifiers `~serial` (the corrective path not overlapping the unflagged heads'
 //! attention), `~cbN` (blocks of the corrective gather) and `~gbN` (blocks of the speculative
@@ -51,7 +53,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use freekv_kernels::Gpu;
-use freekv_model::cuda::{BatchOptions, CudaLlama, GpuKvOptions, GpuRecall};
+use freekv_model::cuda::{BatchOptions, CudaBatch, CudaLlama, GpuKvOptions, GpuRecall};
 use freekv_model::kv::{KvConfig, KvKind};
 
 fn env_or(name: &str, default: &str) -> String {
@@ -68,9 +70,26 @@ fn env_usize(name: &str, default: usize) -> usize {
 #[path = "support/cuda_freekv_args.rs"]
 mod args;
 use args::{
-    DEFAULT_SCENARIOS, Scenario, compared_ms, parse_policy, parse_scenarios, percentile,
-    window_medians,
+    Counters, DEFAULT_SCENARIOS, Scenario, compared_ms, counter_windows, parse_policy,
+    parse_scenarios, percentile, window_medians,
 };
+
+/// The cumulative recall counters and correction statistics of `b` (zeros for `full`). Joins
+/// the pending recalls and synchronises.
+fn read_counters(model: &CudaLlama, b: &mut CudaBatch) -> Result<Counters, String> {
+    let recall = model.kv_recall_totals(b).map_err(|e| e.to_string())?;
+    let corrective = model.kv_corrective_totals(b).map_err(|e| e.to_string())?;
+    let (checked, flagged) = b
+        .kv_stats()
+        .map_err(|e| e.to_string())?
+        .map_or((0, 0), |s| (s.heads_checked, s.heads_flagged));
+    Ok(Counters {
+        recall_bytes: recall.map_or(0, |r| r.1),
+        corrective_bytes: corrective.map_or(0, |r| r.1),
+        heads_checked: checked,
+        heads_flagged: flagged,
+    })
+}
 
 fn kv_options(policy: &str, scenario: &Scenario) -> Result<Option<GpuKvOptions>, String> {
     // `freekv@T`: freekv with τ = T (a sweep of T maps the correction rate to the step time);
@@ -402,11 +421,22 @@ fn run_one(
     // cuProfilerStart and cuProfilerStop, so that `ncu --profile-from-start off` sees the decode
     // steps only (not the weight init or the context fill).
     let profile_steps = env_usize("FREEKV_BENCH_PROFILE_STEPS", 0);
+    let window_steps = env_usize("FREEKV_BENCH_WINDOW_STEPS", 256);
+    // `FREEKV_BENCH_WINDOW_COUNTERS=1`: the recall volumes and the correction rate of every
+    // window, read between two steps (each read joins the pending recalls and synchronises:
+    // one step per window starts without its speculative recall in flight).
+    let window_counters =
+        std::env::var("FREEKV_BENCH_WINDOW_COUNTERS").is_ok_and(|v| v == "1") && window_steps > 0;
+    let mut counters_base = Counters::default();
+    let mut counters_ends = Vec::new();
     let t_run = Instant::now();
     let mut times = Vec::with_capacity(sc.generate);
     for step in 0..sc.generate + warm {
         if step > warm && t_run.elapsed().as_secs_f64() > cap_s {
             break;
+        }
+        if window_counters && step == warm {
+            counters_base = read_counters(model, &mut b)?;
         }
         if profile_steps > 0 && step == warm {
             gpu.synchronize().map_err(|e| e.to_string())?;
@@ -429,10 +459,14 @@ fn run_one(
         }
         if step >= warm {
             times.push(t0.elapsed().as_secs_f64() * 1e3);
+            if window_counters && times.len() % window_steps == 0 {
+                counters_ends.push(read_counters(model, &mut b)?);
+            }
         }
     }
     let (free_end, _) = ctx.mem_get_info().map_err(|e| e.to_string())?;
-    let window_steps = env_usize("FREEKV_BENCH_WINDOW_STEPS", 256);
+    let (recall_windows, corrective_windows, rate_windows) =
+        counter_windows(counters_base, &counters_ends, window_steps);
     let mean = times.iter().sum::<f64>() / times.len().max(1) as f64;
     let q = times.len() / 4;
     let quarters: Vec<f64> = (0..4)
@@ -462,6 +496,11 @@ fn run_one(
         "ms_quarters": quarters,
         "window_steps": window_steps,
         "ms_windows": window_medians(&times, window_steps),
+        // With FREEKV_BENCH_WINDOW_COUNTERS=1 (else empty): per window, recalled and corrective
+        // MiB per step and the share of checked KV heads flagged.
+        "recall_mib_windows": recall_windows,
+        "corrective_mib_windows": corrective_windows,
+        "correction_rate_windows": rate_windows,
         "steps_measured": times.len(),
         "tokens_per_s": bs as f64 * 1e3 / mean,
         "graph": b.has_graph(),

@@ -4,7 +4,10 @@
 #[path = "../benches/support/cuda_freekv_args.rs"]
 mod args;
 
-use args::{DEFAULT_SCENARIOS, compared_ms, parse_scenarios, percentile, window_medians};
+use args::{
+    Counters, DEFAULT_SCENARIOS, compared_ms, counter_windows, parse_scenarios, percentile,
+    window_medians,
+};
 use serde_json::json;
 
 #[test]
@@ -51,6 +54,30 @@ fn windows_are_medians_of_whole_windows() {
     assert!(window_medians(&t, 0).is_empty());
     assert_eq!(percentile(&[3.0, 1.0, 2.0], 0.5), 2.0);
     assert!(percentile(&[], 0.5).is_nan());
+}
+
+#[test]
+fn counter_windows_are_per_step_deltas() {
+    let mib = 1u64 << 20;
+    let c = |r: u64, k: u64, checked: u64, flagged: u64| Counters {
+        recall_bytes: r * mib,
+        corrective_bytes: k * mib,
+        heads_checked: checked,
+        heads_flagged: flagged,
+    };
+    let base = c(100, 40, 1000, 500);
+    // Window 1: 256 MiB over 128 steps (2 MiB/step), 64 corrective, 3 of 4 heads flagged;
+    // window 2: nothing checked; window 3: a reset counter counts as 0.
+    let ends = [
+        c(356, 104, 1004, 503),
+        c(356, 104, 1004, 503),
+        c(10, 5, 0, 0),
+    ];
+    let (recall, corrective, rate) = counter_windows(base, &ends, 128);
+    assert_eq!(recall, vec![2.0, 0.0, 0.0]);
+    assert_eq!(corrective, vec![0.5, 0.0, 0.0]);
+    assert_eq!(rate, vec![0.75, 0.0, 0.0]);
+    assert_eq!(counter_windows(base, &[], 128), (vec![], vec![], vec![]));
 }
 
 #[test]

@@ -84,6 +84,47 @@ pub fn window_medians(times: &[f64], w: usize) -> Vec<f64> {
         .collect()
 }
 
+/// Cumulative counters read at the end of a window of steps (`FREEKV_BENCH_WINDOW_COUNTERS`):
+/// bytes recalled, of those the corrective bytes, KV heads checked and flagged.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Counters {
+    pub recall_bytes: u64,
+    pub corrective_bytes: u64,
+    pub heads_checked: u64,
+    pub heads_flagged: u64,
+}
+
+/// Per window, from the counters at the start (`base`) and at the end of each window (`ends`):
+/// recalled MiB per step, corrective MiB per step and the share of checked heads flagged (0
+/// when none was checked), each rounded to 4 decimals. A counter that went backwards (a
+/// restarted batch) counts as 0 for that window.
+pub fn counter_windows(
+    base: Counters,
+    ends: &[Counters],
+    window_steps: usize,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let steps = window_steps.max(1) as f64;
+    let mib = |b: u64| b as f64 / steps / (1u64 << 20) as f64;
+    let round = |v: f64| (v * 1e4).round() / 1e4;
+    let (mut recall, mut corrective, mut rate) = (Vec::new(), Vec::new(), Vec::new());
+    let mut prev = base;
+    for &c in ends {
+        recall.push(round(mib(c.recall_bytes.saturating_sub(prev.recall_bytes))));
+        corrective.push(round(mib(c
+            .corrective_bytes
+            .saturating_sub(prev.corrective_bytes))));
+        let checked = c.heads_checked.saturating_sub(prev.heads_checked);
+        let flagged = c.heads_flagged.saturating_sub(prev.heads_flagged);
+        rate.push(if checked == 0 {
+            0.0
+        } else {
+            round(flagged as f64 / checked as f64)
+        });
+        prev = c;
+    }
+    (recall, corrective, rate)
+}
+
 /// A bench policy: `base[@T][~mod…]`, e.g. `freekv@0.9~serial~cb16~sp16`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PolicySpec {
