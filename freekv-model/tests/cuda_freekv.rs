@@ -526,6 +526,78 @@ fn all_dense_steps_have_their_own_graph() {
     }
 }
 
+/// The bench's `FREEKV_BENCH_WINDOW_COUNTERS` reads the recall counters and the statistics
+/// between steps (joining the pending recalls, synchronising): the steps after such a read
+/// give the same logits bit for bit, and the totals at the end are those of a run without the
+/// reads, with graphs and eagerly.
+#[test]
+fn reading_counters_between_steps_keeps_the_step_results() {
+    let Some(g) = gpu() else { return };
+    let gguf = tiny_gguf(31, 2);
+    let model = CudaLlama::from_gguf(g, &gguf).unwrap();
+    let vocab = model.config().vocab_size as u32;
+    let mut r = StdRng::seed_from_u64(23);
+    let mut toks = |n: usize| -> Vec<u32> { (0..n).map(|_| r.random_range(3..vocab)).collect() };
+    let prompts = vec![toks(150), toks(90)];
+    let feed: Vec<Vec<u32>> = (0..30).map(|_| toks(2)).collect();
+    let mut c = kv(KvKind::FreeKv, 64, 8, SummaryKind::MinMax);
+    c.set_tau("0.8").unwrap();
+    for use_graph in [true, false] {
+        let o = GpuKvOptions::new(c.clone());
+        let (want, _, mut b0) = run_gpu(
+            &model,
+            Some(o.clone()),
+            &prompts,
+            8,
+            feed.len(),
+            Some(&feed),
+            use_graph,
+        );
+        let opts = BatchOptions {
+            max_seqs: prompts.len(),
+            max_seq_len: 150 + feed.len() + 1,
+            page_size: 8,
+            prefill_chunk: 64,
+            use_graph,
+        };
+        let mut b = model.new_batch_with_kv(opts, o).unwrap();
+        for (i, p) in prompts.iter().enumerate() {
+            model.prefill(&mut b, i, p).unwrap();
+        }
+        let mut got = vec![model.logits(&b).unwrap()];
+        for (step, t) in feed.iter().enumerate() {
+            model.decode_step(&mut b, t).unwrap();
+            got.push(model.logits(&b).unwrap());
+            if step % 5 == 4 {
+                model.kv_recall_totals(&mut b).unwrap();
+                model.kv_corrective_totals(&mut b).unwrap();
+                b.kv_stats().unwrap();
+            }
+        }
+        for (step, (x, y)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                x == y,
+                "graphs {use_graph}: step {step} differs after reading the counters (rel L2 {:.2e})",
+                rel_l2(x, y)
+            );
+        }
+        assert_eq!(
+            model.kv_recall_totals(&mut b).unwrap(),
+            model.kv_recall_totals(&mut b0).unwrap(),
+            "graphs {use_graph}: recall totals"
+        );
+        let (st, st0) = (
+            b.kv_stats().unwrap().unwrap().clone(),
+            b0.kv_stats().unwrap().unwrap().clone(),
+        );
+        assert!(
+            st.sparse_seq_layer_steps > 0 && st.heads_checked > 0,
+            "{st:?}"
+        );
+        assert_eq!(st, st0, "graphs {use_graph}: statistics");
+    }
+}
+
 #[test]
 fn reserved_sms_keep_the_step_results() {
     let Some(g) = gpu() else { return };
