@@ -125,7 +125,7 @@ PY
 # failure and any skip printed (a test that skips passes: until session 12 the default-model
 # test skipped unseen in calls that did not carry the model; `default_model_tests` carries it).
 model_tests() {
-    t model 75 $D/cuda_freekv_test --test-threads=1 --show-output
+    t model 150 $D/cuda_freekv_test --test-threads=1 --show-output
     grep -E "panicked|FAILED|^test .*(ok|FAILED)$" $L/model.log | head -12
     grep -E "skipped|^default model, freekv" $L/model.log | cut -c1-400
 }

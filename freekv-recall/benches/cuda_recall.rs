@@ -14,6 +14,12 @@
 //! recalled size per sequence. Throughput is recalled bytes (GB/s = 10⁹ B/s). Prints "skipped:
 //! no CUDA device" and exits 0 where there is no GPU.
 //!
+//! `FREEKV_RECALL_POOL_GIB=1,8,32` adds `cuda_recall_pool_size`: the gather (8 blocks) of 8
+//! units per row for 16 sequences from pages drawn over a host pool of that many GiB, with
+//! chunks from `cuMemHostAlloc` (`alloc`) and registered from the process's own memory as the
+//! engine's pool grows ahead (`registered`): whether the gather slows down as the host KV grows
+//! (the GPU's translation of host addresses).
+//!
 //! Run: `cargo bench -p freekv-recall --bench cuda_recall`
 
 use std::sync::Arc;
@@ -50,10 +56,20 @@ struct Setup {
     units: usize,
 }
 
-/// `seqs` sequences, `per_row` units per (sequence, KV head) row (`k = per_row`).
-fn setup(g: &Gpu, seqs: usize, per_row: usize, rng: &mut StdRng) -> Setup {
+/// `seqs` sequences, `per_row` units per (sequence, KV head) row (`k = per_row`), pages drawn
+/// from `pool_pages` pages per sequence (default: twice the recalled ones, filled with random
+/// values; a given pool is left as allocated and grows a chunk at a time, `grow_ahead` as the
+/// engine's).
+fn setup(
+    g: &Gpu,
+    seqs: usize,
+    per_row: usize,
+    pool_pages: Option<(usize, bool)>,
+    rng: &mut StdRng,
+) -> Setup {
     let s = g.stream();
-    let pages = 2 * per_row + 4;
+    let pages = pool_pages.map_or(2 * per_row + 4, |p| p.0);
+    let chunk_pages = if pool_pages.is_some() { 1024 } else { 256 };
     let shape = FreeKvShape {
         seqs,
         kv_heads: HKV,
@@ -75,20 +91,31 @@ fn setup(g: &Gpu, seqs: usize, per_row: usize, rng: &mut StdRng) -> Setup {
             max_pages: pages,
             kv_heads: HKV,
             page_elems,
-            chunk_pages: 256,
+            chunk_pages,
             max_bytes: None,
             backing: Backing::MappedHost,
-            grow_ahead: false,
+            grow_ahead: pool_pages.is_some_and(|p| p.1),
         },
     )
     .unwrap();
-    let page: Vec<bf16> = (0..page_elems)
-        .map(|_| bf16::from_f32(rng.random_range(-1.0f32..1.0)))
-        .collect();
-    for seq in 0..seqs {
-        pool.ensure_pages(s, seq, pages).unwrap();
-        for p in 0..pages {
-            pool.write_page(s, 0, seq, p, &page).unwrap();
+    if pool_pages.is_some() {
+        for seq in 0..seqs {
+            for n in (chunk_pages / 2..pages)
+                .step_by(chunk_pages / 2)
+                .chain([pages])
+            {
+                pool.ensure_pages(s, seq, n).unwrap();
+            }
+        }
+    } else {
+        let page: Vec<bf16> = (0..page_elems)
+            .map(|_| bf16::from_f32(rng.random_range(-1.0f32..1.0)))
+            .collect();
+        for seq in 0..seqs {
+            pool.ensure_pages(s, seq, pages).unwrap();
+            for p in 0..pages {
+                pool.write_page(s, 0, seq, p, &page).unwrap();
+            }
         }
     }
     let rows = seqs * HKV;
@@ -117,7 +144,7 @@ fn setup(g: &Gpu, seqs: usize, per_row: usize, rng: &mut StdRng) -> Setup {
 
 fn bench_shape(c: &mut Criterion, g: &Arc<Gpu>, seqs: usize, per_row: usize, rng: &mut StdRng) {
     let s = g.stream();
-    let mut st = setup(g, seqs, per_row, rng);
+    let mut st = setup(g, seqs, per_row, None, rng);
     let bytes = (st.units * UNIT_BYTES) as u64;
     let name = format!("cuda_recall_llama8b/{}units_per_row", per_row);
     let mut grp = c.benchmark_group(name);
@@ -199,6 +226,46 @@ fn bench_shape(c: &mut Criterion, g: &Arc<Gpu>, seqs: usize, per_row: usize, rng
     s.synchronize().unwrap();
 }
 
+/// The gather from host pools of growing size (`FREEKV_RECALL_POOL_GIB`), each with chunks
+/// from `cuMemHostAlloc` and registered ones.
+fn bench_pool_size(c: &mut Criterion, g: &Arc<Gpu>, gib: &[usize], rng: &mut StdRng) {
+    let s = g.stream();
+    let (seqs, per_row) = (16, 8);
+    let page_bytes = 2 * P * HKV * D * 2;
+    let mut grp = c.benchmark_group("cuda_recall_pool_size");
+    let units = seqs * HKV * per_row;
+    grp.throughput(Throughput::BytesDecimal((units * UNIT_BYTES) as u64));
+    let gather = GatherRecall::new(8);
+    for &size in gib {
+        let pages = (size << 30) / (seqs * page_bytes);
+        if pages < per_row {
+            continue;
+        }
+        for (name, registered) in [("alloc", false), ("registered", true)] {
+            let mut st = setup(g, seqs, per_row, Some((pages, registered)), rng);
+            s.synchronize().unwrap();
+            let rl = RecallLists {
+                count: &st.count,
+                list: &st.list,
+                flags: &st.flags,
+                filter: HeadFilter::All,
+            };
+            let id = BenchmarkId::new(format!("gather_b8_{name}"), format!("{size}GiB"));
+            grp.bench_function(id, |b| {
+                b.iter_custom(|iters| {
+                    gpu_time(s, iters, || {
+                        gather
+                            .recall(g.kernels(), s, &st.shape, &st.pool, 0, &rl, &mut st.slots)
+                            .unwrap()
+                    })
+                })
+            });
+            s.synchronize().unwrap();
+        }
+    }
+    grp.finish();
+}
+
 fn main() {
     let Some(g) = freekv_kernels::testing::gpu() else {
         return;
@@ -215,6 +282,10 @@ fn main() {
     }
     for seqs in [1, 4] {
         bench_shape(&mut c, &g, seqs, 256, &mut rng);
+    }
+    if let Ok(v) = std::env::var("FREEKV_RECALL_POOL_GIB") {
+        let gib: Vec<usize> = v.split(',').filter_map(|x| x.trim().parse().ok()).collect();
+        bench_pool_size(&mut c, &g, &gib, &mut rng);
     }
     c.final_summary();
 }
