@@ -47,11 +47,12 @@ PY
 }
 
 # prof NAME BINARY SCENARIO POLICY: ncu kernel by kernel (gpu__time_duration, clocks left alone)
-# over 3 decode steps at batch 4 through the bench's FREEKV_BENCH_PROFILE_STEPS hook; prints
-# calls, µs per step and µs per call by stream and kernel ($B: the bench model; PROF_LIMIT and
-# PROF_SECONDS: the time limit and the bench run seconds, default 100 and 30).
+# over 3 decode steps at batch PROF_BATCH (default 4) through the bench's
+# FREEKV_BENCH_PROFILE_STEPS hook; prints calls, µs per step and µs per call by stream and kernel
+# ($B: the bench model; PROF_LIMIT and PROF_SECONDS: the time limit and the bench run seconds,
+# default 100 and 30).
 prof() {
-    t "prof_$1" "${PROF_LIMIT:-100}" env FREEKV_BENCH_MODEL=$B FREEKV_BENCH_SCENARIOS="$3" FREEKV_BENCH_BATCHES=4 FREEKV_BENCH_POLICIES="$4" FREEKV_BENCH_PROFILE_STEPS=3 FREEKV_BENCH_RUN_SECONDS="${PROF_SECONDS:-30}" \
+    t "prof_$1" "${PROF_LIMIT:-100}" env FREEKV_BENCH_MODEL=$B FREEKV_BENCH_SCENARIOS="$3" FREEKV_BENCH_BATCHES="${PROF_BATCH:-4}" FREEKV_BENCH_POLICIES="$4" FREEKV_BENCH_PROFILE_STEPS=3 FREEKV_BENCH_RUN_SECONDS="${PROF_SECONDS:-30}" \
         ncu --profile-from-start off --clock-control none --metrics gpu__time_duration.sum -o "/tmp/prof_$1" -f "$2" --bench
     ncu -i "/tmp/prof_$1.ncu-rep" --csv --page raw --metrics gpu__time_duration.sum > "$L/prof_$1.csv" 2>&1
     python3 - "$L/prof_$1.csv" "$1" <<'PY'
