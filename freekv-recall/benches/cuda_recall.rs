@@ -231,13 +231,13 @@ fn bench_shape(c: &mut Criterion, g: &Arc<Gpu>, seqs: usize, per_row: usize, rng
 fn bench_pool_size(c: &mut Criterion, g: &Arc<Gpu>, gib: &[usize], rng: &mut StdRng) {
     let s = g.stream();
     let (seqs, per_row) = (16, 8);
-    let page_bytes = 2 * P * HKV * D * 2;
     let mut grp = c.benchmark_group("cuda_recall_pool_size");
     let units = seqs * HKV * per_row;
     grp.throughput(Throughput::BytesDecimal((units * UNIT_BYTES) as u64));
     let gather = GatherRecall::new(8);
     for &size in gib {
-        let pages = (size << 30) / (seqs * page_bytes);
+        // A page holds the units of every KV head.
+        let pages = (size << 30) / (seqs * HKV * UNIT_BYTES);
         if pages < per_row {
             continue;
         }
