@@ -43,7 +43,10 @@
 //! time); modifiers `~serial` (the corrective path not overlapping the unflagged heads'
 //! attention), `~cbN` (blocks of the corrective gather) and `~gbN` (blocks of the speculative
 //! gather) give the ablations, e.g. `freekv@0.9~serial~cb8` is the session-5 path; `~rsN` sets
-//! the SMs the decode products leave to the speculative branch (`GpuKvOptions::reserve_sms`).
+//! the SMs the decode products leave to the speculative branch (`GpuKvOptions::reserve_sms`),
+//! `~overlap` the corrective path beside the unflagged heads' attention, `~spN` the spare slots,
+//! `~pf` the prefetch into them, `~specall` the speculative selection of the flagged heads too
+//! (`GpuKvOptions::speculate_corrected`, the published behaviour).
 //! A scenario whose name starts with `prefill` runs the real prefill of `context` random token
 //! ids per sequence (timed; sparse policies stream it to the host layer by layer)
 //! instead of filling the context with random KV.
@@ -148,6 +151,7 @@ fn kv_options(policy: &str, scenario: &Scenario) -> Result<Option<GpuKvOptions>,
         o.spare_pages = Some(n);
     }
     o.spare_prefetch = spec.spare_prefetch;
+    o.speculate_corrected = spec.speculate_corrected;
     if let Some(n) = spec.reserve_sms {
         o.reserve_sms = n;
     }

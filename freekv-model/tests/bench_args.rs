@@ -103,6 +103,12 @@ fn rows_stopped_early_compare_at_equal_positions() {
 fn policies_parse_with_tau_and_modifiers() {
     let p = args::parse_policy("freekv@0.9~serial~cb16~gb4~sp12~pf").unwrap();
     assert!(p.spare_prefetch);
+    assert!(!p.speculate_corrected);
+    assert!(
+        args::parse_policy("freekv~specall")
+            .unwrap()
+            .speculate_corrected
+    );
     assert_eq!(p.base, "freekv");
     assert_eq!(p.tau.as_deref(), Some("0.9"));
     assert_eq!(p.overlap, Some(false));

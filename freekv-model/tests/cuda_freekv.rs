@@ -297,20 +297,37 @@ fn tiny_model_sparse_policies_on_the_gpu() {
             st.heads_flagged > 0 && st.heads_flagged < st.heads_checked,
             "{summary}: τ=0.8 should flag some heads but not all: {st:?}"
         );
-        for (serial, blocks, graphs) in [(true, 8, true), (true, 1, false), (false, 3, false)] {
+        // The speculative selection of the flagged heads too (`speculate_corrected`, the
+        // published behaviour) changes nothing either: the same logits, selections and recalled
+        // units (a flagged head's speculative selection repeats its corrective one).
+        let totals = model.kv_recall_totals(&mut b3).unwrap().unwrap();
+        assert!(totals.0 > 0, "{summary}: nothing recalled: {totals:?}");
+        for (serial, blocks, graphs, spec_all) in [
+            (true, 8, true, false),
+            (true, 1, false, false),
+            (false, 3, false, false),
+            (true, 8, true, true),
+            (false, 3, false, true),
+        ] {
             let mut o = no_spare(c.clone());
             o.overlap_correction = !serial;
             o.correction_gather_blocks = blocks;
+            o.speculate_corrected = spec_all;
             let (l2, _, mut b4) =
                 run_gpu(&model, Some(o), &prompts, page, steps, Some(&fed), graphs);
             for (step, (x, y)) in l2.iter().zip(&l).enumerate() {
                 assert!(
                     x == y,
-                    "{summary}: serial={serial} blocks={blocks} graphs={graphs} differs at step {step} (rel L2 {:.2e})",
+                    "{summary}: serial={serial} blocks={blocks} graphs={graphs} speculate_corrected={spec_all} differs at step {step} (rel L2 {:.2e})",
                     rel_l2(x, y)
                 );
             }
             check_selections_exact(&model, &mut b4, &c);
+            assert_eq!(
+                model.kv_recall_totals(&mut b4).unwrap().unwrap(),
+                totals,
+                "{summary}: serial={serial} blocks={blocks} speculate_corrected={spec_all}: recalled units"
+            );
         }
         // Spare slots (a cache of the pages ranked after the top-k): the same selections, the
         // same attended tokens (logits within fp32 summation-order noise of the run without),

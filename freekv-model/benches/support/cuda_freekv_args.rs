@@ -125,7 +125,7 @@ pub fn counter_windows(
     (recall, corrective, rate)
 }
 
-/// A bench policy: `base[@T][~mod…]`, e.g. `freekv@0.9~serial~cb16~sp16`.
+/// A bench policy: `base[@T][~mod…]`, e.g. `freekv@0.9~serial~cb16~sp16~specall`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PolicySpec {
     /// `full`, `oracle`, `arkvale`, `freekv`, `freekv-spec` or `freekv-streamed`.
@@ -144,6 +144,9 @@ pub struct PolicySpec {
     pub spare_pages: Option<usize>,
     /// `~pf`: the speculative selection prefetches into the spare slots.
     pub spare_prefetch: bool,
+    /// `~specall`: the speculative selection also covers the heads flagged at the step (the
+    /// published behaviour; by default they are skipped).
+    pub speculate_corrected: bool,
     /// `~rsN`: SMs the decode products leave to the speculative branch (`~rs0`: none).
     pub reserve_sms: Option<usize>,
 }
@@ -167,6 +170,7 @@ pub fn parse_policy(text: &str) -> Result<PolicySpec, String> {
         gather_blocks: None,
         spare_pages: None,
         spare_prefetch: false,
+        speculate_corrected: false,
         reserve_sms: None,
     };
     let blocks = |m: &str, v: &str| -> Result<usize, String> {
@@ -182,6 +186,8 @@ pub fn parse_policy(text: &str) -> Result<PolicySpec, String> {
             spec.overlap = Some(true);
         } else if m == "pf" {
             spec.spare_prefetch = true;
+        } else if m == "specall" {
+            spec.speculate_corrected = true;
         } else if let Some(v) = m.strip_prefix("cb") {
             spec.correction_blocks = Some(blocks(m, v)?);
         } else if let Some(v) = m.strip_prefix("gb") {
@@ -198,7 +204,7 @@ pub fn parse_policy(text: &str) -> Result<PolicySpec, String> {
                 })?);
         } else {
             return Err(format!(
-                "policy {text:?}: unknown modifier ~{m} (serial, overlap, cbN, gbN, spN, pf, rsN)"
+                "policy {text:?}: unknown modifier ~{m} (serial, overlap, cbN, gbN, spN, pf, specall, rsN)"
             ));
         }
     }

@@ -1207,7 +1207,12 @@ impl CudaLlama {
         }
         // 5. freekv: the speculative selection with q_t and its recall, off the critical path,
         //    ordered after this attention by an event (none in an all-dense step, where the
-        //    selection would only write zero recall counts and the recall copy nothing).
+        //    selection would only write zero recall counts and the recall copy nothing). By
+        //    default only the heads not flagged at this step select: a flagged head selected
+        //    with q_t over the same summaries in 3., so its selection would be the same and
+        //    recall nothing; a skipped row's recall count is written 0, and its flag is not
+        //    rewritten before this branch is joined (the next step's correction of this layer
+        //    waits for it, or the captured step joins it before it ends).
         if kind == KvKind::FreeKv && !dense {
             let (Some(attn_done), Some(recall_done)) =
                 (st.attn_done.get(si), st.recall_done.get(si))
@@ -1226,7 +1231,7 @@ impl CudaLlama {
                 &st.shape,
                 &st.opts.kv,
                 &spec_info,
-                HeadFilter::All,
+                st.opts.speculative_heads(),
                 &mut st.scratch[1],
                 spec_want,
             )?;

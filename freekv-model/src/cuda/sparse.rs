@@ -36,8 +36,9 @@
 //!   [`GpuKvOptions::overlap_correction`] on and the gather recall: the corrective path on the
 //!   correction stream while the unflagged heads attend, the flagged heads after it) → on the
 //!   recall stream, after
-//!   an event recorded behind the attention: select every head with `q_t` and recall the
-//!   differences (zero-copy gather kernel, or the double-buffered streamed copy), to be waited
+//!   an event recorded behind the attention: select with `q_t` the heads not flagged at this
+//!   step (a flagged head has just selected with the same query over the same summaries; see
+//!   [`GpuKvOptions::speculate_corrected`]) and recall the differences (zero-copy gather kernel, or the double-buffered streamed copy), to be waited
 //!   for before this layer's next attention.
 //!
 //! Events order everything the original code raced on (spec §9 items 10–14): the speculative
@@ -134,6 +135,15 @@ pub struct GpuKvOptions {
     /// top-k into them (top-`(k + spare)` by `q_{t−1}`). More speculative recall; it pays only
     /// where the spare slots hold most of the candidates.
     pub spare_prefetch: bool,
+    /// `freekv`: the speculative selection after the attention also covers the heads the
+    /// correction flagged at this step (the published behaviour). Off (the default): only the
+    /// unflagged heads select speculatively. A flagged head has just selected with the same
+    /// query `q_t` over the same page summaries, so its speculative selection would pick the
+    /// same pages, find them resident and recall nothing: skipping it changes no result and
+    /// takes the scoring of every summary of those heads off the recall stream, where it
+    /// competes with the next layers for memory bandwidth. With [`Self::spare_prefetch`] the
+    /// speculative selection wants more pages than the corrective one, and every head selects.
+    pub speculate_corrected: bool,
     /// Longest prompt one sequence is prefilled with (sizes the prefill scratch; default: the
     /// batch's `max_seq_len`).
     pub max_prompt: Option<usize>,
@@ -167,6 +177,7 @@ impl GpuKvOptions {
             overlap_correction: false,
             spare_pages: None,
             spare_prefetch: false,
+            speculate_corrected: false,
             max_prompt: None,
             host_max_bytes: None,
             collect_stats: true,
@@ -203,6 +214,16 @@ impl GpuKvOptions {
             )));
         }
         Ok(())
+    }
+
+    /// The heads `freekv`'s speculative selection covers: the unflagged ones, unless
+    /// [`Self::speculate_corrected`] or [`Self::spare_prefetch`] asks for every head.
+    pub fn speculative_heads(&self) -> HeadFilter {
+        if self.speculate_corrected || self.spare_prefetch {
+            HeadFilter::All
+        } else {
+            HeadFilter::Unflagged
+        }
     }
 
     /// Whether the decode step can be captured as a CUDA graph (everything but the host-driven
@@ -956,6 +977,15 @@ mod tests {
         // Defaults: the serial corrective path, as many spare slots as retrieved pages for
         // freekv, none for the other policies.
         assert!(!o.overlap_correction);
+        // The speculative selection skips the flagged heads unless asked, or unless it
+        // prefetches (then it wants more pages than the corrective selection).
+        assert_eq!(o.speculative_heads(), HeadFilter::Unflagged);
+        let mut all = o.clone();
+        all.speculate_corrected = true;
+        assert_eq!(all.speculative_heads(), HeadFilter::All);
+        all.speculate_corrected = false;
+        all.spare_prefetch = true;
+        assert_eq!(all.speculative_heads(), HeadFilter::All);
         let k = o.kv.budget_pages().unwrap().retrieved_pages();
         assert_eq!(o.effective_spare_pages().unwrap(), k);
         let mut off = o.clone();
