@@ -1,5 +1,5 @@
 #!/bin/bash
-# Issue-5 device call (session 13, call 5, in the last 4 minutes of device time): compute-sanitizer
+# Issue-5 device call (prepared in session 13, whose device time ran out first): compute-sanitizer
 # over a freekv decode with session 13's code (the speculative selection skips the heads flagged
 # at the step): `xtask sanitize --prebuilt .device/sanitize` memcheck (leak check), racecheck
 # (FreeKV kernels instrumented, native GEMM) and synccheck on `freekv generate --device cuda
