@@ -35,11 +35,11 @@
 //!   once when nothing is flagged: no host read-back), then every head attends (with
 //!   [`GpuKvOptions::overlap_correction`] on and the gather recall: the corrective path on the
 //!   correction stream while the unflagged heads attend, the flagged heads after it) → on the
-//!   recall stream, after
-//!   an event recorded behind the attention: select with `q_t` the heads not flagged at this
-//!   step (a flagged head has just selected with the same query over the same summaries; see
-//!   [`GpuKvOptions::speculate_corrected`]) and recall the differences (zero-copy gather kernel, or the double-buffered streamed copy), to be waited
-//!   for before this layer's next attention.
+//!   recall stream, after an event recorded behind the attention: select with `q_t` the heads
+//!   not flagged at this step (a flagged head has just selected with the same query over the
+//!   same summaries; see [`GpuKvOptions::speculate_corrected`]) and recall the differences
+//!   (zero-copy gather kernel, or the double-buffered streamed copy), to be waited for before
+//!   this layer's next attention.
 //!
 //! Events order everything the original code raced on (spec §9 items 10–14): the speculative
 //! selection and recall start only after the layer's attention has read the slots; the next
