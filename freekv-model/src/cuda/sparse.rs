@@ -141,8 +141,9 @@ pub struct GpuKvOptions {
     /// query `q_t` over the same page summaries, so its speculative selection would pick the
     /// same pages, find them resident and recall nothing: skipping it changes no result and
     /// takes the scoring of every summary of those heads off the recall stream, where it
-    /// competes with the next layers for memory bandwidth. With [`Self::spare_prefetch`] the
-    /// speculative selection wants more pages than the corrective one, and every head selects.
+    /// competes with the next layers for memory bandwidth (the CPU policy likewise reuses a
+    /// flagged head's fresh selection). With [`Self::spare_prefetch`] the speculative selection
+    /// wants more pages than the corrective one, and every head selects.
     pub speculate_corrected: bool,
     /// Longest prompt one sequence is prefilled with (sizes the prefill scratch; default: the
     /// batch's `max_seq_len`).
