@@ -46,7 +46,7 @@
 //! the SMs the decode products leave to the speculative branch (`GpuKvOptions::reserve_sms`),
 //! `~overlap` the corrective path beside the unflagged heads' attention, `~spN` the spare slots,
 //! `~pf` the prefetch into them, `~specall` the speculative selection of the flagged heads too
-//! (`GpuKvOptions::speculate_corrected`, the published behaviour).
+//! (`GpuKvOptions::speculate_corrected`, the behaviour before session 13).
 //! A scenario whose name starts with `prefill` runs the real prefill of `context` random token
 //! ids per sequence (timed; sparse policies stream it to the host layer by layer)
 //! instead of filling the context with random KV.

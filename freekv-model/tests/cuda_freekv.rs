@@ -298,8 +298,8 @@ fn tiny_model_sparse_policies_on_the_gpu() {
             "{summary}: τ=0.8 should flag some heads but not all: {st:?}"
         );
         // The speculative selection of the flagged heads too (`speculate_corrected`, the
-        // published behaviour) changes nothing either: the same logits, selections and recalled
-        // units (a flagged head's speculative selection repeats its corrective one).
+        // behaviour before session 13) changes nothing either: the same logits, selections and
+        // recalled units (a flagged head's speculative selection repeats its corrective one).
         let totals = model.kv_recall_totals(&mut b3).unwrap().unwrap();
         assert!(totals.0 > 0, "{summary}: nothing recalled: {totals:?}");
         for (serial, blocks, graphs, spec_all) in [

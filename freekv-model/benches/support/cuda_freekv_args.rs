@@ -145,7 +145,7 @@ pub struct PolicySpec {
     /// `~pf`: the speculative selection prefetches into the spare slots.
     pub spare_prefetch: bool,
     /// `~specall`: the speculative selection also covers the heads flagged at the step (the
-    /// published behaviour; by default they are skipped).
+    /// engine's behaviour before session 13; by default they are skipped).
     pub speculate_corrected: bool,
     /// `~rsN`: SMs the decode products leave to the speculative branch (`~rs0`: none).
     pub reserve_sms: Option<usize>,

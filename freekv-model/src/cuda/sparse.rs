@@ -136,13 +136,14 @@ pub struct GpuKvOptions {
     /// where the spare slots hold most of the candidates.
     pub spare_prefetch: bool,
     /// `freekv`: the speculative selection after the attention also covers the heads the
-    /// correction flagged at this step (the published behaviour). Off (the default): only the
-    /// unflagged heads select speculatively. A flagged head has just selected with the same
-    /// query `q_t` over the same page summaries, so its speculative selection would pick the
-    /// same pages, find them resident and recall nothing: skipping it changes no result and
-    /// takes the scoring of every summary of those heads off the recall stream, where it
-    /// competes with the next layers for memory bandwidth (the CPU policy likewise reuses a
-    /// flagged head's fresh selection). With [`Self::spare_prefetch`] the speculative selection
+    /// correction flagged at this step (a flagged head then selects twice per step, as this
+    /// engine did before session 13). Off (the default): only the unflagged heads select
+    /// speculatively, so every head selects once per step, as in the published code. A flagged
+    /// head has just selected with the same query `q_t` over the same page summaries, so its
+    /// speculative selection would pick the same pages, find them resident and recall nothing:
+    /// skipping it changes no result and takes the scoring of every summary of those heads off
+    /// the recall stream, where it competes with the next layers for memory bandwidth (the CPU
+    /// policy likewise reuses a flagged head's fresh selection). With [`Self::spare_prefetch`] the speculative selection
     /// wants more pages than the corrective one, and every head selects.
     pub speculate_corrected: bool,
     /// Longest prompt one sequence is prefilled with (sizes the prefill scratch; default: the
